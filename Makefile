@@ -1,0 +1,38 @@
+# harmony-agent: `make demo` runs the live 3-site demo, `make test` the whole gate.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PKGS := agent mesh scores topologies
+
+.PHONY: demo test lint typecheck pytest soak bench clean
+
+$(BIN)/activate: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/activate
+
+demo: $(BIN)/activate
+	$(BIN)/harmony-agent demo
+
+lint: $(BIN)/activate
+	$(BIN)/ruff check $(PKGS) tests bench
+	$(BIN)/ruff format --check $(PKGS) tests bench
+	$(BIN)/lint-imports
+
+typecheck: $(BIN)/activate
+	$(BIN)/mypy
+
+pytest: $(BIN)/activate
+	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+soak: $(BIN)/activate
+	HARMONY_SOAK_RUNS=25 $(BIN)/pytest -q -ra -m slow $(PYTEST_ARGS)
+
+bench: $(BIN)/activate
+	$(BIN)/python bench/footprint.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

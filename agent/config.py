@@ -1,0 +1,205 @@
+"""The agent configuration of CONTRACT section 3.
+
+Precedence, highest first: ``HARMONY_AGENT_*`` environment variables (nested with ``__``),
+the YAML file, the defaults. Every error becomes one line naming the field, because an
+operator reading a crash-looping unit's journal at 3 a.m. should not parse a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from scores.duration import Duration
+from topologies.config import LocalhostConfig, TopologyConfig
+
+ENV_PREFIX = "HARMONY_AGENT_"
+CONFIG_ENV = "HARMONY_AGENT_CONFIG"
+SITE_PATTERN = r"^[a-z0-9-]{1,63}$"
+NODE_PATTERN = r"^[a-z0-9_-]{1,63}$"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line the operator will read."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsConfig(_Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class NatsConfig(_Section):
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"], min_length=1)
+    tls: TlsConfig | None = None
+    credentials: Path | None = None
+    embedded: bool = False
+    # The fields below shape the embedded nats-server (ignored unless embedded is true).
+    listen: str = "127.0.0.1:4222"
+    monitor_listen: str = "127.0.0.1:8222"
+    cluster_listen: str | None = None
+    """host:port for cluster routes; needed to join peers (``routes``)."""
+    cluster_name: str = "harmony"
+    routes: list[str] = Field(default_factory=list)
+    """Peer route URLs, e.g. ``nats-route://10.0.0.2:6222``."""
+    connect_timeout: Duration = 2.0
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, servers: list[str]) -> list[str]:
+        for url in servers:
+            if "://" not in url:
+                raise ValueError(f"{url!r} is not a URL like nats://host:4222")
+        return servers
+
+
+class MeshConfig(_Section):
+    replicas: int = Field(default=3, ge=1, le=5)
+
+
+class LeaseConfig(_Section):
+    ttl: Duration = 10.0
+    margin: Duration | None = None
+    """Safety margin subtracted from the holder's deadline; default ttl/10 (at least 50 ms)."""
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_floor(cls, ttl: float) -> float:
+        if ttl < 0.3:
+            raise ValueError("must be at least 300ms")
+        return ttl
+
+    @property
+    def effective_margin(self) -> float:
+        return self.margin if self.margin is not None else max(0.05, self.ttl / 10)
+
+
+class HealthConfig(_Section):
+    listen: str = "127.0.0.1:9808"
+    """host:port for /healthz /readyz /metrics; an empty string disables the endpoint."""
+
+
+class ControllerConfig(_Section):
+    max_failures: int = Field(default=3, ge=1)
+    """Consecutive Score failures after which the holder releases the lease."""
+
+
+def default_node() -> str:
+    label = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)[:63]
+    return cleaned or "node"
+
+
+class AgentConfig(BaseSettings):
+    """Everything one agent needs to know about itself."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    site: str = Field(pattern=SITE_PATTERN)
+    node: str = Field(default_factory=default_node, pattern=NODE_PATTERN)
+    state_dir: Path = Path("/var/lib/harmony-agent")
+    nats: NatsConfig = Field(default_factory=NatsConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    topology: TopologyConfig = Field(default_factory=LocalhostConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the file (which arrives as init kwargs).
+        return (env_settings, init_settings)
+
+    @property
+    def agent_id(self) -> str:
+        return f"{self.site}/{self.node}"
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "field required"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc or 'config'}: {msg}{more}"
+
+
+def _has_env_config() -> bool:
+    return any(k.startswith(ENV_PREFIX) and k != CONFIG_ENV for k in os.environ)
+
+
+def local_defaults() -> dict[str, Any]:
+    """The zero-configuration agent: one embedded single-node mesh under the user's data dir."""
+    import platformdirs
+
+    return {
+        "site": "local",
+        "state_dir": str(platformdirs.user_data_path("harmony-agent")),
+        "nats": {"embedded": True},
+        "mesh": {"replicas": 1},
+    }
+
+
+def load_config(path: str | Path | None = None, *, allow_zero_config: bool = False) -> AgentConfig:
+    """Load and validate; raise ConfigError with one line naming the file, field and problem."""
+    path = path or os.environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    where = "environment"
+    if path:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}"
+            ) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+        data = loaded
+    elif allow_zero_config and not _has_env_config():
+        data = local_defaults()
+        where = "built-in local defaults"
+    try:
+        return AgentConfig(**data)
+    except ValidationError as exc:
+        loc = [str(p) for p in exc.errors()[0]["loc"]]
+        env_name = ENV_PREFIX + "__".join(loc[:2]).upper()
+        if env_name in os.environ:
+            where = env_name
+        raise ConfigError(f"{where}: {_format_error(exc)}") from None
