@@ -1,0 +1,135 @@
+"""The agent's connection to the mesh: TLS, credentials, endless reconnects, visible state.
+
+nats-py reconnects by itself once connected, but gives up on the *first* connect when no
+server answers; an agent booted before its mesh (a node rebooting with its site) must keep
+trying, so the first connect is retried here with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+log = structlog.get_logger("mesh.connection")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
+        )
+        if self.cert_file and self.key_file:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return ctx
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    servers: tuple[str, ...]
+    name: str
+    tls: TlsFiles | None = None
+    credentials: Path | None = None
+    connect_timeout: float = 2.0
+    reconnect_wait: float = 0.5
+    ping_interval: float = 5.0
+    max_outstanding_pings: int = 2
+
+
+class MeshConnection:
+    """One nats-py client plus the facts health and metrics need about it."""
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self.options = options
+        self.nc: Client = Client()
+        self.disconnects = 0
+        self.reconnects = 0
+        self.last_change = time.monotonic()
+        self.on_state_change: Callable[[bool], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.nc.jetstream(timeout=max(2.0, self.options.connect_timeout))
+
+    @property
+    def server_url(self) -> str | None:
+        url = self.nc.connected_url
+        return url.geturl() if url is not None else None
+
+    def _changed(self, up: bool) -> None:
+        self.last_change = time.monotonic()
+        if self.on_state_change:
+            self.on_state_change(up)
+
+    async def _disconnected(self) -> None:
+        self.disconnects += 1
+        log.warning("mesh disconnected", server=self.server_url)
+        self._changed(False)
+
+    async def _reconnected(self) -> None:
+        self.reconnects += 1
+        log.info("mesh reconnected", server=self.server_url)
+        self._changed(True)
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("mesh client error", error=repr(exc))
+
+    async def connect(self, *, max_backoff: float = 5.0) -> None:
+        """Connect, retrying for ever with backoff; cancel to give up."""
+        opts = self.options
+        backoff = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.nc.connect(
+                    servers=list(opts.servers),
+                    name=opts.name,
+                    tls=opts.tls.context() if opts.tls else None,
+                    user_credentials=str(opts.credentials) if opts.credentials else None,
+                    connect_timeout=opts.connect_timeout,  # type: ignore[arg-type]
+                    reconnect_time_wait=opts.reconnect_wait,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    ping_interval=opts.ping_interval,  # type: ignore[arg-type]
+                    max_outstanding_pings=opts.max_outstanding_pings,
+                    disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected,
+                    error_cb=self._error,
+                    allow_reconnect=True,
+                )
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("mesh unreachable; retrying", error=repr(exc), attempt=attempt)
+                self.nc = Client()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff)
+                continue
+            log.info("mesh connected", server=self.server_url)
+            self._changed(True)
+            return
+
+    async def close(self) -> None:
+        if self.nc.is_connected or self.nc.is_reconnecting:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 2.0)
+            except (TimeoutError, nats.errors.Error):
+                await self.nc.close()
+        elif not self.nc.is_closed:
+            await self.nc.close()

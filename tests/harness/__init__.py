@@ -1,0 +1,1 @@
+"""Real-component test harness: nats-server processes, clusters and network-namespace sites."""
