@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.nats import NatsCluster, NatsNode
+from tests.harness.netns import Sites
 
 
 @pytest.fixture
@@ -49,3 +50,22 @@ def require_netns() -> Iterator[None]:
     if reason:
         pytest.skip(reason)
     yield
+
+
+@pytest.fixture
+async def netns_sites(tmp_path: Path, require_netns: None) -> AsyncIterator[Sites]:
+    """Three sites in network namespaces, each running one node of a stretched R3 cluster.
+
+    ``sites.cut(name)`` / ``sites.heal(name)`` partition a site; ``sites[name].url`` reaches
+    its nats-server from the test process even while it is cut off.
+    """
+    sites = Sites(tmp_path / "sites")
+    try:
+        sites.setup()
+        sites.start_nats()
+        for site in sites.sites.values():
+            assert site.nats is not None
+            await site.nats.wait_ready(30)
+        yield sites
+    finally:
+        sites.teardown()
