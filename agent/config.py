@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,6 +95,12 @@ class HealthConfig(_Section):
     """host:port for /healthz /readyz /metrics; an empty string disables the endpoint."""
 
 
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    """auto: JSON when stderr is not a terminal (journald, kubectl logs), console otherwise."""
+
+
 class ControllerConfig(_Section):
     max_failures: int = Field(default=3, ge=1)
     """Consecutive Score failures after which the holder releases the lease."""
@@ -121,6 +127,7 @@ class AgentConfig(BaseSettings):
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     topology: TopologyConfig = Field(default_factory=LocalhostConfig)
 
     @classmethod

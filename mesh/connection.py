@@ -59,6 +59,7 @@ class MeshConnection:
         self.reconnects = 0
         self.last_change = time.monotonic()
         self.on_state_change: Callable[[bool], None] | None = None
+        self.closing = False
 
     @property
     def connected(self) -> bool:
@@ -79,6 +80,8 @@ class MeshConnection:
             self.on_state_change(up)
 
     async def _disconnected(self) -> None:
+        if self.closing:
+            return
         self.disconnects += 1
         log.warning("mesh disconnected", server=self.server_url)
         self._changed(False)
@@ -126,6 +129,7 @@ class MeshConnection:
             return
 
     async def close(self) -> None:
+        self.closing = True
         if self.nc.is_connected or self.nc.is_reconnecting:
             try:
                 await asyncio.wait_for(self.nc.drain(), 2.0)
