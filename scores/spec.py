@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from scores.duration import Duration
+from scores.k8s import KubernetesDeploymentSpec, KubernetesManifestsSpec
+from scores.process import ProcessSpec
+from scores.systemd import SystemdUnitSpec
 
+ScoreSpec = Annotated[
+    ProcessSpec | SystemdUnitSpec | KubernetesDeploymentSpec | KubernetesManifestsSpec,
+    Field(discriminator="kind"),
+]
 
-class ProcessSpec(BaseModel):
-    """A supervised local process (placeholder until the Scores issue lands)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["Process"] = "Process"
-    command: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    stop_timeout: Duration = 5.0
-
-
-ScoreSpec = Annotated[ProcessSpec, Field(discriminator="kind")]
+__all__ = [
+    "KubernetesDeploymentSpec",
+    "KubernetesManifestsSpec",
+    "ProcessSpec",
+    "ScoreSpec",
+    "SystemdUnitSpec",
+]
