@@ -168,6 +168,8 @@ class ProcessInterpret(Interpret):
                 backoff = min(backoff * 2, self.spec.backoff_max)
                 if not self._stopping.is_set():
                     self._restarts += 1
+            if self._stopping.is_set() and self._reason == "crashed":
+                self._set(WorkloadState.STOPPED, "stopped while waiting to restart", "stopped")
         finally:
             if not first.done():
                 first.set_result(Outcome.failed(self._detail))
