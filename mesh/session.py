@@ -17,11 +17,23 @@ Safety rules (DESIGN-NOTES, "Only a successful CAS write proves you hold a lease
   holder's next renewal fails, so holder and contender can never both believe.
 * A lapsed session is never resurrected: the holder opens a new epoch and must win each
   lease again by CAS.
+* The holder stops believing at ``valid_until`` by a timer, even if the mesh is silent: it
+  does not wait for its next renewal attempt to fail.
+* ``open`` never overwrites a *live foreign* epoch at once. The agent id may be running
+  twice (a duplicate agent) or the previous process may have died a moment ago after a
+  renewal: replacing its epoch immediately would free its leases while it (or its
+  workload, until its deadline) still believes it holds them. So ``open`` waits until it
+  has watched that epoch stay unchanged for a full ttl, exactly as a contender would.
+  Closed or expired values, and epochs this process itself abandoned, are replaced at once.
+* A renewal that timed out may still land later. A CAS failure is therefore checked: if
+  the key holds our epoch with a renewal we sent, we adopt it with the validity of *that*
+  send (safe: a contender only overwrites a revision after watching it for a full ttl).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -118,9 +130,19 @@ class Session:
         """Monotonic send time of the last successful write: the quorum evidence."""
         self.last_latency: float | None = None
         self.seq = 0
+        self._sent: dict[int, float] = {}
+        """seq -> monotonic send time of our recent writes (to adopt a late-landing one)."""
+        self._own_epochs: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self.on_renew: list[Callable[[RenewResult, float], None]] = []
         self.on_new_epoch: list[Callable[[str], None]] = []
         self.on_lost: list[Callable[[str], None]] = []
+
+    @property
+    def clock(self) -> Clock:
+        """The monotonic clock every deadline of this session is measured on."""
+        return self._clock
 
     @property
     def interval(self) -> float:
@@ -137,8 +159,11 @@ class Session:
         now = self._clock() if now is None else now
         return self.last_write_sent is not None and now - self.last_write_sent < self.ttl
 
-    def _value(self, state: str = "alive") -> bytes:
+    def _value(self, state: str = "alive", sent: float | None = None) -> bytes:
         self.seq += 1
+        self._sent[self.seq] = self._clock() if sent is None else sent
+        for old in [k for k in self._sent if k <= self.seq - 8]:
+            del self._sent[old]
         body = {
             **self._payload(),
             "agent": self.agent_id,
@@ -155,27 +180,98 @@ class Session:
         self.revision = revision
         self.last_write_sent = sent
         self.last_latency = acked - sent
-        self.valid_until = sent + self.ttl - self.margin
+        self.valid_until = max(self.valid_until, sent + self.ttl - self.margin)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Fire ``check_deadline`` at ``valid_until``, whatever the mesh does meanwhile."""
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(max(0.0, self.remaining()), self.check_deadline)
+
+    def check_deadline(self) -> None:
+        """End the epoch if its validity ran out without a successful renewal."""
+        self._timer = None
+        if self.revision is not None and not self.valid():
+            self._lose("validity ran out without a successful renewal")
+        elif self.revision is not None:
+            self._arm_timer()  # renewed meanwhile (timer not yet re-armed) or clock early
+
+    async def _current(self, timeout: float) -> SessionView | int:
+        """The key's current value as a view; else the revision to CAS over (0: absent)."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(self.key), timeout)
+        except KeyNotFoundError as exc:
+            # A deleted key still has a revision to CAS against (the delete marker).
+            marker = getattr(exc, "entry", None)
+            return int(marker.revision) if marker is not None and marker.revision else 0
+        view = decode(entry.value, entry.revision or 0)
+        return view if view is not None else int(entry.revision or 0)
+
+    async def _wait_unchanged(self, view: SessionView) -> bool:
+        """Watch a live foreign epoch; True once it stayed at one revision for a full ttl.
+
+        False if it changed meanwhile (the caller reads again) or the watch failed.
+        """
+        ttl = max(view.ttl, self.ttl)
+        log.warning(
+            "agent id already has a live session: duplicate agent, or a restart right after "
+            "a crash; waiting for it to stay unchanged for a full ttl",
+            key=self.key,
+            epoch=view.epoch,
+            ttl=ttl,
+        )
+        deadline = self._clock() + ttl
+        try:
+            watcher = await self.kv.watch(self.key)
+        except (TimeoutError, NatsError, OSError):
+            return False
+        try:
+            while (left := deadline - self._clock()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
+                except (TimeoutError, NatsError):
+                    continue
+                if entry is not None and (entry.revision or 0) > view.revision:
+                    return False
+            return True
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def open(self, timeout: float | None = None) -> bool:
-        """Start a new epoch by CAS over whatever the key holds. False on mesh error."""
+        """Start a new epoch by CAS over whatever the key holds. False on mesh error.
+
+        A live epoch that is not one of ours is first watched for a full ttl (see the
+        module docstring); ``open`` may therefore take up to ttl after a crash-restart.
+        """
         timeout = timeout or self.interval
+        self._cancel_timer()
         self.epoch = uuid.uuid4().hex[:16]
+        self._own_epochs.add(self.epoch)
         self.revision = None
         self.valid_until = float("-inf")
         for _ in range(5):
             try:
-                try:
-                    entry = await asyncio.wait_for(self.kv.get(self.key), timeout)
-                    last: int | None = entry.revision
-                except KeyNotFoundError:
-                    last = None
+                current = await self._current(timeout)
+                if isinstance(current, SessionView):
+                    foreign = current.alive and current.epoch not in self._own_epochs
+                    if foreign and not await self._wait_unchanged(current):
+                        continue
+                    last = current.revision
+                else:
+                    last = current
                 sent = self._clock()
-                if last is None:
-                    rev = await asyncio.wait_for(self.kv.create(self.key, self._value()), timeout)
+                value = self._value(sent=sent)
+                if last == 0:
+                    rev = await asyncio.wait_for(self.kv.create(self.key, value), timeout)
                 else:
                     rev = await asyncio.wait_for(
-                        self.kv.update(self.key, self._value(), last=last), timeout
+                        self.kv.update(self.key, value, last=last), timeout
                     )
             except KeyWrongLastSequenceError:
                 continue  # raced with another writer (a contender expiring us): read again
@@ -189,34 +285,70 @@ class Session:
             return True
         return False
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _landed_late(self, timeout: float) -> int | None:
+        """After a CAS failure: the revision of our own renewal if one landed unanswered."""
+        try:
+            current = await self._current(timeout)
+        except (TimeoutError, NatsError, OSError):
+            return None
+        if not isinstance(current, SessionView):
+            return None
+        seq = current.data.get("seq")
+        if (
+            current.agent == self.agent_id
+            and current.epoch == self.epoch
+            and current.alive
+            and isinstance(seq, int)
+            and seq in self._sent
+            and self.revision is not None
+            and current.revision > self.revision
+        ):
+            self._accepted(self._sent[seq], current.revision)
+            return current.revision
+        return None
+
     async def renew(self) -> RenewResult:
         if self.revision is None:
             return RenewResult.LOST
+        epoch, last = self.epoch, self.revision
         sent = self._clock()
         timeout = max(
             0.05, min(self.interval, self.valid_until - sent) if self.valid(sent) else self.interval
         )
         try:
             rev = await asyncio.wait_for(
-                self.kv.update(self.key, self._value(), last=self.revision), timeout
+                self.kv.update(self.key, self._value(sent=sent), last=last), timeout
             )
         except KeyWrongLastSequenceError:
             result = RenewResult.LOST
+            if self.epoch == epoch and await self._landed_late(timeout) is not None:
+                result = RenewResult.OK
         except (TimeoutError, NatsError, OSError) as exc:
             log.debug("session renewal failed", key=self.key, error=repr(exc))
             result = RenewResult.ERROR
         else:
-            self._accepted(sent, rev)
             result = RenewResult.OK
-        if result is RenewResult.LOST:
+            if self.epoch == epoch and self.revision == last:
+                self._accepted(sent, rev)
+        if self.epoch != epoch or self.revision is None:
+            # The epoch ended while we waited (deadline timer, close): the answer is moot.
+            result = RenewResult.LOST if result is RenewResult.LOST else RenewResult.ERROR
+        elif result is RenewResult.LOST:
             self._lose("expired by another agent")
         for cb in self.on_renew:
             cb(result, self._clock() - sent)
         return result
 
     def _lose(self, why: str) -> None:
+        self._cancel_timer()
         epoch, self.revision, self.valid_until = self.epoch, None, float("-inf")
-        log.warning("session lost", key=self.key, epoch=epoch, why=why)
+        level = log.info if why == "closed" else log.warning
+        level("session ended", key=self.key, epoch=epoch, why=why)
         for cb in self.on_lost:
             cb(epoch)
 
@@ -226,28 +358,40 @@ class Session:
         A lapse (validity ran out without a successful renewal) also ends the epoch: the
         contender may have expired us while we could not hear it, so we start over.
         """
-        while True:
+        self._closed = False
+        while not self._closed:
             started = self._clock()
+            pause = self.interval
             if self.revision is None:
                 await self.open()
             else:
                 result = await self.renew()
-                if result is RenewResult.ERROR and not self.valid():
-                    self._lose("validity ran out without a successful renewal")
+                if result is RenewResult.ERROR:
+                    # Retry soon: during a JetStream leader election every attempt that
+                    # lands earlier buys validity; the attempt's own timeout paces us.
+                    pause = min(pause, 0.25)
+                    if self.revision is not None and not self.valid():
+                        self._lose("validity ran out without a successful renewal")
             elapsed = self._clock() - started
-            await asyncio.sleep(max(0.0, self.interval - elapsed))
+            await asyncio.sleep(max(0.0, pause - elapsed))
 
     async def close(self, timeout: float = 2.0) -> None:
-        """Mark the session closed so readers (and contenders) see it ended on purpose."""
-        if self.revision is None:
+        """Mark the session closed so readers (and contenders) see it ended on purpose.
+
+        We stop believing *before* the write is sent: once it lands, contenders treat our
+        leases as free at once, so no moment may exist where they do and we still hold.
+        """
+        self._closed = True
+        last = self.revision
+        if last is None:
             return
+        self._lose("closed")
         try:
             await asyncio.wait_for(
-                self.kv.update(self.key, self._value("closed"), last=self.revision), timeout
+                self.kv.update(self.key, self._value("closed"), last=last), timeout
             )
         except (KeyWrongLastSequenceError, TimeoutError, NatsError, OSError) as exc:
             log.debug("session close failed", key=self.key, error=repr(exc))
-        self.revision, self.valid_until = None, float("-inf")
 
 
 async def expire(kv: KeyValue, key: str, view: SessionView, by: str, timeout: float = 2.0) -> bool:
