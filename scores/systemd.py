@@ -140,10 +140,9 @@ class SystemdUnitInterpret(Interpret):
                 reload = await self._systemd.systemctl("daemon-reload")
                 if not reload.ok:
                     return Outcome.failed(reload.summary())
-            state = await self.observe()
-            verb = "restart" if changed else "start"
-            if state.state is WorkloadState.RUNNING and not changed:
+            elif (await self.observe()).state is WorkloadState.RUNNING:
                 return Outcome.done(f"{name} already running", changed=False)
+            verb = "restart" if changed else "start"
             result = await self._systemd.systemctl(verb, name)
         except (OSError, ValueError) as exc:
             return Outcome.failed(f"{name}: {exc}")
