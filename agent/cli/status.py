@@ -1,0 +1,255 @@
+"""``harmony-agent status``: the whole mesh at a glance, from the KV buckets.
+
+``-o json`` is a stable interface (CONTRACT section 6): fields are only ever added. The
+table is built from the very same document, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.table import Table
+
+from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
+from agent.cli.status_render import render, stable
+from agent.commands.client import MeshClient, MeshError, open_mesh
+from agent.meshview import MeshSnapshot, MeshState, rfc3339
+from scores.duration import parse_duration
+
+WATCH_DEBOUNCE = 0.1
+WATCH_TICK = 1.0
+
+
+def _age(now: datetime, then: datetime | None) -> float | None:
+    return None if then is None else round((now - then).total_seconds(), 3)
+
+
+def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
+    """The ``status -o json`` object (CONTRACT section 6, plus extra fields)."""
+    agents = sorted(snap.agents.values(), key=lambda a: a.id)
+    healthy = {a.id: a.healthy(now) for a in agents}
+    apps: list[dict[str, Any]] = []
+    for name, app in sorted(snap.apps.items()):
+        lease = snap.lease_of(name)
+        fence = snap.fences.get(name)
+        apps.append(
+            {
+                "name": name,
+                "trait": app.spec.trait.value,
+                "strategy": app.spec.failover.strategy.value,
+                "reconcile": app.spec.failover.reconcile.value,
+                "sites": list(app.spec.placement.sites),
+                "score": app.spec.score.kind,
+                "holder": lease.holder if lease else None,
+                "fencing_token": lease.token if lease else None,
+                "lease_state": lease.state if lease else None,
+                "handover_to": lease.handover_to if lease else None,
+                "lease_age": _age(now, lease.written) if lease else None,
+                "holder_healthy": healthy.get(lease.holder or "") if lease else None,
+                "slots": [
+                    {
+                        "site": s.site,
+                        "holder": s.holder,
+                        "fencing_token": s.token,
+                        "lease_state": s.state,
+                        "lease_age": _age(now, s.written),
+                        "holder_healthy": healthy.get(s.holder or "", False),
+                    }
+                    for s in snap.slots_of(name)
+                ],
+                "fenced": fence is not None,
+                "fence": fence.as_dict() if fence else None,
+                "instances": [
+                    {
+                        "agent": i.agent,
+                        "state": i.state,
+                        "token": i.token,
+                        "detail": i.detail,
+                        "stale": i.stale,
+                    }
+                    for i in snap.instances_of(name, now)
+                ],
+            }
+        )
+    known = set(snap.apps)
+    problems = list(snap.problems)
+    for lease in sorted(snap.leases.values(), key=lambda v: v.key):
+        if lease.app not in known:
+            problems.append(f"harmony-leases {lease.key}: lease of an unknown application")
+    return {
+        "generated_at": rfc3339(now),
+        "sites": [
+            {
+                "name": site,
+                "drained": site in snap.drains,
+                "drain": snap.drains[site].as_dict() if site in snap.drains else None,
+                "agents": sum(1 for a in agents if a.site == site),
+                "healthy_agents": sum(1 for a in agents if a.site == site and healthy[a.id]),
+            }
+            for site in snap.sites()
+        ],
+        "agents": [
+            {
+                "id": a.id,
+                "site": a.site,
+                "node": a.node,
+                "last_seen": rfc3339(a.last_seen),
+                "healthy": healthy[a.id],
+                "in_quorum": a.in_quorum(now),
+                "state": a.state,
+                "age": _age(now, a.last_seen),
+                "ttl": a.ttl,
+                "version": a.version,
+                "epoch": a.epoch,
+                "ready": a.health.get("ready") is True,
+                "connected": a.health.get("connected") is True,
+                "started_at": a.started_at,
+                "topology": a.topology,
+                "drained": a.site in snap.drains,
+            }
+            for a in agents
+        ],
+        "applications": apps,
+        "trust": [
+            {
+                "site": t.site,
+                "fingerprint": t.fingerprint,
+                "not_after": t.not_after,
+                "revision": t.revision,
+            }
+            for _, t in sorted(snap.trust.items())
+        ],
+        "problems": problems,
+    }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _once(server: list[str], timeout: float) -> dict[str, Any]:
+    async with open_mesh(server, timeout) as mesh:
+        state = await asyncio.wait_for(mesh.read(), timeout)
+        return status_document(state.snapshot(), _now())
+
+
+async def _watch(server: list[str], timeout: float, output: str, wide: bool) -> None:
+    """Follow the buckets with KV watches; re-render on change (debounced) and each second
+    (ages and health move with time even when nothing is written, e.g. a dead agent)."""
+    async with open_mesh(server, timeout) as mesh:
+        state = MeshState()
+        changed = asyncio.Event()
+        followers = await mesh.follow(state, on_change=changed.set)
+        await asyncio.wait_for(asyncio.gather(*(f.initial for f in followers)), timeout)
+        try:
+            await _watch_loop(mesh, state, changed, output, wide)
+        finally:
+            for f in followers:
+                await f.stop()
+
+
+async def _watch_loop(
+    mesh: MeshClient, state: MeshState, changed: asyncio.Event, output: str, wide: bool
+) -> None:
+    tty = sys.stdout.isatty() and output != "json"
+    live: Any = None
+    if tty:
+        from rich.live import Live
+
+        live = Live(auto_refresh=False, console=_console())
+        live.start()
+    last: Any = None
+    try:
+        while True:
+            if not mesh.nc.is_connected:
+                raise MeshError("lost the connection to the mesh")
+            doc = status_document(state.snapshot(), _now())
+            key = stable(doc)
+            if live is not None:
+                from rich.console import Group
+
+                live.update(Group(*render(doc, wide=wide)), refresh=True)
+            elif key != last:
+                _emit(doc, output, wide, watch=True)
+            last = key
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), WATCH_TICK)
+                await asyncio.sleep(WATCH_DEBOUNCE)  # coalesce a burst of writes
+            changed.clear()
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    return Console(highlight=False, width=None if tty else 250, no_color=not tty)
+
+
+def _emit(doc: dict[str, Any], output: str, wide: bool, *, watch: bool = False) -> None:
+    if output == "json":
+        text = json.dumps(doc, separators=(",", ":")) if watch else json.dumps(doc, indent=2)
+        click.echo(text)
+    else:
+        console = _console()
+        with console.capture() as capture:
+            if watch:
+                console.print(f"--- {doc['generated_at']}")
+            for n, part in enumerate(render(doc, wide=wide)):
+                if n and isinstance(part, Table):
+                    console.print()
+                console.print(part)
+        text = "\n".join(line.rstrip() for line in capture.get().splitlines())
+        click.echo(text)
+    sys.stdout.flush()
+
+
+@click.command()
+@server_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "wide", "json"]),
+    default="table",
+    show_default=True,
+    help="table: summary; wide: more columns; json: the stable schema of docs/cli.md.",
+)
+@click.option(
+    "-w", "--watch", is_flag=True, help="Keep following the mesh (KV watches) and re-render."
+)
+@click.option(
+    "--timeout",
+    default="5s",
+    show_default=True,
+    help="Give up when the mesh does not answer within this long (e.g. 500ms, 5s).",
+)
+def status(server: str, output: str, watch: bool, timeout: str) -> None:
+    """Show sites, agents, applications and trust, as the mesh stores them."""
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        fail(f"--timeout: {exc}", EXIT_BAD_INPUT)
+    if seconds <= 0:
+        fail("--timeout: must be positive", EXIT_BAD_INPUT)
+    urls = servers(server)
+    if not urls:
+        fail("--server: no URL given", EXIT_BAD_INPUT)
+    try:
+        if watch:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_watch(urls, seconds, output, output == "wide"))
+            return
+        doc = asyncio.run(_once(urls, seconds))
+    except MeshError as exc:
+        fail(str(exc))
+    except TimeoutError:
+        fail(f"the mesh at {', '.join(urls)} did not answer within {seconds:g}s")
+    _emit(doc, output, output == "wide")

@@ -1,0 +1,174 @@
+"""Tables for ``harmony-agent status``, drawn from the JSON document (never from the mesh
+directly, so table and ``-o json`` cannot disagree). Colours only reach a terminal: rich
+drops them when stdout is a pipe."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+VOLATILE = frozenset({"generated_at", "last_seen", "age", "lease_age", "revision"})
+"""Fields that change with every heartbeat or tick; ``--watch`` re-prints only when
+something else changes (health flips still show: ``healthy`` is not volatile)."""
+
+STATE_STYLE = {
+    "running": "green",
+    "standby": "cyan",
+    "stopped": "dim",
+    "fenced": "magenta",
+    "failed": "bold red",
+}
+
+
+def stable(doc: Any) -> str:
+    """``doc`` without its volatile fields, as a comparable string."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return json.dumps(strip(doc), sort_keys=True)
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 1:
+        return f"{int(s * 1000)}ms"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit}"
+    return f"{int(s)}s"
+
+
+def _yes(flag: bool | None, good: str = "green", bad: str = "red") -> Text:
+    if flag is None:
+        return Text("-")
+    return Text("yes", style=good) if flag else Text("no", style=bad)
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, padding=(0, 3, 0, 0), pad_edge=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, no_wrap=True)
+    return table
+
+
+def _sites(doc: dict[str, Any]) -> Table:
+    table = _table("SITE", "AGENTS", "DRAINED")
+    for s in doc["sites"]:
+        ok = s["healthy_agents"] == s["agents"] and s["agents"] > 0
+        count = Text(f"{s['healthy_agents']}/{s['agents']} healthy", "green" if ok else "yellow")
+        drained = Text("-")
+        if s["drained"]:
+            by = (s.get("drain") or {}).get("by")
+            drained = Text("yes" + (f" (by {by})" if by else ""), "yellow")
+        table.add_row(s["name"], count, drained)
+    return table
+
+
+def _agents(doc: dict[str, Any], wide: bool) -> Table:
+    cols = ["AGENT", "HEALTHY", "IN QUORUM", "LAST SEEN", "VERSION"]
+    if wide:
+        cols += ["STATE", "READY", "TTL", "EPOCH", "STARTED", "TOPOLOGY"]
+    table = _table(*cols)
+    for a in doc["agents"]:
+        row: list[Any] = [
+            a["id"],
+            _yes(a["healthy"]),
+            _yes(a["in_quorum"]),
+            human_age(a["age"]) + " ago" if a["age"] is not None else "never",
+            a["version"] or "-",
+        ]
+        if wide:
+            row += [
+                a["state"],
+                _yes(a["ready"]),
+                f"{a['ttl']:g}s",
+                a["epoch"] or "-",
+                a["started_at"] or "-",
+                a["topology"] or "-",
+            ]
+        table.add_row(*row)
+    return table
+
+
+def _instances(app: dict[str, Any], wide: bool) -> Text:
+    text = Text()
+    for n, inst in enumerate(app["instances"]):
+        if n:
+            text.append(" ")
+        text.append(inst["agent"] + "=")
+        label = inst["state"] + ("?" if inst["stale"] else "")
+        if wide and inst["token"] is not None:
+            label += f"#{inst['token']}"
+        text.append(label, style="dim" if inst["stale"] else STATE_STYLE.get(inst["state"], ""))
+    return text if app["instances"] else Text("-")
+
+
+def _holder(app: dict[str, Any]) -> tuple[Text, str, str]:
+    """(holder, token, lease age) columns; stateless applications show their slots."""
+    if app["trait"] == "stateless":
+        held = [s for s in app["slots"] if s["holder"]]
+        text = Text(f"{len(held)} slot{'s' if len(held) != 1 else ''}")
+        tokens = ",".join(str(s["fencing_token"]) for s in held) or "-"
+        return text, tokens, "-"
+    if not app["holder"]:
+        return Text("none", "yellow"), "-", "-"
+    holder = Text(app["holder"], "" if app["holder_healthy"] else "red")
+    if app["lease_state"] == "handover" and app["handover_to"]:
+        holder.append(f" -> {app['handover_to']}", "cyan")
+    return holder, str(app["fencing_token"]), human_age(app["lease_age"])
+
+
+def _applications(doc: dict[str, Any], wide: bool) -> Table:
+    cols = ["APPLICATION", "TRAIT", "STRATEGY", "HOLDER", "TOKEN", "LEASE AGE", "INSTANCES"]
+    if wide:
+        cols += ["SITES", "SCORE", "SLOTS"]
+    table = _table(*cols)
+    for app in doc["applications"]:
+        holder, token, age = _holder(app)
+        name = Text(app["name"])
+        if app["fenced"]:
+            name.append(" (fenced)", "magenta")
+        row: list[Any] = [
+            name,
+            app["trait"],
+            app["strategy"],
+            holder,
+            token,
+            age,
+            _instances(app, wide),
+        ]
+        if wide:
+            slots = " ".join(
+                f"{s['site']}={s['holder'] or 'free'}#{s['fencing_token']}" for s in app["slots"]
+            )
+            row += [",".join(app["sites"]), app["score"], slots or "-"]
+        table.add_row(*row)
+    return table
+
+
+def _trust(doc: dict[str, Any], wide: bool) -> Table:
+    table = _table("TRUSTED SITE", "FINGERPRINT", "NOT AFTER")
+    for t in doc["trust"]:
+        fp = t["fingerprint"] or "-"
+        if not wide and len(fp) > 23:
+            fp = fp[:23] + "..."
+        table.add_row(t["site"], fp, t["not_after"] or "-")
+    return table
+
+
+def render(doc: dict[str, Any], *, wide: bool = False) -> list[Any]:
+    """The renderables for one status document, sections in reading order."""
+    parts: list[Any] = [_sites(doc), _agents(doc, wide), _applications(doc, wide)]
+    parts.append(_trust(doc, wide) if doc["trust"] else Text("no trusted site CAs in the mesh"))
+    parts += [Text(f"! {p}", "yellow") for p in doc["problems"]]
+    return parts

@@ -1,0 +1,276 @@
+"""Each agent's command plane: ``harmony.cmd.<site>.<node>.<verb>`` and, for the applications
+it holds, ``harmony.cmd.app.<name>.<verb>`` (CONTRACT section 7).
+
+What this module guarantees, whatever arrives: every request with a reply subject gets
+exactly one reply (``{"ok": false, "error": ...}`` for anything wrong), nothing a client
+sends can raise out of the subscription callback, and one slow handler cannot stall the
+rest (each valid request runs as its own task, at most ``max_in_flight`` at a time; beyond
+that the agent answers "busy" at once rather than queueing without bound).
+
+drain/undrain/fence/resume are mesh writes (``agent.commands.marks``) any agent serves.
+failover needs the controller's lease handover: the controller registers a
+``FailoverHandler`` and tells us which applications it holds (``sync_apps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Protocol
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JsError
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from agent.application import Application
+from agent.commands import marks
+from agent.commands.decoder import DecodeError, decode_request
+from agent.commands.models import (
+    MAX_REQUEST_BYTES,
+    AnyRequest,
+    DrainRequest,
+    FailoverRequest,
+    FenceRequest,
+    PingRequest,
+    Reply,
+    ResumeRequest,
+    UndrainRequest,
+)
+from mesh.names import app_key
+
+log = structlog.get_logger("agent.commands")
+
+HANDLER_TIMEOUT = 30.0
+
+
+class FailoverHandler(Protocol):
+    """The controller's planned handover of ``app`` it holds, to ``to_site`` (or the next
+    eligible site in placement order when None). Return once the handover is decided
+    (lease marked for handover or refused), with ``Reply.success(...)`` or
+    ``Reply.failure("why")``. Raising is tolerated and becomes an error reply."""
+
+    async def __call__(self, app: str, to_site: str | None) -> Reply: ...
+
+
+class _LogLimiter:
+    """At most ``rate`` warnings per second about bad requests; counts the rest, so a flood
+    of garbage cannot also flood the journal."""
+
+    def __init__(self, rate: int = 10) -> None:
+        self.rate = rate
+        self.window = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.window >= 1.0:
+            self.window, self.count = now, 0
+        self.count += 1
+        if self.count > self.rate:
+            self.suppressed += 1
+            return False
+        return True
+
+
+class CommandServer:
+    """Subscribes on a connection and answers commands; ``start`` / ``stop`` around it."""
+
+    def __init__(
+        self,
+        nc: Client,
+        state: KeyValue,
+        *,
+        site: str,
+        node: str,
+        failover: FailoverHandler | None = None,
+        max_in_flight: int = 16,
+        handler_timeout: float = HANDLER_TIMEOUT,
+        max_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        self.nc = nc
+        self.state = state
+        self.site = site
+        self.node = node
+        self.agent_id = f"{site}/{node}"
+        self.failover = failover
+        self.max_in_flight = max_in_flight
+        self.handler_timeout = handler_timeout
+        self.max_bytes = max_bytes
+        self.held: dict[str, Subscription] = {}
+        self.answered = 0
+        self.rejected = 0
+        self._agent_sub: Subscription | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limiter = _LogLimiter()
+
+    @property
+    def agent_subject(self) -> str:
+        return f"harmony.cmd.{self.site}.{self.node}.*"
+
+    async def start(self) -> None:
+        self._agent_sub = await self.nc.subscribe(self.agent_subject, cb=self._on_agent_msg)
+        log.info("command plane serving", subject=self.agent_subject)
+
+    async def stop(self) -> None:
+        subs = [self._agent_sub, *self.held.values()]
+        self._agent_sub, self.held = None, {}
+        for sub in subs:
+            if sub is not None:
+                with contextlib.suppress(NatsError):
+                    await sub.unsubscribe()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def sync_apps(self, held: set[str] | frozenset[str]) -> None:
+        """Serve ``harmony.cmd.app.<name>.*`` for exactly the applications in ``held``.
+
+        The controller calls this whenever what it holds changes (every cycle is fine: it
+        is idempotent and cheap), so the app subject always reaches the current holder.
+        """
+        for name in sorted(set(self.held) - set(held)):
+            sub = self.held.pop(name)
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+        for name in sorted(set(held) - set(self.held)):
+            self.held[name] = await self.nc.subscribe(
+                f"harmony.cmd.app.{name}.*", cb=self._on_app_msg
+            )
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _on_agent_msg(self, msg: Msg) -> None:
+        await self._receive(msg, app=None)
+
+    async def _on_app_msg(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        await self._receive(msg, app=parts[3] if len(parts) == 5 else "")
+
+    async def _receive(self, msg: Msg, *, app: str | None) -> None:
+        """Runs inside nats-py's per-subscription callback loop: must be quick, never raise."""
+        try:
+            verb = msg.subject.rsplit(".", 1)[-1]
+            request = decode_request(verb, msg.data, app=app, max_bytes=self.max_bytes)
+            if isinstance(request, DecodeError):
+                self._refuse(msg, request.code, request.message)
+                await self._respond(msg, Reply.failure(request.message, agent=self.agent_id))
+                return
+            if len(self._tasks) >= self.max_in_flight:
+                await self._respond(msg, Reply.failure("busy: too many commands in flight"))
+                return
+            task = asyncio.create_task(self._serve(msg, request), name=f"cmd {verb}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        except Exception as exc:  # a bug here must not kill the subscription
+            log.exception("command receive failed", subject=msg.subject, error=repr(exc))
+
+    def _refuse(self, msg: Msg, code: str, message: str) -> None:
+        self.rejected += 1
+        if self._limiter.allow():
+            suppressed, self._limiter.suppressed = self._limiter.suppressed, 0
+            log.warning(
+                "bad command refused",
+                subject=msg.subject[:200],
+                size=len(msg.data),
+                code=code,
+                error=message,
+                suppressed=suppressed,
+            )
+
+    async def _serve(self, msg: Msg, request: AnyRequest) -> None:
+        try:
+            reply = await asyncio.wait_for(self.handle(request), self.handler_timeout)
+        except TimeoutError:
+            reply = Reply.failure(f"{request.verb.value} timed out after {self.handler_timeout:g}s")
+        except (NatsError, JsError, OSError) as exc:
+            reply = Reply.failure(f"mesh error: {exc or type(exc).__name__}")
+        except Exception as exc:
+            log.exception("command handler failed", verb=request.verb.value)
+            reply = Reply.failure(f"internal error: {type(exc).__name__}: {exc}")
+        if not reply.ok:
+            self._refuse(msg, "refused", reply.error or "")
+        log.info(
+            "command",
+            verb=request.verb.value,
+            by=request.by,
+            ok=reply.ok,
+            error=reply.error,
+            **{k: v for k, v in request.model_dump(exclude={"by"}).items() if v is not None},
+        )
+        await self._respond(msg, reply)
+
+    async def _respond(self, msg: Msg, reply: Reply) -> None:
+        if not msg.reply:
+            return  # a bare publish: nobody to tell, nothing to do
+        body = reply.model_copy(update={"agent": self.agent_id})
+        self.answered += 1
+        with contextlib.suppress(NatsError):
+            await msg.respond(body.encode())
+
+    # --- verbs -------------------------------------------------------------------------------
+
+    async def handle(self, request: AnyRequest) -> Reply:
+        """Execute one decoded request. Public so tests and in-process callers skip NATS."""
+        match request:
+            case PingRequest():
+                return Reply.success(verb="ping", held=sorted(self.held))
+            case DrainRequest(site=site, by=by, reason=reason):
+                known = await self._known_sites()
+                if site not in known:
+                    listed = ", ".join(sorted(known)) or "none"
+                    return Reply.failure(f"unknown site {site!r} (known: {listed})")
+                mark, changed = await marks.set_drain(self.state, site, by=by, reason=reason)
+                return Reply.success(verb="drain", site=site, changed=changed, **mark.as_dict())
+            case UndrainRequest(site=site):
+                removed = await marks.clear_drain(self.state, site)
+                return Reply.success(verb="undrain", site=site, changed=removed is not None)
+            case FenceRequest(app=app, by=by, reason=reason):
+                if not await self._app_exists(app):
+                    return Reply.failure(f"unknown application {app!r}")
+                mark, changed = await marks.set_fence(self.state, app, by=by, reason=reason)
+                return Reply.success(verb="fence", app=app, changed=changed, **mark.as_dict())
+            case ResumeRequest(app=app):
+                removed = await marks.clear_fence(self.state, app)
+                if removed is None and not await self._app_exists(app):
+                    return Reply.failure(f"unknown application {app!r}")
+                return Reply.success(verb="resume", app=app, changed=removed is not None)
+            case FailoverRequest(app=app, to=to):
+                return await self._failover(app, to)
+        return Reply.failure(f"verb {request.verb.value!r} is not implemented")
+
+    async def _app_exists(self, app: str) -> bool:
+        try:
+            await self.state.get(app_key(app))
+        except KeyNotFoundError:
+            return False
+        return True
+
+    async def _known_sites(self) -> set[str]:
+        """Sites with an agent heartbeat or in some application's placement: a drain of
+        anything else is almost certainly a typo, and would silently do nothing."""
+        sites: set[str] = set()
+        for entry in await marks.live_entries(self.state, "agent.*.*"):
+            sites.add(entry.key.split(".")[1])
+        for entry in await marks.live_entries(self.state, "app.*"):
+            with contextlib.suppress(ValueError):
+                sites.update(Application.from_json(entry.value or b"").spec.placement.sites)
+        return sites
+
+    async def _failover(self, app: str, to: str | None) -> Reply:
+        if not await self._app_exists(app):
+            return Reply.failure(f"unknown application {app!r}")
+        if app not in self.held:
+            return Reply.failure(
+                f"this agent does not hold {app!r}; send failover to harmony.cmd.app.{app}.failover"
+            )
+        if self.failover is None:
+            return Reply.failure("failover is not available: no controller on this agent")
+        reply = await self.failover(app, to)
+        return reply.model_copy(update={"verb": "failover", "app": app})
