@@ -95,6 +95,11 @@ class HealthConfig(_Section):
     """host:port for /healthz /readyz /metrics; an empty string disables the endpoint."""
 
 
+class TrustConfig(_Section):
+    bundle_file: Path | None = None
+    """Keep this file equal to the mesh's trust bundle (and reload the embedded server)."""
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -128,6 +133,7 @@ class AgentConfig(BaseSettings):
     health: HealthConfig = Field(default_factory=HealthConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     topology: TopologyConfig = Field(default_factory=LocalhostConfig)
 
     @classmethod

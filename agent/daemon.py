@@ -24,6 +24,7 @@ from agent import __version__, metrics
 from agent.config import AgentConfig
 from agent.health import HealthServer
 from agent.supervisor import Supervisor
+from agent.trust_sync import sync_bundle
 from mesh.bootstrap import Buckets, ensure_mesh
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
 from mesh.embedded import EmbeddedServer, ServerSpec
@@ -222,7 +223,16 @@ class Agent:
         self.supervisor.spawn("session", self.session.run())
         self.supervisor.spawn("status-responder", self.serve_status())
         self.supervisor.spawn("control-loop", self.control_loop())
+        if cfg.trust.bundle_file is not None:
+            self.supervisor.spawn(
+                "trust-sync",
+                sync_bundle(self.buckets.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
+            )
         log.info("agent ready", tasks=self.supervisor.names)
+
+    def _server_pid(self) -> int | None:
+        proc = self.embedded.process if self.embedded else None
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     def _connection_changed(self, up: bool) -> None:
         metrics.MESH_CONNECTED.set(1 if up else 0)
