@@ -222,6 +222,10 @@ class Agent:
         self.supervisor.on_shutdown("session-close", self.session.close)
         self.supervisor.spawn("session", self.session.run())
         self.supervisor.spawn("status-responder", self.serve_status())
+        # Issue 5: the application controller (leases, workloads, reconcile); see agent/controller.
+        from agent.controller import attach as attach_controller
+
+        self.controller = await attach_controller(self)
         self.supervisor.spawn("control-loop", self.control_loop())
         if cfg.trust.bundle_file is not None:
             self.supervisor.spawn(

@@ -1,0 +1,296 @@
+"""The application controller: desired state in, leases and workloads out.
+
+Wiring (``attach``): one ``LeaseManager`` on the agent's session; one KV watch on all of
+``harmony-state`` feeding the desired Applications (``app.<name>``), the peers' instances
+(``agent.<site>.<node>`` heartbeats) and the operator marks (``drain.<site>``,
+``fence.<app>``); one ``AppRunner`` per application (see ``runner.py``). The agent's
+control-loop tick wakes every runner; watch changes and lease callbacks wake the runners
+concerned at once, so reactions do not wait for the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydantic import ValidationError
+
+from agent.application import Application, Trait
+from agent.commands.marks import DRAIN_PREFIX, FENCE_PREFIX
+from agent.commands.models import Reply
+from agent.controller.events import EventPublisher
+from agent.controller.peers import PeerTable
+from agent.controller.runner import AppRunner
+from agent.controller.statefile import StateFile, stop_leftovers
+from mesh.leases import LeaseManager
+from mesh.names import STATE_BUCKET
+from mesh.watch import Change, KvWatch
+from topologies.base import Topology
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+log = structlog.get_logger("agent.controller")
+
+APP_PREFIX = "app."
+AGENT_PREFIX = "agent."
+
+
+class Controller:
+    def __init__(
+        self,
+        *,
+        site: str,
+        node: str,
+        state_dir: Path,
+        ttl: float,
+        max_failures: int,
+        leases: LeaseManager,
+        events: EventPublisher,
+        topology: Topology,
+        clock: Callable[[], float],
+    ) -> None:
+        self.site = site
+        self.node = node
+        self.agent_id = f"{site}/{node}"
+        self.state_dir = state_dir
+        self.ttl = ttl
+        self.interval = min(1.0, ttl / 3)
+        self.max_failures = max_failures
+        self.cooldown = max(10.0, 5 * ttl)
+        """After max_failures this agent stays out of the race so another site can try."""
+        self.healthy_after = max(5.0, 2 * ttl)
+        """A run this long resets the consecutive-failure count."""
+        self.leases = leases
+        self.events = events
+        self.topology = topology
+        self.clock = clock
+        self.statefile = StateFile(state_dir)
+        self.peers = PeerTable(self.agent_id, ttl, clock)
+        self.desired: dict[str, Application] = {}
+        self.invalid: dict[str, str] = {}
+        self.drained_sites: set[str] = set()
+        self.fenced_apps: set[str] = set()
+        self.runners: dict[str, AppRunner] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.watch: KvWatch | None = None
+        self.on_held_changed: list[Callable[[frozenset[str]], Any]] = []
+        self._held_seen: frozenset[str] = frozenset()
+        self.stopping = False
+
+    # --- facts for the runners --------------------------------------------------------------
+
+    def is_fenced(self, app: str) -> bool:
+        return app in self.fenced_apps
+
+    def is_drained(self) -> bool:
+        return self.site in self.drained_sites
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, js: Any) -> None:
+        """Stop leftovers of a previous incarnation, then watch and run."""
+        for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):
+            await self.events.publish("leftover-stopped", sentence.split(":", 1)[0], None)
+        self.leases.on_acquired.append(self._lease_acquired)
+        self.leases.on_lost.append(self._lease_lost)
+        self.leases.on_deadline.append(self._feed_deadline)
+        self.watch = KvWatch(js, STATE_BUCKET, ">", self._on_state, heartbeat=1.0)
+        await self.watch.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.watch.ready.wait(), 10.0)
+        log.info("controller started", apps=sorted(self.desired), agent=self.agent_id)
+
+    def tick(self) -> None:
+        """Wake every runner (the agent's control-loop cycle)."""
+        for runner in self.runners.values():
+            runner.wake.set()
+        self._reap()
+
+    async def cycle_hook(self) -> None:
+        self.tick()
+        held = frozenset(self.leases.held())
+        if held != self._held_seen:
+            self._held_seen = held
+            for cb in self.on_held_changed:
+                result = cb(held)
+                if asyncio.iscoroutine(result):
+                    await result
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop every workload and release every lease while the mesh is up."""
+        self.stopping = True
+        runners = list(self.runners.values())
+        await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self.watch is not None:
+            await self.watch.stop()
+        log.info("controller stopped", agent=self.agent_id)
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def _on_state(self, change: Change) -> None:
+        key = change.key
+        if key.startswith(APP_PREFIX):
+            self._on_app(key[len(APP_PREFIX) :], change.value)
+        elif key.startswith(AGENT_PREFIX):
+            for app in self.peers.feed(key, change.value):
+                self._wake(app)
+        elif key.startswith(DRAIN_PREFIX):
+            site = key[len(DRAIN_PREFIX) :]
+            (self.drained_sites.add if change.value is not None else self.drained_sites.discard)(
+                site
+            )
+            if site == self.site:
+                self.tick()
+        elif key.startswith(FENCE_PREFIX):
+            app = key[len(FENCE_PREFIX) :]
+            (self.fenced_apps.add if change.value is not None else self.fenced_apps.discard)(app)
+            self._wake(app)
+
+    def _on_app(self, name: str, value: bytes | None) -> None:
+        if "." in name:
+            return
+        if value is None:
+            self.desired.pop(name, None)
+            self.invalid.pop(name, None)
+            log.info(f"{name}: application deleted", app=name)
+        else:
+            try:
+                app = Application.from_json(value)
+            except (ValidationError, ValueError) as exc:
+                # Keep the last good spec: a bad write must not stop a running application.
+                self.invalid[name] = str(exc).splitlines()[0]
+                log.error(
+                    f"{name}: invalid application ignored", app=name, error=self.invalid[name]
+                )
+                return
+            self.invalid.pop(name, None)
+            if self.desired.get(name) != app:
+                log.info(f"{name}: application changed", app=name)
+            self.desired[name] = app
+        self._ensure_runner(name)
+        self._wake(name)
+
+    def _ensure_runner(self, name: str) -> None:
+        if self.stopping:
+            return
+        runner = self.runners.get(name)
+        if runner is not None and not runner.done:
+            return
+        runner = AppRunner(name, self)
+        self.runners[name] = runner
+        self.tasks[name] = asyncio.create_task(runner.run(), name=f"app:{name}")
+
+    def _reap(self) -> None:
+        for name, runner in list(self.runners.items()):
+            task = self.tasks.get(name)
+            if runner.done and task is not None and task.done():
+                del self.runners[name]
+                del self.tasks[name]
+
+    def _wake(self, app: str) -> None:
+        runner = self.runners.get(app)
+        if runner is not None:
+            runner.wake.set()
+
+    def _lease_acquired(self, name: str, token: int, deadline: float) -> None:
+        del token, deadline
+        self._wake(name)
+
+    def _lease_lost(self, name: str, token: int, why: str) -> None:
+        del token, why
+        self._wake(name)
+
+    def _feed_deadline(self, deadline: float) -> None:
+        """Each successful session renewal moves the guard deadline of held CP workloads."""
+        held = self.leases.held()
+        for name, runner in self.runners.items():
+            if runner.consistent and name in held and runner.interpret is not None:
+                runner.interpret.extend_deadline(deadline)
+
+    # --- planned failover (command plane) ---------------------------------------------------
+
+    async def failover(self, app: str, to_site: str | None) -> Reply:
+        runner = self.runners.get(app)
+        spec = self.desired.get(app)
+        if runner is None or spec is None:
+            return Reply.failure(f"{self.agent_id} does not run {app!r}")
+        if spec.spec.trait is not Trait.STATEFUL:
+            return Reply.failure(f"{app} is stateless: every eligible site runs it already")
+        sites = spec.spec.placement.sites
+        if to_site is not None:
+            if to_site not in sites:
+                return Reply.failure(f"site {to_site!r} is not in {app}'s placement {sites}")
+            if to_site == self.site:
+                return Reply.failure(f"{app} already runs on {self.site}")
+            candidates = [to_site]
+        else:
+            candidates = [s for s in sites if s != self.site and s not in self.drained_sites]
+        target = next((s for s in candidates if self.peers.live_agents(s)), None)
+        if target is None:
+            return Reply.failure(f"no live agent on {', '.join(candidates) or 'any other site'}")
+        ok, sentence = await runner.planned_failover(target)
+        if not ok:
+            return Reply.failure(sentence)
+        runner.wake.set()
+        return Reply.success(from_agent=self.agent_id, to=target, message=sentence)
+
+    # --- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        instances = [
+            r.report().as_dict()
+            for name, r in sorted(self.runners.items())
+            if name in self.desired and self.site in self.desired[name].spec.placement.sites
+        ]
+        return {"instances": instances}
+
+
+def _build_topology(agent: Agent) -> Topology:
+    from topologies.build import build_topology
+
+    return build_topology(agent.config.topology)
+
+
+async def attach(agent: Agent) -> Controller:
+    """Build the lease manager and controller for a started agent and hook them in.
+
+    Called from ``Agent._start`` after the session is open. Shutdown hooks run last-in
+    first-out, so the controller (registered last) stops workloads and releases leases
+    before the lease manager stops, the session closes and the connection drains.
+    """
+    cfg = agent.config
+    assert agent.session is not None
+    js = agent.connection.js
+    leases = LeaseManager(js, agent.session, site=cfg.site)
+    events = EventPublisher(agent.connection.nc, cfg.site, cfg.node)
+    ctl = Controller(
+        site=cfg.site,
+        node=cfg.node,
+        state_dir=cfg.state_dir,
+        ttl=cfg.lease.ttl,
+        max_failures=cfg.controller.max_failures,
+        leases=leases,
+        events=events,
+        topology=_build_topology(agent),
+        clock=agent.session.clock,
+    )
+    agent.status_extensions.append(ctl.status)
+    await leases.start()
+    agent.supervisor.on_shutdown("leases-stop", leases.stop)
+    await ctl.start(js)
+    agent.supervisor.on_shutdown("controller", ctl.shutdown)
+    agent.cycle_hooks.append(ctl.cycle_hook)
+    return ctl
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, default=str)
