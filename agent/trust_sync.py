@@ -38,7 +38,7 @@ async def sync_bundle(
                 entries[entry.key] = entry.value
             _apply(entries, path, server_pid)
     finally:
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 def _apply(
