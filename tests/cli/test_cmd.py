@@ -1,0 +1,96 @@
+"""``cmd``: the CLI as a thin client of the command plane, against an in-process server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.commands import CommandServer, read_marks
+from tests.cli.conftest import Invoke, Mesh
+from tests.commands.conftest import FakeController
+from tests.commands.helpers import seed_world
+
+
+@pytest.fixture
+async def served(mesh: Mesh) -> AsyncIterator[tuple[Mesh, FakeController]]:
+    await seed_world(mesh.buckets)
+    controller = FakeController()
+    server = CommandServer(
+        mesh.nc, mesh.buckets.state, site="site-a", node="node-1", failover=controller.failover
+    )
+    await server.start()
+    await server.sync_apps({"ledger"})
+    try:
+        yield mesh, controller
+    finally:
+        await server.stop()
+
+
+async def test_drain_and_undrain(served: tuple[Mesh, FakeController], invoke: Invoke) -> None:
+    mesh, _ = served
+    result = await invoke("cmd", "-s", mesh.url, "drain", "site-b", "--reason", "kernel update")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "site site-b drained: its applications move to other sites\n"
+    drains, _ = await read_marks(mesh.buckets.state)
+    assert drains["site-b"].reason == "kernel update" and "@" in (drains["site-b"].by or "")
+    again = await invoke("cmd", "-s", mesh.url, "drain", "site-b")
+    assert "already drained (by " in again.stdout
+
+    status = json.loads((await invoke("status", "-s", mesh.url, "-o", "json")).stdout)
+    assert [s["drained"] for s in status["sites"]] == [False, True, False]
+
+    undone = await invoke("cmd", "-s", mesh.url, "undrain", "site-b")
+    assert undone.exit_code == 0 and undone.stdout == "site site-b undrained\n"
+
+
+async def test_fence_resume_and_json_output(
+    served: tuple[Mesh, FakeController], invoke: Invoke
+) -> None:
+    mesh, _ = served
+    fenced = await invoke("cmd", "-s", mesh.url, "fence", "web")
+    assert fenced.exit_code == 0 and fenced.stdout.startswith("web fenced: stopped everywhere")
+    reply = await invoke("cmd", "-s", mesh.url, "-o", "json", "resume", "web")
+    body = json.loads(reply.stdout)
+    assert body["ok"] and body["changed"] is True and body["agent"] == "site-a/node-1"
+
+
+async def test_failover_goes_to_the_holder(
+    served: tuple[Mesh, FakeController], invoke: Invoke
+) -> None:
+    mesh, controller = served
+    result = await invoke("cmd", "-s", mesh.url, "failover", "ledger", "--to", "site-b")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "ledger: handing over to site-b (served by site-a/node-1)\n"
+    assert controller.calls == [("ledger", "site-b")]
+
+    controller.refuse = "no healthy agent on site-b"
+    refused = await invoke("cmd", "-s", mesh.url, "failover", "ledger", "--to", "site-b")
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "harmony-agent: error: failover refused by site-a/node-1: no healthy agent on site-b\n"
+    )
+    nobody = await invoke("cmd", "-s", mesh.url, "failover", "web")
+    assert nobody.exit_code == 1
+    assert "no agent serves harmony.cmd.app.web.failover" in nobody.stderr
+
+
+async def test_refusals_and_bad_input(served: tuple[Mesh, FakeController], invoke: Invoke) -> None:
+    mesh, _ = served
+    unknown = await invoke("cmd", "-s", mesh.url, "fence", "nope")
+    assert unknown.exit_code == 1 and "unknown application 'nope'" in unknown.stderr
+    typo = await invoke("cmd", "-s", mesh.url, "drain", "site-x")
+    assert typo.exit_code == 1 and "unknown site 'site-x'" in typo.stderr
+    for args in (["drain", "Site_B"], ["fence", "a.b"], ["failover", "ledger", "--to", "x y"]):
+        bad = await invoke("cmd", "-s", mesh.url, *args)
+        assert bad.exit_code == 2, (args, bad.output)
+    via = await invoke("cmd", "-s", mesh.url, "--via", "site-b/node-1", "--timeout", "1s", "ping")
+    assert via.exit_code == 1 and "no agent serves harmony.cmd.site-b.node-1.ping" in via.stderr
+    ok = await invoke("cmd", "-s", mesh.url, "ping")
+    assert ok.exit_code == 0 and "site-a/node-1" in ok.stdout
+
+
+async def test_no_live_agent(mesh: Mesh, invoke: Invoke) -> None:
+    result = await invoke("cmd", "-s", mesh.url, "drain", "site-a")
+    assert result.exit_code == 1 and "no healthy agent" in result.stderr
