@@ -79,8 +79,10 @@ def emit(event: dict[str, object]) -> None:
     try:
         sys.stdout.write(json.dumps(event) + "\n")
         sys.stdout.flush()
-    except (BrokenPipeError, OSError):
-        pass  # the agent is gone; the log file still tells the story
+    except OSError:
+        # The agent is gone; the log file still tells the story. Swap stdout so the
+        # interpreter's final flush does not print a BrokenPipeError traceback.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
 
 def killpg(pgid: int, sig: int) -> None:

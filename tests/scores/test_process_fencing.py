@@ -36,6 +36,10 @@ async def main() -> None:
     ctx = RunContext("owned", "site-a", "node-1", 1, Path(sys.argv[1]), deadline)
     outcome = await interpret.apply(ctx)
     seen = await interpret.observe()
+    give_up = time.monotonic() + 10
+    while len(seen.pids) < 2 and time.monotonic() < give_up:  # the shell forks its child
+        await asyncio.sleep(0.01)
+        seen = await interpret.observe()
     print(json.dumps({"ok": outcome.ok, "pids": seen.pids, "guard": seen.extra["guard_pid"],
                       "deadline": deadline}), flush=True)
     await asyncio.Event().wait()
