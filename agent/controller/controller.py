@@ -39,6 +39,8 @@ log = structlog.get_logger("agent.controller")
 
 APP_PREFIX = "app."
 AGENT_PREFIX = "agent."
+ANNOUNCE_PREFIX = "harmony.instances."
+"""Core subject ``harmony.instances.<site>.<node>``: SplitBrainAllowed instance reports."""
 
 
 class Controller:
@@ -82,6 +84,7 @@ class Controller:
         self.on_held_changed: list[Callable[[frozenset[str]], Any]] = []
         self._held_seen: frozenset[str] = frozenset()
         self.stopping = False
+        self._announce_sub: Any = None
 
     # --- facts for the runners --------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class Controller:
         self.leases.on_acquired.append(self._lease_acquired)
         self.leases.on_lost.append(self._lease_lost)
         self.leases.on_deadline.append(self._feed_deadline)
+        nc = self.events.nc
+        self._announce_sub = await nc.subscribe(ANNOUNCE_PREFIX + ">", cb=self._on_announce)
         self.watch = KvWatch(js, STATE_BUCKET, ">", self._on_state, heartbeat=1.0)
         await self.watch.start()
         with contextlib.suppress(TimeoutError):
@@ -114,6 +119,7 @@ class Controller:
 
     async def cycle_hook(self) -> None:
         self.tick()
+        await self._announce()
         held = frozenset(self.leases.held())
         if held != self._held_seen:
             self._held_seen = held
@@ -132,6 +138,9 @@ class Controller:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         if self.watch is not None:
             await self.watch.stop()
+        if self._announce_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._announce_sub.unsubscribe()
         log.info("controller stopped", agent=self.agent_id)
 
     # --- inputs -----------------------------------------------------------------------------
@@ -154,6 +163,27 @@ class Controller:
             app = key[len(FENCE_PREFIX) :]
             (self.fenced_apps.add if change.value is not None else self.fenced_apps.discard)(app)
             self._wake(app)
+
+    async def _on_announce(self, msg: Any) -> None:
+        for app in self.peers.feed("core:" + str(msg.subject), bytes(msg.data)):
+            self._wake(app)
+
+    async def _announce(self) -> None:
+        """Report SplitBrainAllowed instances on the core subject (see ``peers.py``)."""
+        ap = [
+            r.report().as_dict()
+            for name, r in self.runners.items()
+            if not r.consistent
+            and name in self.desired
+            and self.site in self.desired[name].spec.placement.sites
+        ]
+        if not ap:
+            return
+        body = {"agent": self.agent_id, "site": self.site, "state": "alive", "instances": ap}
+        with contextlib.suppress(Exception):
+            await self.events.nc.publish(
+                f"{ANNOUNCE_PREFIX}{self.site}.{self.node}", json.dumps(body).encode()
+            )
 
     def _on_app(self, name: str, value: bytes | None) -> None:
         if "." in name:

@@ -80,19 +80,23 @@ class PeerTable:
     def fresh(self, beat: PeerBeat, now: float) -> bool:
         return beat.alive and now - beat.seen < self.ttl
 
-    def instances(self, app: str, *, site: str | None = None) -> tuple[PeerInstance, ...]:
+    def latest(self) -> list[PeerBeat]:
+        """Per agent, its most recently received fresh report (heartbeat or announcement)."""
         now = self.clock()
-        out: list[PeerInstance] = []
+        best: dict[str, PeerBeat] = {}
         for beat in self._beats.values():
-            if not self.fresh(beat, now) or (site is not None and beat.site != site):
-                continue
-            out.extend(inst for name, inst in beat.instances if name == app)
+            if self.fresh(beat, now) and (
+                beat.agent not in best or beat.seen > best[beat.agent].seen
+            ):
+                best[beat.agent] = beat
+        return list(best.values())
+
+    def instances(self, app: str, *, site: str | None = None) -> tuple[PeerInstance, ...]:
+        out: list[PeerInstance] = []
+        for beat in self.latest():
+            if site is None or beat.site == site:
+                out.extend(inst for name, inst in beat.instances if name == app)
         return tuple(out)
 
     def live_agents(self, site: str | None = None) -> list[str]:
-        now = self.clock()
-        return sorted(
-            b.agent
-            for b in self._beats.values()
-            if self.fresh(b, now) and (site is None or b.site == site)
-        )
+        return sorted(b.agent for b in self.latest() if site is None or b.site == site)

@@ -1,0 +1,205 @@
+"""A stage for failover scenarios: three netns sites, real agents, a shared tick history.
+
+Every scenario's workload is ``tests/workloads/ticker.py``: it appends one line per 10 ms to
+``stage.history`` and ``tests/harness/history.py`` rebuilds who ran when. Nothing here
+sleeps to synchronise: waits are ``eventually`` polls with deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from mesh.names import LEASES_BUCKET, STATE_BUCKET, agent_key, status_subject
+from tests.harness import history
+from tests.harness.agents import AgentProcess
+from tests.harness.netns import Sites
+from tests.harness.wait import eventually
+
+TICKER = Path(__file__).resolve().parents[1] / "workloads" / "ticker.py"
+TTL = float(os.environ.get("HARMONY_FAILOVER_TTL", "2"))
+SOAK_RUNS = int(os.environ.get("HARMONY_SOAK_RUNS", "1"))
+"""Repetitions of each scenario: 1 in ``make test`` (time budget), 25 in ``make soak``."""
+NOW_SLACK_NS = 150_000_000
+"""An instance whose last tick is younger than this is running now (ticks every 10 ms)."""
+
+
+def runs() -> list[int]:
+    return list(range(max(1, SOAK_RUNS)))
+
+
+def application(
+    name: str,
+    history_file: Path,
+    *,
+    trait: str = "stateful",
+    strategy: str = "AbsoluteConsistency",
+    reconcile: str = "keep-newest",
+    sites: tuple[str, ...] = ("site-a", "site-b", "site-c"),
+    fail_on: str = "",
+) -> dict[str, Any]:
+    command = [sys.executable, str(TICKER), str(history_file)]
+    if fail_on:
+        command += ["--fail-on", fail_on]
+    return {
+        "apiVersion": "harmony/v1",
+        "kind": "Application",
+        "metadata": {"name": name},
+        "spec": {
+            "trait": trait,
+            "failover": {"strategy": strategy, "reconcile": reconcile},
+            "placement": {"sites": list(sites)},
+            "score": {
+                "kind": "Process",
+                "command": command,
+                "stop_timeout": "1s",
+                "backoff_initial": "200ms",
+            },
+        },
+    }
+
+
+@dataclass
+class Stage:
+    sites: Sites
+    workdir: Path
+    history: Path
+    nc: Client | None = None
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+
+    # --- agents -------------------------------------------------------------------------
+
+    def agent(self, site: str, node: str = "n1", **extra: Any) -> AgentProcess:
+        s = self.sites[site]
+        idx = len([a for a in self.agents.values() if a.site == site])
+        agent = AgentProcess(
+            site=site,
+            node=node,
+            workdir=self.workdir / f"{site}-{node}",
+            servers=[s.local_url],
+            ttl=f"{TTL}s",
+            health_host=s.mgmt_ip,
+            health_port=9808 + idx,
+            extra={"health": {"listen": f"0.0.0.0:{9808 + idx}"}, **extra},
+            wrap=self.sites.wrap(site),
+        )
+        self.agents[agent.agent_id] = agent
+        self.start(agent)
+        return agent
+
+    def start(self, agent: AgentProcess) -> None:
+        agent.start()
+        assert agent.proc is not None
+        self.sites[agent.site].procs.append(agent.proc)
+
+    async def all_ready(self, timeout: float = 60.0) -> None:
+        for agent in self.agents.values():
+            await eventually(agent.ready, timeout=timeout, what=f"{agent.agent_id} ready")
+
+    # --- mesh -----------------------------------------------------------------------------
+
+    async def client(self) -> Client:
+        if self.nc is None or self.nc.is_closed:
+            urls = [s.url for s in self.sites.sites.values()]
+            self.nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=-1)
+        return self.nc
+
+    async def kv(self, bucket: str = STATE_BUCKET) -> KeyValue:
+        nc = await self.client()
+        return await nc.jetstream(timeout=5).key_value(bucket)
+
+    async def put(self, app: dict[str, Any]) -> None:
+        async def attempt() -> bool:
+            kv = await self.kv()
+            await kv.put(f"app.{app['metadata']['name']}", json.dumps(app).encode())
+            return True
+
+        await eventually(attempt, timeout=30, interval=0.2, what="application stored")
+
+    async def heartbeat(self, agent: AgentProcess) -> dict[str, Any]:
+        kv = await self.kv()
+        entry = await kv.get(agent_key(agent.site, agent.node))
+        data: dict[str, Any] = json.loads(entry.value or b"{}")
+        return data
+
+    async def instance(self, agent: AgentProcess, app: str) -> dict[str, Any] | None:
+        data = await self.heartbeat(agent)
+        for inst in data.get("instances") or []:
+            if inst.get("app") == app:
+                found: dict[str, Any] = inst
+                return found
+        return None
+
+    async def live_status(self, agent: AgentProcess) -> dict[str, Any]:
+        """``harmony.status.<site>.<node>`` through that site's own server (works while cut)."""
+        nc = await nats.connect(self.sites[agent.site].url, connect_timeout=2)
+        try:
+            msg = await nc.request(status_subject(agent.site, agent.node), b"{}", timeout=2)
+            data: dict[str, Any] = json.loads(msg.data)
+            return data
+        finally:
+            await nc.close()
+
+    async def lease(self, key: str) -> dict[str, Any] | None:
+        kv = await self.kv(LEASES_BUCKET)
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        value: dict[str, Any] = json.loads(entry.value or b"{}")
+        value["token"] = entry.revision
+        return value
+
+    # --- history --------------------------------------------------------------------------
+
+    def instances(self, app: str | None = None) -> list[history.Instance]:
+        return history.instances(history.load(self.history), app)
+
+    def running_now(self, app: str | None = None) -> list[history.Instance]:
+        now = time.monotonic_ns()
+        return [i for i in self.instances(app) if now - i.last_ns < NOW_SLACK_NS]
+
+    async def one_running(
+        self, app: str, *, not_site: str | None = None, timeout: float = 30.0
+    ) -> history.Instance:
+        def probe() -> history.Instance | None:
+            now = self.running_now(app)
+            if len(now) == 1 and now[0].site != not_site:
+                return now[0]
+            return None
+
+        return await eventually(probe, timeout=timeout, interval=0.05, what=f"one {app} running")
+
+    def agent_of(self, inst: history.Instance) -> AgentProcess:
+        return next(a for a in self.agents.values() if a.site == inst.site)
+
+    def report(self, app: str | None = None) -> str:
+        return history.describe(self.instances(app))
+
+
+@pytest.fixture
+async def stage(netns_sites: Sites, tmp_path: Path) -> AsyncIterator[Stage]:
+    st = Stage(netns_sites, tmp_path, tmp_path / "history.txt")
+    st.history.touch(mode=0o666)
+    try:
+        yield st
+    finally:
+        if st.nc is not None and not st.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await st.nc.close()
+        for agent in st.agents.values():
+            if agent.running():
+                agent.kill()

@@ -1,0 +1,106 @@
+"""AbsoluteConsistency (CP) on real agents in three netns sites: never two at once.
+
+Correctness here is "zero overlapping intervals in the tick history" plus an eventual
+single holder; timings are not asserted (with ttl 2 s, losing the site that leads the KV
+stream stalls every renewal for the 4-9 s JetStream re-election, see docs/failover.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from tests.failover.conftest import TTL, Stage, application, runs
+from tests.harness import history
+from tests.harness.wait import eventually
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+APP = "ledger"
+
+
+async def _three_agents_and_app(stage: Stage) -> history.Instance:
+    for site in ("site-a", "site-b", "site-c"):
+        stage.agent(site)
+    await stage.all_ready()
+    await stage.put(application(APP, stage.history))
+    return await stage.one_running(APP, timeout=30)
+
+
+async def _standby_after(stage: Stage, site: str, since_ns: int) -> None:
+    """The agent on ``site`` reports standby in heartbeats written after ``since_ns``."""
+    agent = next(a for a in stage.agents.values() if a.site == site)
+    seen: list[int] = []
+
+    async def probe() -> bool:
+        beat = await stage.heartbeat(agent)
+        inst = next((i for i in beat.get("instances") or [] if i.get("app") == APP), None)
+        fresh = time.monotonic_ns() > since_ns and inst and inst["state"] == "standby"
+        if fresh and (not seen or seen[-1] != beat.get("seq")):
+            seen.append(int(beat.get("seq", 0)))
+        return len(seen) >= 3  # three consecutive heartbeats: about one ttl
+
+    await eventually(probe, timeout=60, interval=0.2, what=f"{site} standby after heal")
+
+
+@pytest.mark.parametrize("run", runs())
+async def test_holder_site_cut_off(stage: Stage, run: int) -> None:
+    first = await _three_agents_and_app(stage)
+    stage.sites.cut(first.site)
+    cut_at = time.monotonic_ns()
+    second = await stage.one_running(APP, not_site=first.site, timeout=30 + 2 * TTL)
+    assert second.token > first.token
+    stage.sites.heal(first.site)
+    await _standby_after(stage, first.site, time.monotonic_ns())
+    insts = stage.instances(APP)
+    assert not history.overlaps(insts), stage.report()
+    assert [i for i in insts if i.site == first.site and i.first_ns > cut_at] == [], (
+        "the old site started again after heal:\n" + stage.report()
+    )
+    assert len(stage.running_now(APP)) == 1, stage.report()
+
+
+@pytest.mark.parametrize("run", runs())
+async def test_holder_agent_paused(stage: Stage, run: int) -> None:
+    first = await _three_agents_and_app(stage)
+    holder = stage.agent_of(first)
+    holder.signal(signal.SIGSTOP)
+    try:
+        paused_at = time.monotonic_ns()
+        await asyncio.sleep(3 * TTL)  # the scenario: a pause of 3 x ttl
+        second = await stage.one_running(APP, not_site=first.site, timeout=30)
+    finally:
+        holder.signal(signal.SIGCONT)
+    await _standby_after(stage, first.site, time.monotonic_ns())
+    insts = stage.instances(APP)
+    assert not history.overlaps(insts), stage.report()
+    assert second.token > first.token
+    assert first.last_ns < paused_at + int((TTL + 0.2) * 1e9), "ran past the lease deadline"
+    restarted = [i for i in insts if i.site == first.site and i.first_ns > paused_at]
+    assert restarted == [], "the paused agent restarted its workload:\n" + stage.report()
+
+
+@pytest.mark.parametrize("run", runs())
+async def test_quorum_lost_everything_stops(stage: Stage, run: int) -> None:
+    first = await _three_agents_and_app(stage)
+    down = [s for s in ("site-a", "site-b", "site-c") if s != first.site]
+    for site in down:
+        node = stage.sites[site].nats
+        assert node is not None
+        node.kill()
+    await eventually(
+        lambda: not stage.running_now(APP), timeout=10 * TTL, what="no instance without quorum"
+    )
+    stopped_at = time.monotonic_ns()
+    for site in down:
+        node = stage.sites[site].nats
+        assert node is not None
+        node.start()
+    await stage.one_running(APP, timeout=90)
+    insts = stage.instances(APP)
+    assert not history.overlaps(insts), stage.report()
+    assert len(stage.running_now(APP)) == 1
+    assert all(i.last_ns <= stopped_at for i in insts if i.first_ns <= stopped_at)
