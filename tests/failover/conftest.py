@@ -50,10 +50,14 @@ def application(
     reconcile: str = "keep-newest",
     sites: tuple[str, ...] = ("site-a", "site-b", "site-c"),
     fail_on: str = "",
+    term_delay: float = 0.0,
+    stop_timeout: str = "1s",
 ) -> dict[str, Any]:
     command = [sys.executable, str(TICKER), str(history_file)]
     if fail_on:
         command += ["--fail-on", fail_on]
+    if term_delay:
+        command += ["--term-delay", str(term_delay)]
     return {
         "apiVersion": "harmony/v1",
         "kind": "Application",
@@ -65,7 +69,7 @@ def application(
             "score": {
                 "kind": "Process",
                 "command": command,
-                "stop_timeout": "1s",
+                "stop_timeout": stop_timeout,
                 "backoff_initial": "200ms",
             },
         },
@@ -152,6 +156,18 @@ class Stage:
             return data
         finally:
             await nc.close()
+
+    async def command(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Request/reply, retried while nobody serves the subject yet (the holder subscribes
+        to ``harmony.cmd.app.<name>.*`` on its next cycle after acquiring)."""
+        nc = await self.client()
+
+        async def attempt() -> dict[str, Any]:
+            msg = await nc.request(subject, json.dumps(body).encode(), timeout=15)
+            data: dict[str, Any] = json.loads(msg.data)
+            return data
+
+        return await eventually(attempt, timeout=10, interval=0.1, what=f"reply on {subject}")
 
     async def lease(self, key: str) -> dict[str, Any] | None:
         kv = await self.kv(LEASES_BUCKET)
