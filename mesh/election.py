@@ -182,11 +182,14 @@ def decide(
     rank: int = 0,
     step: float = 0.1,
     handover_window: float | None = None,
+    dropped: int = 0,
 ) -> Decision:
     """One decision for one wanted lease. Pure: same inputs, same answer.
 
     ``held_token`` is the token we believe we hold (None if we do not). ``holder`` is the
     observation of the session key named by the lease value (None if not observed).
+    ``dropped`` is the highest token of this key we already stopped holding: a value of ours
+    at or below it is our own release still in flight, never to be adopted again.
     """
     value = lease.value
     ours = (
@@ -206,6 +209,8 @@ def decide(
 
     if not me.valid:
         return _wait("our session is not valid: we cannot hold leases now")
+    if ours and (lease.revision or 0) <= dropped:
+        return _wait(f"our release of rev {lease.revision} is in flight")
     if ours:
         assert lease.revision is not None
         return Decision(

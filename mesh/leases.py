@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from mesh import metrics
@@ -161,6 +161,8 @@ class LeaseManager:
         self._releasing: set[str] = set()
         self._expiring: set[tuple[str, int]] = set()
         self._decisions: dict[str, str] = {}
+        self._dropped: dict[str, int] = {}
+        """Lease key -> highest token we stopped holding (never adopted again)."""
         self._deadline = float("-inf")
         self._ready_at: float | None = None
         self._wake = asyncio.Event()
@@ -265,8 +267,15 @@ class LeaseManager:
                 await asyncio.wait_for(
                     kv.update(held.key, marker.encode(), last=held.token), self.cas_timeout
                 )
+        except APIError as exc:
+            # 10071: wrong last sequence: the key moved on (our session was expired and
+            # the lease taken): there is nothing of ours left to release.
+            log.info("lease release refused", lease=name, error=repr(exc), code=exc.err_code)
+            return False
         except (TimeoutError, NatsError, OSError) as exc:
-            log.warning("lease release write failed", lease=name, error=repr(exc))
+            # Ambiguous: retry the CAS in the background (it fails harmlessly if it landed).
+            log.warning("lease release write failed; retrying", lease=name, error=repr(exc))
+            self._spawn(f"release:{held.key}", self._delete_orphan(held.key, held.token, 0.2))
             return False
         finally:
             self._releasing.discard(held.key)
@@ -280,6 +289,14 @@ class LeaseManager:
     def held(self) -> dict[str, int]:
         """Leases held now: name -> fencing token."""
         return {name: h.token for name, h in self._held.items() if self.session.valid()}
+
+    def open_tenures(self) -> list[Tenure]:
+        """Leases held now as tenures that end at the current deadline (if not renewed)."""
+        end = self.session.valid_until
+        return [
+            Tenure(name, h.key, h.token, h.start, max(h.start, end), "held")
+            for name, h in self._held.items()
+        ]
 
     def deadline(self) -> float:
         """Monotonic instant at which every lease held now ends unless the session renews."""
@@ -419,6 +436,7 @@ class LeaseManager:
             rank=want.rank,
             step=self.step,
             handover_window=self.handover_window,
+            dropped=self._dropped.get(want.key, 0),
         )
         self._note(want.name, d)
         if d.action is Action.HOLD and held is None and d.token is not None:
@@ -455,6 +473,7 @@ class LeaseManager:
         held = self._held.pop(name, None)
         if held is None:
             return
+        self._dropped[held.key] = max(held.token, self._dropped.get(held.key, 0))
         now = self._clock()
         end = min(now, self._deadline)
         self.tenures.append(Tenure(name, held.key, held.token, held.start, end, why))
@@ -535,7 +554,9 @@ class LeaseManager:
         else:
             self._expiring.discard((session_key, d.session.revision))
 
-    async def _delete_orphan(self, key: str, revision: int) -> None:
+    async def _delete_orphan(self, key: str, revision: int, delay: float = 0.0) -> None:
+        """Delete a lease value of ours nobody wants, by CAS on its revision."""
+        await asyncio.sleep(delay)
         with contextlib.suppress(TimeoutError, NatsError, OSError):
             await asyncio.wait_for(self._require_kv().delete(key, last=revision), self.cas_timeout)
             log.info("orphaned lease released", key=key, token=revision)
