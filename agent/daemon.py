@@ -226,6 +226,20 @@ class Agent:
         from agent.controller import attach as attach_controller
 
         self.controller = await attach_controller(self)
+        # Issue 6: the command plane (harmony.cmd.<site>.<node>.* and, for held applications,
+        # harmony.cmd.app.<name>.*); see agent/commands. Stopped before the controller.
+        from agent.commands import CommandServer
+
+        self.commands = CommandServer(
+            self.connection.nc,
+            self.buckets.state,
+            site=cfg.site,
+            node=cfg.node,
+            failover=self.controller.failover,
+        )
+        await self.commands.start()
+        self.controller.on_held_changed.append(self.commands.sync_apps)
+        self.supervisor.on_shutdown("commands-stop", self.commands.stop)
         self.supervisor.spawn("control-loop", self.control_loop())
         if cfg.trust.bundle_file is not None:
             self.supervisor.spawn(
