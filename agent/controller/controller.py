@@ -85,6 +85,8 @@ class Controller:
         self._held_seen: frozenset[str] = frozenset()
         self.stopping = False
         self._announce_sub: Any = None
+        self._bg: set[asyncio.Task[None]] = set()
+        self._held_lock = asyncio.Lock()
 
     # --- facts for the runners --------------------------------------------------------------
 
@@ -120,13 +122,7 @@ class Controller:
     async def cycle_hook(self) -> None:
         self.tick()
         await self._announce()
-        held = frozenset(self.leases.held())
-        if held != self._held_seen:
-            self._held_seen = held
-            for cb in self.on_held_changed:
-                result = cb(held)
-                if asyncio.iscoroutine(result):
-                    await result
+        await self._sync_held()
 
     async def shutdown(self) -> None:
         """SIGTERM: stop every workload and release every lease while the mesh is up."""
@@ -234,10 +230,33 @@ class Controller:
     def _lease_acquired(self, name: str, token: int, deadline: float) -> None:
         del token, deadline
         self._wake(name)
+        self._held_changed_soon()
 
     def _lease_lost(self, name: str, token: int, why: str) -> None:
         del token, why
         self._wake(name)
+        self._held_changed_soon()
+
+    def _held_changed_soon(self) -> None:
+        """Tell the command plane at once, so only the holder serves the app subject."""
+        if self.on_held_changed and not self.stopping:
+            task = asyncio.get_running_loop().create_task(self._sync_held())
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+    async def _sync_held(self) -> None:
+        async with self._held_lock:
+            held = frozenset(self.leases.held())
+            if held == self._held_seen:
+                return
+            self._held_seen = held
+            for cb in self.on_held_changed:
+                try:
+                    result = cb(held)
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception as exc:
+                    log.warning("held-applications callback failed", error=repr(exc))
 
     def _feed_deadline(self, deadline: float) -> None:
         """Each successful session renewal moves the guard deadline of held CP workloads."""
@@ -253,6 +272,8 @@ class Controller:
         spec = self.desired.get(app)
         if runner is None or spec is None:
             return Reply.failure(f"{self.agent_id} does not run {app!r}")
+        if app not in self.leases.held():
+            return Reply.failure(f"{self.agent_id} does not hold {app!r} (any more)")
         if spec.spec.trait is not Trait.STATEFUL:
             return Reply.failure(f"{app} is stateless: every eligible site runs it already")
         sites = spec.spec.placement.sites
