@@ -78,7 +78,9 @@ class Contender:
         self.acquired_at: dict[str, float] = {}
 
     async def start(self) -> None:
-        self.nc = await nats.connect(servers=self.urls, reconnect_time_wait=0.2)
+        self.nc = await nats.connect(
+            servers=self.urls, reconnect_time_wait=0.2, dont_randomize=True
+        )
         js = self.nc.jetstream()
         self.buckets = await ensure_mesh(js, 3)
         self.session = Session(
