@@ -89,8 +89,10 @@ def _describe(verb: str, reply: Reply) -> str:
         case "resume":
             return f"{f.get('app')} " + ("resumed" if changed else "was not fenced")
         case "failover":
-            detail = f.get("message") or f.get("detail") or "handover started"
-            return f"{f.get('app')}: {detail} (served by {f.get('agent')})"
+            app = f.get("app")
+            detail = str(f.get("message") or f.get("detail") or "handover started")
+            prefix = "" if detail.startswith(f"{app}:") else f"{app}: "
+            return f"{prefix}{detail} (served by {f.get('agent')})"
     return f"ok (served by {f.get('agent')})"
 
 

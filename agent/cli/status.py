@@ -162,7 +162,7 @@ async def _watch_loop(
     if tty:
         from rich.live import Live
 
-        live = Live(auto_refresh=False, console=_console())
+        live = Live(auto_refresh=False, console=_console(live=True))
         live.start()
     last: Any = None
     try:
@@ -187,11 +187,13 @@ async def _watch_loop(
             live.stop()
 
 
-def _console() -> Any:
+def _console(*, live: bool = False) -> Any:
+    """Colours only on a terminal. Only the live dashboard is fitted to the terminal's
+    width (it redraws in place); printed tables are never truncated, long lines wrap."""
     from rich.console import Console
 
     tty = sys.stdout.isatty()
-    return Console(highlight=False, width=None if tty else 250, no_color=not tty)
+    return Console(highlight=False, width=None if live else 250, no_color=not tty)
 
 
 def _emit(doc: dict[str, Any], output: str, wide: bool, *, watch: bool = False) -> None:

@@ -173,7 +173,9 @@ async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshCli
                 name="harmony-agent cli",
                 connect_timeout=max(1, round(timeout / 2)),
                 allow_reconnect=False,
-                max_reconnect_attempts=0,
+                # Two quick tries per server, then NoServersError (0 would mean "for ever").
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.2,
                 error_cb=on_error,
                 user_credentials=creds or None,
                 tls=_tls(),
@@ -181,9 +183,11 @@ async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshCli
             timeout,
         )
     except (NatsError, OSError, TimeoutError, ssl.SSLError) as exc:
-        why = errors[-1] if errors else (str(exc) or type(exc).__name__)
+        why = errors[-1] if errors else str(exc)
+        if not why or why in ("TimeoutError", "nats: timeout"):
+            why = "no answer"
         raise MeshError(
-            f"mesh unreachable at {', '.join(servers)} within {timeout:g}s: {why}"
+            f"mesh unreachable at {', '.join(servers)}: {why} (timeout {timeout:g}s)"
         ) from None
     client = MeshClient(nc, timeout)
     client.errors = errors
