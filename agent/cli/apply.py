@@ -92,7 +92,7 @@ async def _apply(urls: list[str], timeout: float, apps: list[Application], dry_r
             try:
                 verdict = await asyncio.wait_for(store(kv, app, dry_run=dry_run), timeout)
             except (NatsError, JsError, TimeoutError) as exc:
-                raise MeshError(f"{app.name}: write failed: {exc or type(exc).__name__}") from None
+                raise MeshError(f"{app.name}: write failed: {mesh.explain(exc)}") from None
             click.echo(f"application/{app.name} {verdict}{suffix}")
 
 
@@ -127,7 +127,7 @@ async def _delete(urls: list[str], timeout: float, name: str) -> None:
         try:
             await asyncio.wait_for(kv.delete(app_key(name)), timeout)
         except (NatsError, JsError, TimeoutError) as exc:
-            raise MeshError(f"{name}: delete failed: {exc or type(exc).__name__}") from None
+            raise MeshError(f"{name}: delete failed: {mesh.explain(exc)}") from None
     click.echo(f"application/{name} deleted")
 
 

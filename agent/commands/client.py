@@ -13,6 +13,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
@@ -31,6 +32,16 @@ CREDS_ENV = "HARMONY_NATS_CREDS"
 CA_ENV = "HARMONY_NATS_CA"
 CERT_ENV = "HARMONY_NATS_CERT"
 KEY_ENV = "HARMONY_NATS_KEY"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class MeshError(Exception):
@@ -67,11 +78,15 @@ class MeshClient:
                     "(no agent has started against this NATS yet)"
                 ) from None
             except (NatsError, JsError, TimeoutError) as exc:
-                raise MeshError(f"cannot open bucket {name!r}: {self._why(exc)}") from None
+                raise MeshError(f"cannot open bucket {name!r}: {self.explain(exc)}") from None
         return self._buckets[name]
 
-    def _why(self, exc: BaseException) -> str:
-        detail = str(exc) or type(exc).__name__
+    def explain(self, exc: BaseException) -> str:
+        """One line for a failed mesh call, with the server's last complaint if any (a
+        permissions violation surfaces only through the error callback)."""
+        detail = str(exc)
+        if not detail or detail in ("TimeoutError", "nats: timeout"):
+            detail = "no answer"
         if self.errors:
             detail += f" ({self.errors[-1]})"
         return detail
@@ -106,7 +121,7 @@ class MeshClient:
             raise MeshError(f"no agent serves {subject}") from None
         except (NatsError, TimeoutError) as exc:
             raise MeshError(
-                f"no reply on {subject} within {timeout:g}s: {self._why(exc)}"
+                f"no reply on {subject} within {timeout:g}s: {self.explain(exc)}"
             ) from None
         return Reply.decode(msg.data)
 
@@ -186,9 +201,8 @@ async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshCli
         why = errors[-1] if errors else str(exc)
         if not why or why in ("TimeoutError", "nats: timeout"):
             why = "no answer"
-        raise MeshError(
-            f"mesh unreachable at {', '.join(servers)}: {why} (timeout {timeout:g}s)"
-        ) from None
+        where = ", ".join(redact(u) for u in servers)
+        raise MeshError(f"mesh unreachable at {where}: {why} (timeout {timeout:g}s)") from None
     client = MeshClient(nc, timeout)
     client.errors = errors
     try:

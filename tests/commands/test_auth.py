@@ -96,6 +96,17 @@ async def test_operator_applies_and_viewer_only_reads(secured: NatsNode, tmp_pat
         "apply", "-f", str(apps), "-s", url(secured, "viewer"), "--timeout", "2s"
     )
     assert refused.exit_code == 1
+    assert "permissions violation for publish" in refused.stderr.lower()
+    assert "$kv.harmony-state.app.ledger" in refused.stderr.lower()
     allowed = await invoke("apply", "-f", str(apps), "-s", url(secured, "operator"))
     assert allowed.exit_code == 0, allowed.output
     assert "application/ledger updated" in allowed.stdout
+
+
+async def test_wrong_password_is_one_line_without_the_password(secured: NatsNode) -> None:
+    runner = CliRunner()
+    bad = f"nats://viewer:not-the-password@{secured.host}:{secured.port}"
+    result = await asyncio.to_thread(runner.invoke, cli, ["status", "-s", bad])
+    assert result.exit_code == 1
+    assert "Authorization Violation" in result.stderr
+    assert "not-the-password" not in result.stderr and "viewer:***@" in result.stderr
