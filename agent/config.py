@@ -136,6 +136,13 @@ class AgentConfig(BaseSettings):
     trust: TrustConfig = Field(default_factory=TrustConfig)
     topology: TopologyConfig = Field(default_factory=LocalhostConfig)
 
+    @field_validator("site")
+    @classmethod
+    def _not_reserved(cls, site: str) -> str:
+        if site == "app":
+            raise ValueError("'app' is reserved (harmony.cmd.app.<name> addresses applications)")
+        return site
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness.agents import AgentProcess  # noqa: E402
-from tests.harness.nats import NatsNode  # noqa: E402
+from tests.harness.agents import AgentProcess
+from tests.harness.nats import NatsNode
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

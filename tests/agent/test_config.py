@@ -22,6 +22,7 @@ BAD = [
     ("node: n1\n", "site: field required"),
     ("site: a\nnode: 'bad node'\n", "node"),
     ("site: a\nfoo: 1\n", "foo: unknown field"),
+    ("site: app\n", "site: 'app' is reserved"),
     ("site: a\nlease: {ttl: soon}\n", "lease.ttl"),
     ("site: a\nlease: {ttl: 100ms}\n", "lease.ttl: must be at least 300ms"),
     ("site: a\nmesh: {replicas: 0}\n", "mesh.replicas"),
