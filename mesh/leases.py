@@ -46,7 +46,14 @@ from mesh.election import (
     decide,
 )
 from mesh.names import LEASES_BUCKET, STATE_BUCKET
-from mesh.session import RenewResult, Session, decode, expire, now_rfc3339
+from mesh.session import (
+    RenewResult,
+    Session,
+    decode,
+    expire,
+    now_rfc3339,
+    raise_if_cancelling,
+)
 from mesh.watch import Change, KvWatch
 
 log = structlog.get_logger("mesh.leases")
@@ -55,6 +62,16 @@ StopHook = Callable[[], Awaitable[None]]
 AcquiredCallback = Callable[[str, int, float], None]
 LostCallback = Callable[[str, int, str], None]
 DeadlineCallback = Callable[[float], None]
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel until done: on Python 3.11 ``asyncio.wait_for`` can swallow a cancellation
+    that races with its inner future completing, so one ``cancel()`` is not enough."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieve it so it is not reported as never retrieved
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,8 @@ class LeaseManager:
         self._by_key: dict[str, str] = {}
         self._held: dict[str, _Held] = {}
         self._leases: dict[str, LeaseObs] = {}
+        self._raw: dict[str, tuple[int, bytes | None, float]] = {}
+        """Lease keys nobody here wants: revision, raw value, first seen (parsed lazily)."""
         self._sessions: dict[str, SessionObs] = {}
         self._naming: dict[str, set[str]] = {}
         """Session key -> lease keys whose value names it (to wake the right leases)."""
@@ -198,13 +217,10 @@ class LeaseManager:
     async def stop(self) -> None:
         """Stop watching and deciding; leases still held are reported lost (no write)."""
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await cancel_and_wait(self._loop_task)
             self._loop_task = None
         for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(task)
         for watch in self._watches:
             await watch.stop()
         for name in list(self._held):
@@ -221,6 +237,9 @@ class LeaseManager:
             raise ValueError(f"lease {name} is already wanted under key {old.key}")
         self._wants[name] = _Want(name, key, rank)
         self._by_key[key] = name
+        raw = self._raw.get(key)
+        if raw is not None:
+            self._record(key, *raw)
         self._touch(name)
 
     async def release(
@@ -327,18 +346,36 @@ class LeaseManager:
         prev = self._leases.get(change.key)
         if prev is not None and prev.revision is not None and change.revision <= prev.revision:
             return  # redelivered after the ordered consumer was recreated
-        value = LeaseValue.parse(change.value)
-        readable = change.value is None or value is not None
-        if prev is not None and prev.value is not None:
-            self._naming.get(prev.value.session, set()).discard(change.key)
-        if value is not None:
-            self._naming.setdefault(value.session, set()).add(change.key)
-        self._leases[change.key] = LeaseObs(change.revision, value, self._clock(), readable)
+        raw = self._raw.get(change.key)
+        if raw is not None and change.revision <= raw[0]:
+            return
         name = self._by_key.get(change.key)
+        epoch = self.session.epoch.encode()
+        if name is None and not (change.value and epoch and epoch in change.value):
+            # Not ours to decide about: keep it unparsed (parsed by want() if it becomes
+            # so). With 1,000 leases, most of the watch is other agents' business.
+            self._forget(change.key)
+            self._raw[change.key] = (change.revision, change.value, self._clock())
+            return
+        self._record(change.key, change.revision, change.value, self._clock())
+        value = self._leases[change.key].value
         if name is not None:
             self._touch(name)
         elif value is not None and self._is_orphan(change.key, value):
             self._spawn(f"orphan:{change.key}", self._delete_orphan(change.key, change.revision))
+
+    def _forget(self, key: str) -> None:
+        prev = self._leases.pop(key, None)
+        if prev is not None and prev.value is not None:
+            self._naming.get(prev.value.session, set()).discard(key)
+
+    def _record(self, key: str, revision: int, raw: bytes | None, since: float) -> None:
+        self._forget(key)
+        self._raw.pop(key, None)
+        value = LeaseValue.parse(raw)
+        if value is not None:
+            self._naming.setdefault(value.session, set()).add(key)
+        self._leases[key] = LeaseObs(revision, value, since, raw is None or value is not None)
 
     def _on_session(self, change: Change) -> None:
         prev = self._sessions.get(change.key)
@@ -389,6 +426,7 @@ class LeaseManager:
 
     async def _run(self) -> None:
         while True:
+            raise_if_cancelling()
             self._wake.clear()
             nxt = self._evaluate()
             if nxt is None:

@@ -53,6 +53,14 @@ log = structlog.get_logger("mesh.session")
 Clock = Callable[[], float]
 
 
+def raise_if_cancelling() -> None:
+    """Honour a cancellation that ``asyncio.wait_for`` swallowed (Python 3.11 race: the
+    inner future completed as the cancel arrived); long loops call this every cycle."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RenewResult(StrEnum):
     OK = "ok"
     """Written: the session is valid until sent + ttl - margin."""
@@ -360,6 +368,7 @@ class Session:
         """
         self._closed = False
         while not self._closed:
+            raise_if_cancelling()
             started = self._clock()
             pause = self.interval
             if self.revision is None:

@@ -18,7 +18,7 @@ import nats
 from nats.aio.client import Client
 
 from mesh.bootstrap import Buckets, ensure_mesh
-from mesh.leases import LeaseManager
+from mesh.leases import LeaseManager, cancel_and_wait
 from mesh.names import agent_key
 from mesh.session import Session
 
@@ -122,9 +122,7 @@ class Contender:
     async def pause(self) -> None:
         """Stop renewing (a hung agent): validity runs out on its own timer."""
         if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+            await cancel_and_wait(self._renewer)
             self._renewer = None
 
     def resume(self) -> None:
