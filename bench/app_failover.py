@@ -53,6 +53,7 @@ async def _mesh(workdir: Path, ttl: float) -> fo.Stage:
     for site in sites.sites.values():
         assert site.nats is not None
         await site.nats.wait_ready(30)
+    await fo.mesh_ready(sites)
     stage = fo.Stage(sites, workdir, workdir / "history.txt")
     stage.history.touch(mode=0o666)
     for name in SITES:

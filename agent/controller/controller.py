@@ -161,8 +161,22 @@ class Controller:
             self._wake(app)
 
     async def _on_announce(self, msg: Any) -> None:
-        for app in self.peers.feed("core:" + str(msg.subject), bytes(msg.data)):
+        key = "core:" + str(msg.subject)
+        back = not self.peers.knows(key)
+        for app in self.peers.feed(key, bytes(msg.data)):
             self._wake(app)
+        if back and not str(msg.subject).endswith(f".{self.site}.{self.node}"):
+            # A peer we had not heard from (new, or back from a partition): answer with our
+            # own instances at once, so both sides of a healed partition learn of each other
+            # in one round trip instead of one cycle each.
+            await self._announce()
+
+    def announce_soon(self) -> None:
+        """A runner changed state: tell the peers now rather than at the next tick."""
+        if not self.stopping:
+            task = asyncio.get_running_loop().create_task(self._announce())
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
 
     async def _announce(self) -> None:
         """Report SplitBrainAllowed instances on the core subject (see ``peers.py``)."""

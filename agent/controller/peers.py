@@ -77,6 +77,11 @@ class PeerTable:
         self._beats[key] = PeerBeat(agent, site, alive, self.clock(), tuple(insts))
         return apps | {a for a, _ in insts}
 
+    def knows(self, key: str) -> bool:
+        """We hold a fresh report under ``key`` (False: new peer, or one back from silence)."""
+        beat = self._beats.get(key)
+        return beat is not None and self.fresh(beat, self.clock())
+
     def fresh(self, beat: PeerBeat, now: float) -> bool:
         return beat.alive and now - beat.seen < self.ttl
 

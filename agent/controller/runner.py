@@ -86,6 +86,7 @@ class AppRunner:
         self.partitioned = False
         self.pid: int | None = None
         self.last_sentence = ""
+        self.reported_token: int | None = None
         self.last_event: tuple[str, int | None] | None = None
         self.decisions = 0
         self.wake = asyncio.Event()
@@ -251,6 +252,9 @@ class AppRunner:
 
         self.partitioned = d.run is Run.KEEP and s.workload.running and not s.lease.valid(s.now)
         token = self.run_token if self.pid is not None else s.lease.token
+        if (d.state, token) != (self.state, self.reported_token) and not self.consistent:
+            ctl.announce_soon()
+        self.reported_token = token
         self._report(d.state, d.sentence)
         if d.sentence != self.last_sentence:
             self.last_sentence = d.sentence

@@ -83,6 +83,7 @@ class Stage:
     history: Path
     nc: Client | None = None
     agents: dict[str, AgentProcess] = field(default_factory=dict)
+    _listeners: list[Client] = field(default_factory=list)
 
     # --- agents -------------------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class Stage:
     async def all_ready(self, timeout: float = 60.0) -> None:
         for agent in self.agents.values():
             await eventually(agent.ready, timeout=timeout, what=f"{agent.agent_id} ready")
+        await check_r3(self)
 
     # --- mesh -----------------------------------------------------------------------------
 
@@ -169,6 +171,24 @@ class Stage:
 
         return await eventually(attempt, timeout=10, interval=0.1, what=f"reply on {subject}")
 
+    async def listen(self, subject: str = "harmony.instances.>") -> list[tuple[int, str, str]]:
+        """Record (monotonic ns, receiving site, sender agent) for every message on
+        ``subject`` as each site's own server delivers it. A cut drops packets without RST,
+        so route connections survive the partition and resume only at TCP's next
+        retransmission (exponential backoff: 0.1 to 5 s after the link is back): the
+        first message crossing after heal is when the two sides can hear each other."""
+        heard: list[tuple[int, str, str]] = []
+        for name, site in self.sites.sites.items():
+            nc = await nats.connect(site.url, connect_timeout=2, max_reconnect_attempts=-1)
+            self._listeners.append(nc)
+
+            async def on(msg: Any, name: str = name) -> None:
+                with contextlib.suppress(ValueError, KeyError):
+                    heard.append((time.monotonic_ns(), name, str(json.loads(msg.data)["agent"])))
+
+            await nc.subscribe(subject, cb=on)
+        return heard
+
     async def lease(self, key: str) -> dict[str, Any] | None:
         kv = await self.kv(LEASES_BUCKET)
         try:
@@ -206,13 +226,50 @@ class Stage:
         return history.describe(self.instances(app))
 
 
+def _meta_complete(sites: Sites) -> bool:
+    """Every node sees the JetStream meta leader, and the leader sees both peers current."""
+    leader_ok = False
+    for site in sites.sites.values():
+        assert site.nats is not None
+        try:
+            meta = site.nats.varz("jsz").get("meta_cluster")
+        except (OSError, ValueError):
+            return False
+        if not isinstance(meta, dict) or not meta.get("leader"):
+            return False
+        if meta["leader"] == site.nats.name:
+            peers = meta.get("replicas") or []
+            leader_ok = len(peers) == len(sites.sites) - 1 and all(p.get("current") for p in peers)
+    return leader_ok
+
+
+async def mesh_ready(sites: Sites) -> None:
+    """Agents bootstrap the buckets with as many replicas as the cluster can place *now*:
+    start them only once all three nodes joined, so every bucket is R3 (else cutting one
+    site can stall a bucket for good, which is not the failover under test)."""
+    await eventually(
+        lambda: _meta_complete(sites), timeout=60, interval=0.1, what="3-node meta group"
+    )
+
+
+async def check_r3(stage: Stage) -> None:
+    js = (await stage.client()).jetstream(timeout=5)
+    for bucket in (STATE_BUCKET, LEASES_BUCKET):
+        info = await js.stream_info(f"KV_{bucket}")
+        assert info.config.num_replicas == 3, f"{bucket} has {info.config.num_replicas} replicas"
+
+
 @pytest.fixture
 async def stage(netns_sites: Sites, tmp_path: Path) -> AsyncIterator[Stage]:
     st = Stage(netns_sites, tmp_path, tmp_path / "history.txt")
     st.history.touch(mode=0o666)
+    await mesh_ready(netns_sites)
     try:
         yield st
     finally:
+        for nc in st._listeners:
+            with contextlib.suppress(Exception):
+                await nc.close()
         if st.nc is not None and not st.nc.is_closed:
             with contextlib.suppress(Exception):
                 await st.nc.close()
