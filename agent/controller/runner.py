@@ -162,6 +162,8 @@ class AppRunner:
             holder=status.holder if status is not None else None,
         )
         running = obs is not None and obs.state is WorkloadState.RUNNING
+        if running and obs is not None and obs.pids and obs.pids[0] != self.pid:
+            self._remember(obs)  # the interpret restarted a crashed workload: new pid
         peer_site = ctl.site if app is not None and app.spec.trait is Trait.STATELESS else None
         snap = Snapshot(
             now=now,
@@ -214,6 +216,7 @@ class AppRunner:
 
     async def _execute(self, d: Decision, s: Snapshot, app: Application | None) -> None:
         ctl = self.ctl
+        prior = self.run_token if self.pid is not None else None
         if d.give_up:
             self.cooldown_until = s.now + ctl.cooldown
             self.failures = 0
@@ -260,11 +263,13 @@ class AppRunner:
             self.last_sentence = d.sentence
             log.info(d.sentence, app=self.name, fencing_token=token, state=d.state.value)
         if d.event is not None and (changed or d.run is Run.KEEP):
-            mark = (d.event, token)
+            # A stop is reported with the token of the instance it stopped.
+            event_token = token if d.run is Run.START or prior is None else prior
+            mark = (d.event, event_token)
             if mark != self.last_event:
                 self.last_event = mark
                 await ctl.events.publish(
-                    d.event, self.name, token, state=d.state.value, sentence=d.sentence
+                    d.event, self.name, event_token, state=d.state.value, sentence=d.sentence
                 )
         if not s.present and not s.workload.running and not s.lease.held and not self.wanting:
             self.done = True
@@ -297,23 +302,27 @@ class AppRunner:
             return False
         self.backoff = 0.5
         self.run_token = token
-        obs = await interpret.observe()
+        self._remember(await interpret.observe())
+        return True
+
+    def _remember(self, obs: Observation) -> None:
+        """Record the workload's pids in the 0600 state file (restart safety)."""
         self.pid = obs.pids[0] if obs.pids else None
         guard = obs.extra.get("guard_pid")
-        if self.pid is not None:
-            stop_timeout = getattr(getattr(interpret, "spec", None), "stop_timeout", 5.0)
-            ctl.statefile.record(
-                Recorded(
-                    app=self.name,
-                    token=token,
-                    pid=self.pid,
-                    pid_start=proc_start_time(self.pid),
-                    guard_pid=guard if isinstance(guard, int) else None,
-                    guard_start=proc_start_time(guard) if isinstance(guard, int) else None,
-                    stop_timeout=float(stop_timeout),
-                )
+        if self.pid is None or self.run_token is None:
+            return
+        stop_timeout = getattr(getattr(self.interpret, "spec", None), "stop_timeout", 5.0)
+        self.ctl.statefile.record(
+            Recorded(
+                app=self.name,
+                token=self.run_token,
+                pid=self.pid,
+                pid_start=proc_start_time(self.pid),
+                guard_pid=guard if isinstance(guard, int) else None,
+                guard_start=proc_start_time(guard) if isinstance(guard, int) else None,
+                stop_timeout=float(stop_timeout),
             )
-        return True
+        )
 
     async def _halt(self) -> None:
         await self._stop_workload()
