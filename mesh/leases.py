@@ -199,20 +199,46 @@ class LeaseManager:
 
     # --- public API -----------------------------------------------------------------------
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Bind the bucket, start both watches, wait for their first snapshot, then run."""
-        self._kv = await self.js.key_value(self._bucket)
-        state_bucket = self._state_bucket
-        self._watches = [
-            KvWatch(self.js, self._bucket, ">", self._on_lease, heartbeat=self._heartbeat),
-            KvWatch(self.js, state_bucket, "agent.>", self._on_session, heartbeat=self._heartbeat),
-        ]
-        for watch in self._watches:
-            await watch.start()
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self._watches)), timeout)
+    async def start(self, timeout: float = 10.0, *, max_backoff: float = 2.0) -> None:
+        """Bind the bucket, start both watches, wait for their first snapshot, then run.
+
+        A JetStream outage (a stream leader election stalls the API for 4-9 s) is waited
+        out: each attempt gets ``timeout`` seconds, then we retry with backoff for ever.
+        Cancel to give up. Nothing can be held before this returns.
+        """
+        backoff = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._start_watches(timeout)
+                break
+            except (TimeoutError, NatsError, OSError) as exc:
+                for watch in self._watches:
+                    await watch.stop()
+                self._watches = []
+                self._leases.clear()
+                self._raw.clear()
+                self._sessions.clear()
+                self._naming.clear()
+                log.warning("lease watches not ready; retrying", error=repr(exc), attempt=attempt)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff)
         self._ready_at = self._clock()
         self._dirty.update(self._wants)
         self._loop_task = asyncio.create_task(self._run(), name=f"leases-{self.agent}")
+
+    async def _start_watches(self, timeout: float) -> None:
+        self._kv = await asyncio.wait_for(self.js.key_value(self._bucket), timeout)
+        self._watches = [
+            KvWatch(self.js, self._bucket, ">", self._on_lease, heartbeat=self._heartbeat),
+            KvWatch(
+                self.js, self._state_bucket, "agent.>", self._on_session, heartbeat=self._heartbeat
+            ),
+        ]
+        for watch in self._watches:
+            await asyncio.wait_for(watch.start(), timeout)
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self._watches)), timeout)
 
     async def stop(self) -> None:
         """Stop watching and deciding; leases still held are reported lost (no write)."""

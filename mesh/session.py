@@ -394,13 +394,27 @@ class Session:
         last = self.revision
         if last is None:
             return
+        epoch = self.epoch
         self._lose("closed")
-        try:
-            await asyncio.wait_for(
-                self.kv.update(self.key, self._value("closed"), last=last), timeout
-            )
-        except (KeyWrongLastSequenceError, TimeoutError, NatsError, OSError) as exc:
-            log.debug("session close failed", key=self.key, error=repr(exc))
+        for _ in range(3):
+            try:
+                await asyncio.wait_for(
+                    self.kv.update(self.key, self._value("closed"), last=last), timeout
+                )
+                return
+            except KeyWrongLastSequenceError:
+                # A renewal of ours that was in flight may have landed first: close over it.
+                try:
+                    current = await self._current(timeout)
+                except (TimeoutError, NatsError, OSError):
+                    return
+                mine = isinstance(current, SessionView) and current.epoch == epoch
+                if not (mine and isinstance(current, SessionView) and current.alive):
+                    return  # expired by someone else, or already replaced: nothing to close
+                last = current.revision
+            except (TimeoutError, NatsError, OSError) as exc:
+                log.debug("session close failed", key=self.key, error=repr(exc))
+                return
 
 
 async def expire(kv: KeyValue, key: str, view: SessionView, by: str, timeout: float = 2.0) -> bool:

@@ -169,3 +169,24 @@ async def test_closed_or_own_epoch_is_replaced_at_once() -> None:
     s.check_deadline()
     assert await s.open()
     assert s.epoch != first and s.valid()
+
+
+async def test_close_lands_over_our_own_renewal_that_landed_first() -> None:
+    s, kv, _clock = make()
+    assert await s.open()
+    kv.land_then_timeout = True
+    assert await s.renew() is RenewResult.ERROR  # landed, unanswered: our revision is stale
+    await s.close()
+    body: dict[str, Any] = json.loads((await kv.get(s.key)).value)
+    assert body["state"] == "closed"
+
+
+async def test_close_does_not_overwrite_an_expiry() -> None:
+    s, kv, _clock = make()
+    assert await s.open()
+    entry = await kv.get(s.key)
+    view = decode(entry.value, entry.revision)
+    assert view is not None and await expire(cast(KeyValue, kv), s.key, view, by="b/n1")
+    await s.close()
+    body: dict[str, Any] = json.loads((await kv.get(s.key)).value)
+    assert body["state"] == "expired"
