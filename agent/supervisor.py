@@ -66,8 +66,19 @@ class Supervisor:
             except Exception as exc:
                 log.warning("shutdown hook failed", hook=name, error=repr(exc))
         for name in reversed(list(self._tasks)):
-            task = self._tasks[name]
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, grace)
+            await _cancel(self._tasks[name], grace)
+
+
+async def _cancel(task: asyncio.Task[Any], grace: float) -> None:
+    """Cancel until done (Python 3.11's ``wait_for`` can swallow one cancellation), but give
+    up after ``grace``: a task that ignores cancellation must not hang the shutdown."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if task.done() and not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.exception()
+    elif not task.done():
+        log.error("task ignored cancellation; abandoning it", task=task.get_name())
