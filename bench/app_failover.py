@@ -119,7 +119,7 @@ async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
     }
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(rows: list[dict[str, Any]], ttl: float) -> dict[str, Any]:
     gaps = [r["gap"] for r in rows]
     stalls = [r["write_stall"] for r in rows if r["write_stall"] is not None]
     out = {
@@ -132,6 +132,20 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if stalls:
         out["write_stall_p50"] = round(history.percentile(stalls, 50), 3)
         out["write_stall_p99"] = round(history.percentile(stalls, 99), 3)
+        # Two populations: the cut took a KV stream leader (writes stall for the JetStream
+        # re-election) or it did not (the gap is the ttl expiry alone).
+        for label, pick in (("leader_cut", True), ("follower_cut", False)):
+            sub = (
+                [r["gap"] for r in rows if (r["write_stall"] or 0) > 1.0]
+                if pick
+                else [r["gap"] for r in rows if (r["write_stall"] or 0) <= 1.0]
+            )
+            out[f"{label}_runs"] = len(sub)
+            if sub:
+                out[f"{label}_gap_p50"] = round(history.percentile(sub, 50), 3)
+        out["gap_within_ttl_plus_stall"] = all(
+            r["gap"] <= ttl + (r["write_stall"] or 0) + 0.5 for r in rows
+        )
     return out
 
 
@@ -145,7 +159,7 @@ async def run_scenario(scenario: str, runs: int, ttl: float) -> dict[str, Any]:
                 row = await _one(stage, scenario, ttl)
                 rows.append(row)
                 print(f"  {scenario} #{i + 1}: {json.dumps(row)}", flush=True)
-            return {"summary": _summary(rows), "rows": rows}
+            return {"summary": _summary(rows, ttl), "rows": rows}
         finally:
             if stage.nc is not None:
                 await stage.nc.close()
