@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JsError
 from pydantic import ValidationError
 
 from agent.application import Application, Trait
@@ -123,6 +125,23 @@ class Controller:
         self.tick()
         await self._announce()
         await self._sync_held()
+
+    async def stop_watch(self) -> None:
+        """Undo a failed ``start`` so that it can be retried."""
+        if self.watch is not None:
+            await self.watch.stop()
+            self.watch = None
+        if self._announce_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._announce_sub.unsubscribe()
+            self._announce_sub = None
+        for lst, cb in (
+            (self.leases.on_acquired, self._lease_acquired),
+            (self.leases.on_lost, self._lease_lost),
+            (self.leases.on_deadline, self._feed_deadline),
+        ):
+            with contextlib.suppress(ValueError):
+                lst.remove(cb)  # type: ignore[arg-type]
 
     async def shutdown(self) -> None:
         """SIGTERM: stop every workload and release every lease while the mesh is up."""
@@ -349,13 +368,27 @@ async def attach(agent: Agent) -> Controller:
         clock=agent.session.clock,
     )
     agent.status_extensions.append(ctl.status)
-    await leases.start()
+    # An agent may boot while its site is cut off or JetStream has no quorum: keep trying
+    # (SIGTERM cancels start-up) instead of exiting, since nothing can run without a mesh.
+    await _retry("lease manager", leases.start, leases.stop)
     agent.supervisor.on_shutdown("leases-stop", leases.stop)
-    await ctl.start(js)
+    await _retry("controller watch", lambda: ctl.start(js), ctl.stop_watch)
     agent.supervisor.on_shutdown("controller", ctl.shutdown)
     agent.cycle_hooks.append(ctl.cycle_hook)
     return ctl
 
 
-def dumps(obj: object) -> str:
-    return json.dumps(obj, default=str)
+async def _retry(
+    what: str, start: Callable[[], Awaitable[None]], undo: Callable[[], Awaitable[None]]
+) -> None:
+    backoff = 0.5
+    while True:
+        try:
+            await start()
+            return
+        except (TimeoutError, NatsError, JsError, OSError) as exc:
+            log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
+            with contextlib.suppress(Exception):
+                await undo()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
