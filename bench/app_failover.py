@@ -54,6 +54,7 @@ async def _mesh(workdir: Path, ttl: float) -> fo.Stage:
         assert site.nats is not None
         await site.nats.wait_ready(30)
     await fo.mesh_ready(sites)
+    await fo.precreate_r3(sites)
     stage = fo.Stage(sites, workdir, workdir / "history.txt")
     stage.history.touch(mode=0o666)
     for name in SITES:

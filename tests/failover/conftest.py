@@ -20,10 +20,20 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from mesh.names import LEASES_BUCKET, STATE_BUCKET, agent_key, status_subject
+from mesh.bootstrap import EVENTS_MAX_AGE
+from mesh.names import (
+    EVENTS_STREAM,
+    EVENTS_SUBJECTS,
+    LEASES_BUCKET,
+    STATE_BUCKET,
+    TRUST_BUCKET,
+    agent_key,
+    status_subject,
+)
 from tests.harness import history
 from tests.harness.agents import AgentProcess
 from tests.harness.netns import Sites
@@ -252,6 +262,42 @@ async def mesh_ready(sites: Sites) -> None:
     )
 
 
+async def precreate_r3(sites: Sites) -> None:
+    """Create the buckets and the events stream at R3 before any agent starts.
+
+    ``mesh.bootstrap`` steps the replica count down when the server says "too few peers",
+    which it was seen to say transiently with all three nodes up (1 bootstrap in ~30):
+    an R2 bucket then stalls for good when one of its two sites is cut, which is not the
+    failover under test. Agents bind to these buckets (same configuration: a no-op).
+    """
+    nc = await nats.connect(servers=[s.url for s in sites.sites.values()], connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=5)
+
+        async def create() -> bool:
+            for bucket, history in ((STATE_BUCKET, 1), (LEASES_BUCKET, 1), (TRUST_BUCKET, 5)):
+                await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=bucket, history=history, replicas=3, storage=StorageType.FILE
+                    )
+                )
+            with contextlib.suppress(BadRequestError):
+                await js.add_stream(
+                    StreamConfig(
+                        name=EVENTS_STREAM,
+                        subjects=[EVENTS_SUBJECTS],
+                        num_replicas=3,
+                        max_age=EVENTS_MAX_AGE,
+                        storage=StorageType.FILE,
+                    )
+                )
+            return True
+
+        await eventually(create, timeout=60, interval=0.2, what="R3 buckets created")
+    finally:
+        await nc.close()
+
+
 async def check_r3(stage: Stage) -> None:
     js = (await stage.client()).jetstream(timeout=5)
     for bucket in (STATE_BUCKET, LEASES_BUCKET):
@@ -264,6 +310,7 @@ async def stage(netns_sites: Sites, tmp_path: Path) -> AsyncIterator[Stage]:
     st = Stage(netns_sites, tmp_path, tmp_path / "history.txt")
     st.history.touch(mode=0o666)
     await mesh_ready(netns_sites)
+    await precreate_r3(netns_sites)
     try:
         yield st
     finally:
