@@ -68,6 +68,9 @@ class Controller:
         self.max_failures = max_failures
         self.cooldown = max(10.0, 5 * ttl)
         """After max_failures this agent stays out of the race so another site can try."""
+        self.rank_step = 0.25
+        """A new Application is contended for ``rank * rank_step`` after it appeared, so that
+        its first placement follows ``placement.sites`` (all agents see it at once)."""
         self.healthy_after = max(5.0, 2 * ttl)
         """A run this long resets the consecutive-failure count."""
         self.leases = leases
@@ -367,12 +370,12 @@ async def attach(agent: Agent) -> Controller:
         topology=_build_topology(agent),
         clock=agent.session.clock,
     )
-    agent.status_extensions.append(ctl.status)
     # An agent may boot while its site is cut off or JetStream has no quorum: keep trying
     # (SIGTERM cancels start-up) instead of exiting, since nothing can run without a mesh.
     await _retry("lease manager", leases.start, leases.stop)
     agent.supervisor.on_shutdown("leases-stop", leases.stop)
     await _retry("controller watch", lambda: ctl.start(js), ctl.stop_watch)
+    agent.status_extensions.append(ctl.status)  # "instances" in a heartbeat: controller up
     agent.supervisor.on_shutdown("controller", ctl.shutdown)
     agent.cycle_hooks.append(ctl.cycle_hook)
     return ctl

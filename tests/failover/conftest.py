@@ -121,8 +121,15 @@ class Stage:
         self.sites[agent.site].procs.append(agent.proc)
 
     async def all_ready(self, timeout: float = 60.0) -> None:
+        """Every agent ready and its controller attached (its heartbeat lists instances), so
+        that the preferred site is contending when an Application appears."""
         for agent in self.agents.values():
             await eventually(agent.ready, timeout=timeout, what=f"{agent.agent_id} ready")
+
+            async def attached(agent: AgentProcess = agent) -> bool:
+                return "instances" in await self.heartbeat(agent)
+
+            await eventually(attached, timeout=timeout, what=f"{agent.agent_id} controller")
         await check_r3(self)
 
     # --- mesh -----------------------------------------------------------------------------
