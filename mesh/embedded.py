@@ -63,6 +63,11 @@ class ServerSpec:
     routes: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     no_advertise: bool = False
+    ping_interval: str = "1s"
+    """Pings on routes (and clients): with ``ping_max`` a silently dead route is dropped in
+    ~3 s and redialled every second, so a healed partition reconnects at once instead of at
+    TCP's next backed-off retransmission (seconds later): reconcile waits on that."""
+    ping_max: int = 3
     extra: str = ""
     """Raw config appended verbatim (TLS blocks, accounts), for the few who need it."""
     tls: dict[str, str] = field(default_factory=dict)
@@ -79,6 +84,7 @@ def render_config(spec: ServerSpec) -> str:
     ]
     if spec.monitor_listen:
         lines.append(f"http: {_q(spec.monitor_listen)}")
+    lines += [f"ping_interval: {_q(spec.ping_interval)}", f"ping_max: {spec.ping_max}"]
     if spec.tags:
         lines.append("server_tags: [" + ", ".join(_q(t) for t in spec.tags) + "]")
     lines += [

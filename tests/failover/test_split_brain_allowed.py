@@ -84,9 +84,12 @@ async def test_holder_site_cut_off_then_reconciled(stage: Stage, run: int, recon
     after_link = (loser.last_ns - healed_at) / 1e9
     after_heard = (loser.last_ns - heard_at) / 1e9
     print(f"{reconcile}: resolved {after_link:.2f}s after heal, {after_heard:.2f}s after contact")
-    assert after_heard <= 2 * TTL, (
-        f"reconciled {after_heard:.2f}s after the sides could talk again (> 2 x ttl)\n"
-        + stage.report()
+    # CONTRACT 5: duplicates are reconciled within 2 x ttl of the heal. This holds from the
+    # link coming up because mesh nodes ping their routes every second (mesh/embedded.py):
+    # a dead route is dropped during the partition and redialled at once after it.
+    assert after_link <= 2 * TTL, (
+        f"reconciled {after_link:.2f}s after the heal (> 2 x ttl; {after_heard:.2f}s after "
+        "the sides first exchanged a message)\n" + stage.report()
     )
     assert resolved_at > healed_at
 
