@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PKGS := agent mesh scores topologies
 
-.PHONY: demo test lint typecheck pytest soak bench clean
+.PHONY: demo test lint typecheck pytest soak bench bench-all clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: $(BIN)/activate
 typecheck: $(BIN)/activate
 	$(BIN)/mypy
 
+# Each failover scenario runs HARMONY_SOAK_RUNS times (issue 5 asks for at least 5 in
+# `make test`); `make soak` runs only the scenarios, 25 times each.
+HARMONY_SOAK_RUNS ?= 5
+export HARMONY_SOAK_RUNS
+
 pytest: $(BIN)/activate
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
@@ -30,6 +35,12 @@ test: lint typecheck pytest
 
 soak: $(BIN)/activate
 	HARMONY_SOAK_RUNS=25 $(BIN)/pytest -q -ra -m slow $(PYTEST_ARGS)
+
+bench-all: $(BIN)/activate
+	$(BIN)/python bench/footprint.py
+	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/leases.py
+	$(BIN)/python bench/app_failover.py
 
 bench: $(BIN)/activate
 	$(BIN)/python bench/footprint.py
