@@ -16,10 +16,10 @@ from topologies.capabilities import (
     ProcessRuntime,
     SystemdManager,
 )
-from topologies.systemd import ShellSystemd
+from topologies.systemd import ShellSystemd, SystemdOverShell
 
 
-class LocalhostTopology:
+class LocalhostTopology(SystemdOverShell):
     """Provides ``ProcessRuntime``, ``HostShell`` and ``SystemdManager``.
 
     ``SystemdManager`` is claimed even where systemd does not run (containers, CI): whether
@@ -101,23 +101,6 @@ class LocalhostTopology:
     async def remove_file(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, path)
-
-    # SystemdManager
-    @property
-    def unit_dir(self) -> str:
-        return self._systemd.unit_dir
-
-    async def read_unit(self, name: str) -> str | None:
-        return await self._systemd.read_unit(name)
-
-    async def install_unit(self, name: str, content: str) -> None:
-        await self._systemd.install_unit(name, content)
-
-    async def remove_unit(self, name: str) -> None:
-        await self._systemd.remove_unit(name)
-
-    async def systemctl(self, *args: str) -> CommandResult:
-        return await self._systemd.systemctl(*args)
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:

@@ -15,12 +15,12 @@ import asyncssh
 
 from topologies.capabilities import CommandResult, HostShell, RemoteShell, SystemdManager
 from topologies.config import LinuxSshConfig
-from topologies.systemd import ShellSystemd
+from topologies.systemd import ShellSystemd, SystemdOverShell
 
 _WRITE = 'umask 077; t="$1.harmony-tmp"; cat > "$t" && chmod "$2" "$t" && mv -f "$t" "$1"'
 
 
-class LinuxSshTopology:
+class LinuxSshTopology(SystemdOverShell):
     """Provides ``RemoteShell``, ``HostShell`` and ``SystemdManager`` on one remote host.
 
     Command failures and timeouts are CommandResults (124 = timed out, 255 = SSH failure,
@@ -123,23 +123,6 @@ class LinuxSshTopology:
         res = await self.run(["rm", "-f", "--", path])
         if not res.ok:
             raise OSError(f"removing {path} on {self.address}: {res.summary()}")
-
-    # SystemdManager
-    @property
-    def unit_dir(self) -> str:
-        return self._systemd.unit_dir
-
-    async def read_unit(self, name: str) -> str | None:
-        return await self._systemd.read_unit(name)
-
-    async def install_unit(self, name: str, content: str) -> None:
-        await self._systemd.install_unit(name, content)
-
-    async def remove_unit(self, name: str) -> None:
-        await self._systemd.remove_unit(name)
-
-    async def systemctl(self, *args: str) -> CommandResult:
-        return await self._systemd.systemctl(*args)
 
 
 def _text(data: object) -> str:

@@ -48,3 +48,26 @@ class ShellSystemd:
 
     async def systemctl(self, *args: str) -> CommandResult:
         return await self._shell.run(["systemctl", *args], timeout=self._timeout)
+
+
+class SystemdOverShell:
+    """Mixin: a host topology provides ``SystemdManager`` by delegating to ``ShellSystemd``
+    over its own shell, so localhost and SSH share one implementation."""
+
+    _systemd: ShellSystemd
+
+    @property
+    def unit_dir(self) -> str:
+        return self._systemd.unit_dir
+
+    async def read_unit(self, name: str) -> str | None:
+        return await self._systemd.read_unit(name)
+
+    async def install_unit(self, name: str, content: str) -> None:
+        await self._systemd.install_unit(name, content)
+
+    async def remove_unit(self, name: str) -> None:
+        await self._systemd.remove_unit(name)
+
+    async def systemctl(self, *args: str) -> CommandResult:
+        return await self._systemd.systemctl(*args)

@@ -18,10 +18,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from agent.application import NAME_PATTERN, Application, ApplicationError, parse_documents
-from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
+from agent.cli.common import EXIT_BAD_INPUT, fail, parse_timeout, server_option, servers
 from agent.commands.client import MeshError, open_mesh
 from mesh.names import STATE_BUCKET, app_key
-from scores.duration import parse_duration
 
 
 def read_source(path: str) -> tuple[str, str]:
@@ -41,16 +40,6 @@ def load_applications(path: str) -> list[Application]:
         return parse_documents(text, label)
     except ApplicationError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
-
-
-def _timeout(value: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        fail(f"--timeout: {exc}", EXIT_BAD_INPUT)
-    if seconds <= 0:
-        fail("--timeout: must be positive", EXIT_BAD_INPUT)
-    return seconds
 
 
 async def _current(kv: KeyValue, name: str) -> tuple[Application | None, int | None]:
@@ -109,7 +98,7 @@ async def _apply(urls: list[str], timeout: float, apps: list[Application], dry_r
 @click.option("--timeout", default="5s", show_default=True, help="Mesh deadline.")
 def apply(path: str, server: str, dry_run: bool, timeout: str) -> None:
     """Validate Applications, then store them in the mesh (created/updated/unchanged)."""
-    seconds = _timeout(timeout)
+    seconds = parse_timeout(timeout)
     apps = load_applications(path)
     try:
         asyncio.run(_apply(servers(server), seconds, apps, dry_run))
@@ -141,7 +130,7 @@ def delete(app: str, server: str, timeout: str) -> None:
 
     if not re.match(NAME_PATTERN, app):
         fail(f"APP: {app!r} is not a valid application name ([a-z0-9-]{{1,63}})", EXIT_BAD_INPUT)
-    seconds = _timeout(timeout)
+    seconds = parse_timeout(timeout)
     try:
         asyncio.run(_delete(servers(server), seconds, app))
     except MeshError as exc:

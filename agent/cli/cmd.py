@@ -17,14 +17,13 @@ from typing import Any
 import click
 
 from agent.application import NAME_PATTERN
-from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
+from agent.cli.common import EXIT_BAD_INPUT, fail, parse_timeout, server_option, servers
 from agent.commands.client import MeshClient, MeshError, open_mesh
 from agent.commands.marks import live_entries
 from agent.commands.models import Reply
 from agent.config import SITE_PATTERN
 from agent.meshview import MeshState
 from mesh.names import STATE_BUCKET, agent_cmd_subject, app_cmd_subject
-from scores.duration import parse_duration
 
 
 def requester() -> str:
@@ -125,10 +124,7 @@ def _name(value: str, pattern: str, what: str) -> str:
 @click.pass_context
 def cmd(ctx: click.Context, server: str, timeout: str, via: str | None, output: str) -> None:
     """Operate the mesh: failover, drain/undrain a site, fence/resume an application."""
-    try:
-        seconds = parse_duration(timeout)
-    except ValueError as exc:
-        fail(f"--timeout: {exc}", EXIT_BAD_INPUT)
+    seconds = parse_timeout(timeout)
     if via is not None:
         site, _, node = via.partition("/")
         _name(site, SITE_PATTERN, "--via site")

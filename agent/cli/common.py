@@ -45,6 +45,19 @@ def fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
     sys.exit(code)
 
 
+def parse_timeout(value: str) -> float:
+    """``--timeout`` in the operator's notation; bad input is exit 2 with one line."""
+    from scores.duration import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        fail(f"--timeout: {exc}", EXIT_BAD_INPUT)
+    if seconds <= 0:
+        fail("--timeout: must be positive", EXIT_BAD_INPUT)
+    return seconds
+
+
 def default_server() -> str:
     return os.environ.get("HARMONY_NATS_URL", DEFAULT_SERVER)
 

@@ -16,11 +16,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
+from agent.cli.common import EXIT_BAD_INPUT, fail, parse_timeout, server_option, servers
 from agent.cli.status_render import render, stable
 from agent.commands.client import MeshClient, MeshError, open_mesh
 from agent.meshview import MeshSnapshot, MeshState, rfc3339
-from scores.duration import parse_duration
 
 WATCH_DEBOUNCE = 0.1
 WATCH_TICK = 1.0
@@ -235,12 +234,7 @@ def _emit(doc: dict[str, Any], output: str, wide: bool, *, watch: bool = False) 
 )
 def status(server: str, output: str, watch: bool, timeout: str) -> None:
     """Show sites, agents, applications and trust, as the mesh stores them."""
-    try:
-        seconds = parse_duration(timeout)
-    except ValueError as exc:
-        fail(f"--timeout: {exc}", EXIT_BAD_INPUT)
-    if seconds <= 0:
-        fail("--timeout: must be positive", EXIT_BAD_INPUT)
+    seconds = parse_timeout(timeout)
     urls = servers(server)
     if not urls:
         fail("--server: no URL given", EXIT_BAD_INPUT)
