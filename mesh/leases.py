@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -108,6 +108,9 @@ class _Want:
     name: str
     key: str
     rank: int
+    since: float
+    """When we started wanting it: a key that was already free counts as freed then, so a
+    new lease (every agent starts wanting it at once) also goes by rank."""
 
 
 @dataclass
@@ -261,7 +264,8 @@ class LeaseManager:
         old = self._wants.get(name)
         if old is not None and old.key != key:
             raise ValueError(f"lease {name} is already wanted under key {old.key}")
-        self._wants[name] = _Want(name, key, rank)
+        since = old.since if old is not None else self.session.clock()
+        self._wants[name] = _Want(name, key, rank, since)
         self._by_key[key] = name
         raw = self._raw.get(key)
         if raw is not None:
@@ -489,6 +493,8 @@ class LeaseManager:
     def _step(self, want: _Want, now: float) -> None:
         assert self._ready_at is not None
         lease = self._leases.get(want.key) or LeaseObs(None, None, self._ready_at)
+        if lease.value is None and lease.since < want.since:
+            lease = replace(lease, since=want.since)
         holder = self._sessions.get(lease.value.session) if lease.value is not None else None
         held = self._held.get(want.name)
         d = decide(

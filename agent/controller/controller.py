@@ -68,9 +68,6 @@ class Controller:
         self.max_failures = max_failures
         self.cooldown = max(10.0, 5 * ttl)
         """After max_failures this agent stays out of the race so another site can try."""
-        self.rank_step = 0.25
-        """A new Application is contended for ``rank * rank_step`` after it appeared, so that
-        its first placement follows ``placement.sites`` (all agents see it at once)."""
         self.healthy_after = max(5.0, 2 * ttl)
         """A run this long resets the consecutive-failure count."""
         self.leases = leases
@@ -357,7 +354,9 @@ async def attach(agent: Agent) -> Controller:
     cfg = agent.config
     assert agent.session is not None
     js = agent.connection.js
-    leases = LeaseManager(js, agent.session, site=cfg.site)
+    # Rank step 0.25 s: wide enough that watch delivery skew between agents on a loaded
+    # machine never lets a worse-ranked site win a new or freed lease first.
+    leases = LeaseManager(js, agent.session, site=cfg.site, step=0.25)
     events = EventPublisher(agent.connection.nc, cfg.site, cfg.node)
     ctl = Controller(
         site=cfg.site,

@@ -92,7 +92,6 @@ class AppRunner:
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()
         self.done = False
-        self.born = ctl.clock()
 
     # --- the actor --------------------------------------------------------------------------
 
@@ -108,10 +107,6 @@ class AppRunner:
                     raise
                 except Exception as exc:
                     log.exception("controller step failed", app=self.name, error=repr(exc))
-
-    def _wake_at(self, when: float) -> None:
-        delay = max(0.0, when - self.ctl.clock())
-        asyncio.get_running_loop().call_later(delay, self.wake.set)
 
     # --- one cycle --------------------------------------------------------------------------
 
@@ -252,12 +247,8 @@ class AppRunner:
             self.interpret.clear_deadline()
 
         if d.want and not self.wanting and self.key is not None and app is not None:
-            rank = self._rank(app)
-            if s.now >= self.born + rank * ctl.rank_step:
-                ctl.leases.want(self.name, self.key, rank=rank)
-                self.wanting = True
-            else:
-                self._wake_at(self.born + rank * ctl.rank_step)
+            ctl.leases.want(self.name, self.key, rank=self._rank(app))
+            self.wanting = True
         elif not d.want and self.wanting:
             self.wanting = False
             await ctl.leases.release(self.name, stop=self._halt)

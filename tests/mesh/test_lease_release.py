@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -113,3 +114,26 @@ async def test_many_leases_cost_no_lease_writes_to_hold(agents: dict[str, Conten
         await a.session.renew()
     assert (await a.buckets.leases.status()).stream_info.state.last_seq == before
     assert set(a.held().values()) == {a.held()[n] for n in names}
+
+
+async def test_a_new_lease_goes_by_rank_even_to_a_later_contender(nats_server: NatsNode) -> None:
+    """A key that is free from the start counts as freed when each contender started wanting
+    it, so the better-ranked site wins a new lease although a worse one asked first."""
+    early = Contender([nats_server.url], "site-c", "n1", ttl=TTL, margin=1.0, step=0.5)
+    late = Contender([nats_server.url], "site-a", "n1", ttl=TTL, margin=1.0, step=0.5)
+    await early.start()
+    await late.start()
+    try:
+        # Precondition, not synchronisation: the key has been free (in early's watch) for
+        # longer than early's rank delay (2 x 0.5 s), so counting from the watch's start
+        # would let early take it the moment it asks.
+        await asyncio.sleep(1.5)
+        early.want(["fresh"], rank=2)
+        # early asks first, by a margin well inside its 1 s rank delay
+        await asyncio.sleep(0.3)
+        late.want(["fresh"], rank=0)
+        await eventually(late.held, timeout=3, what="the best-ranked site takes the new lease")
+        assert early.held() == {}
+    finally:
+        await early.kill()
+        await late.kill()
