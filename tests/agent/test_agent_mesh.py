@@ -18,7 +18,7 @@ from tests.harness.agents import AgentProcess
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
 
-TTL = 1.5
+TTL = 3.0
 
 
 @pytest.fixture
