@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
 from agent import __version__, metrics
+from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
 from agent.health import HealthServer
 from agent.supervisor import Supervisor
@@ -34,7 +35,6 @@ from mesh.session import RenewResult, Session, now_rfc3339
 log = structlog.get_logger("agent.daemon")
 
 CycleHook = Callable[[], Awaitable[None]]
-MAX_REQUEST_BYTES = 64 * 1024
 
 
 def connection_options(config: AgentConfig) -> ConnectionOptions:
