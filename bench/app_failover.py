@@ -162,10 +162,7 @@ async def run_scenario(scenario: str, runs: int, ttl: float) -> dict[str, Any]:
                 print(f"  {scenario} #{i + 1}: {json.dumps(row)}", flush=True)
             return {"summary": _summary(rows, ttl), "rows": rows}
         finally:
-            if stage.nc is not None:
-                await stage.nc.close()
-            for agent in stage.agents.values():
-                agent.kill()
+            await stage.close()
             stage.sites.teardown()
 
 
@@ -202,10 +199,7 @@ async def partition_timeline(svg: Path, ttl: float) -> Path:
             await asyncio.to_thread(_save, svg, text, stage.history)
             return svg
         finally:
-            if stage.nc is not None:
-                await stage.nc.close()
-            for agent in stage.agents.values():
-                agent.kill()
+            await stage.close()
             stage.sites.teardown()
 
 

@@ -97,6 +97,17 @@ class Stage:
 
     # --- agents -------------------------------------------------------------------------
 
+    async def close(self) -> None:
+        """Close every connection and kill every agent (used by the fixture and the bench;
+        the sites themselves belong to whoever created them)."""
+        for nc in [*self._listeners, self.nc]:
+            if nc is not None and not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        for agent in self.agents.values():
+            if agent.running():
+                agent.kill()
+
     def agent(self, site: str, node: str = "n1", **extra: Any) -> AgentProcess:
         s = self.sites[site]
         idx = len([a for a in self.agents.values() if a.site == site])
@@ -321,12 +332,4 @@ async def stage(netns_sites: Sites, tmp_path: Path) -> AsyncIterator[Stage]:
     try:
         yield st
     finally:
-        for nc in st._listeners:
-            with contextlib.suppress(Exception):
-                await nc.close()
-        if st.nc is not None and not st.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await st.nc.close()
-        for agent in st.agents.values():
-            if agent.running():
-                agent.kill()
+        await st.close()
