@@ -412,7 +412,10 @@ class Session:
                 if not (mine and isinstance(current, SessionView) and current.alive):
                     return  # expired by someone else, or already replaced: nothing to close
                 last = current.revision
-            except (TimeoutError, NatsError, OSError) as exc:
+            except TimeoutError:
+                continue  # a loaded mesh: ask again (a write that landed meanwhile is seen
+                # as a revision mismatch above and closed over)
+            except (NatsError, OSError) as exc:
                 log.debug("session close failed", key=self.key, error=repr(exc))
                 return
 

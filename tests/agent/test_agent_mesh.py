@@ -113,6 +113,12 @@ async def test_sigterm_shuts_down_cleanly_and_closes_session(
 ) -> None:
     agent = agents[0]
     await eventually(agent.ready, timeout=30, what="ready")
+
+    async def started() -> bool:  # every task up: a SIGTERM now is a shutdown, not an abort
+        reply = await client.request(status_subject(agent.site, agent.node), b"", timeout=3)
+        return "control-loop" in json.loads(reply.data)["tasks"]
+
+    await eventually(started, timeout=30, what="start-up complete")
     agent.signal(signal.SIGTERM)
     assert agent.proc is not None
     code = await asyncio.wait_for(asyncio.to_thread(agent.proc.wait), 2 * TTL)

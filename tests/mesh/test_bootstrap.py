@@ -15,7 +15,9 @@ async def test_two_agents_bootstrap_at_once_on_cluster(nats_cluster: NatsCluster
     a = await nats.connect(servers=[nats_cluster.urls[0]])
     b = await nats.connect(servers=[nats_cluster.urls[1]])
     try:
-        ba, bb = await asyncio.gather(ensure_mesh(a.jetstream(), 3), ensure_mesh(b.jetstream(), 3))
+        ba, bb = await asyncio.gather(
+            ensure_mesh(a.jetstream(timeout=15), 3), ensure_mesh(b.jetstream(timeout=15), 3)
+        )
         assert ba.replicas == bb.replicas == 3
         await ba.state.put("agent.x.y", b"1")
         assert (await bb.state.get("agent.x.y")).value == b"1"

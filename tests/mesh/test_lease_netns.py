@@ -83,8 +83,12 @@ async def test_cut_off_holder_stops_before_the_majority_takes_over(
         timeout=20,
         what="site-b keeps renewing",
     )
-    assert len(read_events(a_events, "acquired")) == 1, "old holder took the lease back"
-    assert read_events(b_events, "lost") == []
+    # After the heal the old holder is a follower: it never takes the lease back from a live
+    # holder. It may win it again only after site-b lost it on its own (a JetStream leader
+    # election right after the heal can stall renewals longer than this test's 3 s ttl).
+    b_lost = [e["t"] for e in read_events(b_events, "lost")]
+    for again in read_events(a_events, "acquired")[1:]:
+        assert any(t <= again["t"] for t in b_lost), "old holder took the lease back"
     check_history(
         intervals(read_events(a_events), "site-a") + intervals(read_events(b_events), "site-b")
     )
