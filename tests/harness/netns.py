@@ -173,6 +173,7 @@ class Sites:
                 cluster_port=6222,
                 routes=routes,
                 wrap=self.wrap(site.name),
+                tags=(f"site:{site.name}",),
             )
             site.nats.start()
 
