@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.timing import Timing
 from scores.duration import Duration
 from topologies.config import LocalhostConfig, TopologyConfig
 
@@ -71,6 +72,30 @@ class NatsConfig(_Section):
 
 class MeshConfig(_Section):
     replicas: int = Field(default=3, ge=1, le=5)
+    """Replicas of harmony-state, harmony-trust and the events stream."""
+    stores: list[str] | None = None
+    """The lease stores (site names, one single-replica store each, on a server tagged
+    ``site:<name>``): only the agent that creates the mesh needs it; others read the mesh
+    descriptor and refuse to start if theirs differs. Default when alone on a
+    non-clustered server: ``[<own site>]``."""
+    bootstrap: bool = True
+    """Create missing buckets and stores (needs JetStream admin rights); false: bind only,
+    wait for `harmony-agent mesh init`."""
+
+    @field_validator("stores")
+    @classmethod
+    def _store_names(cls, stores: list[str] | None) -> list[str] | None:
+        import re
+
+        if stores is not None:
+            if not stores:
+                raise ValueError("must name at least one store")
+            for name in stores:
+                if not re.match(SITE_PATTERN, name):
+                    raise ValueError(f"{name!r} is not a site name ([a-z0-9-]{{1,63}})")
+            if len(set(stores)) != len(stores):
+                raise ValueError("stores must not repeat")
+        return stores
 
 
 class LeaseConfig(_Section):
@@ -158,6 +183,23 @@ class AgentConfig(BaseSettings):
     @property
     def agent_id(self) -> str:
         return f"{self.site}/{self.node}"
+
+    @property
+    def timing(self) -> Timing:
+        topo = self.topology
+        command = getattr(topo, "command_timeout", None) or getattr(topo, "request_timeout", None)
+        return Timing.from_ttl(self.lease.ttl, self.lease.margin, command)
+
+    @model_validator(mode="after")
+    def _timing_rules(self) -> AgentConfig:
+        timing = self.timing
+        broken = timing.violations()
+        if broken:
+            raise ValueError(broken[0])
+        field = "request_timeout" if self.topology.kind == "kubernetes" else "command_timeout"
+        if getattr(self.topology, field) is None:
+            self.topology = self.topology.model_copy(update={field: timing.command_timeout})
+        return self
 
 
 def _format_error(err: ValidationError) -> str:

@@ -47,6 +47,8 @@ class ConnectionOptions:
     reconnect_wait: float = 0.5
     ping_interval: float = 5.0
     max_outstanding_pings: int = 2
+    inbox_prefix: str = "_INBOX"
+    """A private prefix, so per-agent permissions can allow only our own replies."""
 
 
 class MeshConnection:
@@ -74,6 +76,16 @@ class MeshConnection:
         url = self.nc.connected_url
         return url.geturl() if url is not None else None
 
+    @property
+    def server_url_redacted(self) -> str | None:
+        """The server we talk to, without any password (for logs and status replies)."""
+        url = self.nc.connected_url
+        if url is None:
+            return None
+        host = url.hostname or ""
+        port = f":{url.port}" if url.port else ""
+        return f"{url.scheme}://{host}{port}"
+
     def _changed(self, up: bool) -> None:
         self.last_change = time.monotonic()
         if self.on_state_change:
@@ -83,12 +95,12 @@ class MeshConnection:
         if self.closing:
             return
         self.disconnects += 1
-        log.warning("mesh disconnected", server=self.server_url)
+        log.warning("mesh disconnected", server=self.server_url_redacted)
         self._changed(False)
 
     async def _reconnected(self) -> None:
         self.reconnects += 1
-        log.info("mesh reconnected", server=self.server_url)
+        log.info("mesh reconnected", server=self.server_url_redacted)
         self._changed(True)
 
     async def _error(self, exc: Exception) -> None:
@@ -116,6 +128,7 @@ class MeshConnection:
                     reconnected_cb=self._reconnected,
                     error_cb=self._error,
                     allow_reconnect=True,
+                    inbox_prefix=opts.inbox_prefix,
                 )
             except (OSError, TimeoutError, nats.errors.Error) as exc:
                 if attempt == 1 or attempt % 10 == 0:
@@ -124,7 +137,7 @@ class MeshConnection:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
-            log.info("mesh connected", server=self.server_url)
+            log.info("mesh connected", server=self.server_url_redacted)
             self._changed(True)
             return
 

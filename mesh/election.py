@@ -127,6 +127,13 @@ def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdic
     if latest is None:
         return Verdict(Kind.FREE, "no claim", f.seq, f.since)
     rec, holder = latest.record, latest.agent
+    if rec is not None and rec.state is ClaimState.HANDOVER:
+        # Checked before ownership: our own handover to someone else binds us too.
+        if rec.to in (me.agent, me.site):
+            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, NEG_INF)
+        return Verdict(
+            Kind.FREE, f"handed over to {rec.to}, not taken", f.seq, latest.since + window
+        )
     if holder == me.agent:
         mine = (
             rec is not None
@@ -139,12 +146,6 @@ def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdic
         return Verdict(Kind.FREE, "our own earlier claim", f.seq, latest.since)
     if rec is not None and rec.state is ClaimState.RELEASED:
         return Verdict(Kind.FREE, f"released by {holder}", f.seq, latest.since)
-    if rec is not None and rec.state is ClaimState.HANDOVER:
-        if rec.to in (me.agent, me.site):
-            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, NEG_INF)
-        return Verdict(
-            Kind.FREE, f"handed over to {rec.to}, not taken", f.seq, latest.since + window
-        )
     sess = f.sessions.get(holder)
     if sess is None:
         return Verdict(
@@ -197,8 +198,8 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class Held:
     term: int
-    support: frozenset[str]
-    """Stores where our claim landed and has not been seen overwritten."""
+    claims: Mapping[str, int]
+    """Store -> sequence of our claim there (landed, not seen overwritten)."""
 
 
 def decide(
@@ -295,11 +296,14 @@ def decide(
 def _holding(verdicts: Mapping[str, Verdict], held: Held, q: int, me: Me) -> Decision:
     if not me.valid:
         return Decision(Action.LOST, "our session is no longer valid", term=held.term)
-    overwritten = {
-        b for b in held.support if b in verdicts and verdicts[b].kind in (Kind.FREE, Kind.HELD)
-    }
+    overwritten = set()
+    for b, seq in held.claims.items():
+        v = verdicts.get(b)
+        if v is None or v.kind in (Kind.UNKNOWN, Kind.MINE) or v.seq < seq:
+            continue  # unreachable, still ours, or our watch has not caught up yet
+        overwritten.add(b)  # written after us, or our epoch in that store ended
     landed_late = {b for b, v in verdicts.items() if v.kind is Kind.MINE and v.term == held.term}
-    support = (held.support - overwritten) | landed_late
+    support = (set(held.claims) - overwritten) | landed_late
     if len(support) < q:
         gone = ", ".join(f"{b}: {verdicts[b].why}" for b in sorted(overwritten))
         return Decision(
@@ -313,6 +317,6 @@ def _holding(verdicts: Mapping[str, Verdict], held: Held, q: int, me: Me) -> Dec
         Action.HOLD,
         f"we hold it (term {held.term}) in {len(support)} stores{tail}",
         term=held.term,
-        support=support,
+        support=frozenset(support),
         writes=repair,
     )

@@ -163,6 +163,9 @@ class EmbeddedServer:
                 stdout=out,
                 stderr=out,
                 preexec_fn=_die_with_parent,
+                # Its own session: a signal to the agent's process group (a terminal's
+                # Ctrl-C, `timeout`) must not stop the mesh before the agent has released.
+                start_new_session=True,
             )
 
     async def wait_started(self) -> None:

@@ -185,7 +185,16 @@ class LeaseManager:
                 raise TimeoutError(f"fewer than {need} lease stores answered within {timeout:g}s")
             await asyncio.sleep(0.05)
         self._dirty.update(self._wants)
+
+    async def run(self) -> None:
+        """The decision loop, for ever (a supervised task of the agent: if it ends, the
+        agent must restart, never carry on without anyone deciding)."""
+        await self._run()
+
+    def spawn(self) -> asyncio.Task[None]:
+        """Run the decision loop as a task this manager owns (tests, benchmarks)."""
         self._loop_task = asyncio.create_task(self._run(), name=f"leases:{self.agent}")
+        return self._loop_task
 
     async def _keep_watching(self, store: str) -> None:
         backoff = 0.2
@@ -345,6 +354,34 @@ class LeaseManager:
         anchors = {s.store: s.anchor for s in self._view.stores.values() if s.anchor}
         return bool(anchors) and all(support.get(b) == e for b, e in anchors.items())
 
+    def agent_alive(self, agent: str) -> bool:
+        """``agent``'s session was seen renewing within a ttl in some store we watch."""
+        now = self.clock()
+        for cache in self.caches.values():
+            obs = cache.session(agent)
+            live = obs is not None and obs.alive and obs.expired_epoch != obs.epoch
+            if live and obs is not None and now - obs.since < max(obs.ttl, self.ttl):
+                return True
+        return False
+
+    def live_agents(self) -> list[str]:
+        agents = {a for cache in self.caches.values() for a in cache.sessions}
+        return sorted(a for a in agents if self.agent_alive(a))
+
+    def holder_of(self, name: str) -> str | None:
+        """Who holds ``name`` as our caches show it (informational)."""
+        if name in self._held:
+            return self.agent
+        want = self._wants.get(name)
+        if want is None:
+            return None
+        for cache in self.caches.values():
+            latest = cache.family(want.family).latest
+            record = latest.record if latest is not None else None
+            if latest is not None and record is not None and record.state is ClaimState.HELD:
+                return latest.agent
+        return None
+
     def observe(self) -> dict[str, LeaseStatus]:
         out: dict[str, LeaseStatus] = {}
         for name, want in self._wants.items():
@@ -455,7 +492,7 @@ class LeaseManager:
             n=len(self.stores),
             me=self._me(now),
             now=now,
-            held=Held(held.term, frozenset(held.claims)) if held is not None else None,
+            held=Held(held.term, {b: seq for b, (seq, _) in held.claims.items()}) if held else None,
             rank=want.rank,
             step=self.step,
             window=self.window,

@@ -422,6 +422,15 @@ class SessionThread:
     def view(self) -> SessionView:
         return self._view
 
+    async def join(self) -> None:
+        """Wait until the thread ends."""
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def alive(self) -> bool:
+        """The thread runs (False once it ended, by ``close`` or by a crash)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stamp(self) -> None:
         """The main loop is alive (called every control cycle)."""
         self.watchdog.stamp = self.clock()

@@ -125,7 +125,7 @@ class KubernetesTopology:
             namespace=config.namespace,
             auth_headers=headers,
             ssl_context=context,
-            timeout=config.request_timeout,
+            timeout=config.request_timeout or 10.0,
         )
 
     def capabilities(self) -> frozenset[type]:

@@ -30,7 +30,10 @@ def run(config_path: str | None) -> None:
         fail(str(exc), EXIT_BAD_INPUT)
     configure(config.log.level, config.log.format, site=config.site, node=config.node)
 
-    from agent.daemon import Agent
+    from agent.daemon import Agent, StartupError
 
-    code = uvloop.run(Agent(config).run())
+    try:
+        code = uvloop.run(Agent(config).run())
+    except StartupError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     sys.exit(code)

@@ -25,9 +25,10 @@ from nats.js.kv import KeyValue
 
 from agent.commands.models import Reply
 from agent.meshview import MeshState
-from mesh.names import LEASES_BUCKET, STATE_BUCKET, TRUST_BUCKET
+from mesh.bootstrap import read_descriptor
+from mesh.names import STATE_BUCKET, TRUST_BUCKET, store_bucket
 
-ALL_BUCKETS = (STATE_BUCKET, LEASES_BUCKET, TRUST_BUCKET)
+MESH_BUCKETS = (STATE_BUCKET, TRUST_BUCKET)
 CREDS_ENV = "HARMONY_NATS_CREDS"
 CA_ENV = "HARMONY_NATS_CA"
 CERT_ENV = "HARMONY_NATS_CERT"
@@ -81,6 +82,11 @@ class MeshClient:
                 raise MeshError(f"cannot open bucket {name!r}: {self.explain(exc)}") from None
         return self._buckets[name]
 
+    async def store_buckets(self) -> list[str]:
+        """The lease stores the mesh descriptor names."""
+        desc = await read_descriptor(await self.bucket(STATE_BUCKET))
+        return [store_bucket(s) for s in desc.stores] if desc is not None else []
+
     def explain(self, exc: BaseException) -> str:
         """One line for a failed mesh call, with the server's last complaint if any (a
         permissions violation surfaces only through the error callback)."""
@@ -106,7 +112,16 @@ class MeshClient:
         self, state: MeshState, on_change: Callable[[], None] | None = None
     ) -> list[BucketFollower]:
         """Start one watch per bucket feeding ``state``; await ``.initial`` of each."""
-        followers = [BucketFollower(await self.bucket(b), b, state, on_change) for b in ALL_BUCKETS]
+        buckets = [*MESH_BUCKETS, *await self.store_buckets()]
+        followers = []
+        for b in buckets:
+            try:
+                kv = await self.bucket(b)
+            except MeshError:
+                if b in MESH_BUCKETS:
+                    raise
+                continue  # a lease store of a site that is down: the others answer
+            followers.append(BucketFollower(kv, b, state, on_change))
         for f in followers:
             await f.start(self.timeout)
         return followers

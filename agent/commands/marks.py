@@ -20,7 +20,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from mesh.session import now_rfc3339
+from mesh.clock import now_rfc3339
 
 DRAIN_PREFIX = "drain."
 FENCE_PREFIX = "fence."

@@ -12,7 +12,7 @@ from nats.aio.client import Client
 
 from agent.application import parse_documents
 from mesh.bootstrap import Buckets, ensure_mesh
-from mesh.session import now_rfc3339
+from mesh.clock import now_rfc3339
 
 APPS_YAML = """\
 apiVersion: harmony/v1

@@ -95,6 +95,7 @@ class Contender:
         self.manager = LeaseManager(self.nc, self.session, self.stores, step=self.step)
         self.manager.on_acquired.append(self._acquired)
         await self.manager.start()
+        self.manager.spawn()
 
     def _acquired(self, name: str, token: int, deadline: float) -> None:
         self.acquired_at[name] = boottime()
