@@ -192,8 +192,10 @@ class Agent:
         while True:
             try:
                 if cfg.mesh.bootstrap:
-                    stores = cfg.mesh.stores or await self._default_stores()
-                    return await ensure_mesh(js, cfg.mesh.replicas, stores=stores)
+                    default = None if cfg.mesh.stores else await self._default_stores()
+                    return await ensure_mesh(
+                        js, cfg.mesh.replicas, stores=cfg.mesh.stores, default_stores=default
+                    )
                 return await bind_mesh(js, stores=cfg.mesh.stores)
             except MeshMismatch:
                 raise

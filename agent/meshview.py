@@ -287,6 +287,10 @@ def _store_entries(snap: MeshSnapshot, stores: dict[str, dict[str, tuple[str, Ra
                 families.setdefault(parts.family, []).append((store, raw.revision, key, raw))
     for family, claims in families.items():
         _family(snap, family, claims, n)
+    for store, keys in stores.items():
+        for key, raw in keys.values():
+            if parse_key(key).kind in ("lease", "slot") and parse_claim(raw.value) is None:
+                snap.problems.append(f"{STORE_PREFIX}{store} {key}: not a lease claim")
 
 
 def _family(
@@ -322,7 +326,7 @@ def _family(
         key=label,
         app=app,
         site=site,
-        holder=who if held else None,
+        holder=who if held or handover else None,
         state="held" if held else ("handover" if handover else "free"),
         handover_to=handover,
         token=term,

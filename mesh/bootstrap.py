@@ -212,8 +212,11 @@ async def read_descriptor(state: KeyValue) -> Descriptor | None:
     return Descriptor.parse(entry.value)
 
 
-async def ensure_descriptor(state: KeyValue, stores: list[str] | None, replicas: int) -> Descriptor:
-    """Read the descriptor, creating it from ``stores`` when absent; refuse a mismatch."""
+async def ensure_descriptor(
+    state: KeyValue, stores: list[str] | None, replicas: int, default: list[str] | None = None
+) -> Descriptor:
+    """Read the descriptor, creating it from ``stores`` (or ``default``) when absent;
+    refuse a configured ``stores`` that differs from it."""
     for _ in range(5):
         found = await read_descriptor(state)
         if found is not None:
@@ -223,6 +226,7 @@ async def ensure_descriptor(state: KeyValue, stores: list[str] | None, replicas:
                     "(every agent must decide over the same stores)"
                 )
             return found
+        stores = stores or default
         if not stores:
             raise MeshMismatch(
                 "mesh.stores: the mesh has no descriptor yet; run `harmony-agent mesh init` "
@@ -243,13 +247,17 @@ async def ensure_mesh(
     replicas: int,
     *,
     stores: list[str] | None = None,
+    default_stores: list[str] | None = None,
     peer_grace: float = PEER_GRACE,
 ) -> Mesh:
-    """Create (or bind to) every bucket, stream and lease store; return handles."""
+    """Create (or bind to) every bucket, stream and lease store; return handles.
+
+    ``stores`` must match the descriptor if one exists; ``default_stores`` only fills in
+    a descriptor that does not exist yet."""
     state, r = await _kv(js, STATE_BUCKET, replicas, 1, peer_grace)
     trust, r = await _kv(js, TRUST_BUCKET, r, 5, peer_grace)
     await _events(js, r)
-    desc = await ensure_descriptor(state, stores, r)
+    desc = await ensure_descriptor(state, stores, r, default_stores)
     for store in desc.stores:
         await ensure_store(js, store)
     log.info("mesh ready", replicas=r, stores=list(desc.stores))

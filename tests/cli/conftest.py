@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from nats.aio.client import Client
 
 from agent.cli import cli
-from mesh.bootstrap import Buckets
+from mesh.bootstrap import Mesh as MeshHandles
 from tests.commands.helpers import connect
 from tests.harness.nats import NatsNode
 
@@ -25,7 +25,7 @@ Invoke = Callable[..., Awaitable[Result]]
 class Mesh:
     url: str
     nc: Client
-    buckets: Buckets
+    buckets: MeshHandles
     node: NatsNode
 
 

@@ -15,7 +15,7 @@ from tests.commands.helpers import seed_world
 
 @pytest.fixture
 async def served(mesh: Mesh) -> AsyncIterator[tuple[Mesh, FakeController]]:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     controller = FakeController()
     server = CommandServer(
         mesh.nc, mesh.buckets.state, site="site-a", node="node-1", failover=controller.failover

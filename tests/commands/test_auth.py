@@ -41,7 +41,7 @@ def url(node: NatsNode, user: str) -> str:
 
 async def test_agent_user_cannot_command_but_operator_can(secured: NatsNode) -> None:
     nc, buckets = await connect(url(secured, "agent"))  # the agent bootstraps the buckets
-    await seed_world(buckets)
+    await seed_world(buckets, nc)
     server = CommandServer(nc, buckets.state, site="site-a", node="node-1")
     await server.start()
 
@@ -76,7 +76,7 @@ async def test_agent_user_cannot_command_but_operator_can(secured: NatsNode) -> 
 
 async def test_operator_applies_and_viewer_only_reads(secured: NatsNode, tmp_path: Path) -> None:
     nc, buckets = await connect(url(secured, "agent"))
-    await seed_world(buckets)
+    await seed_world(buckets, nc)
     await nc.close()
     runner = CliRunner()
 

@@ -173,7 +173,7 @@ async def test_drain_survives_a_mesh_restart(nats_server: NatsNode) -> None:
     nc, buckets = await connect(nats_server.url)
     from tests.commands.helpers import seed_world
 
-    await seed_world(buckets)
+    await seed_world(buckets, nc)
     server = CommandServer(nc, buckets.state, site="site-a", node="node-1")
     await server.start()
     try:
