@@ -77,7 +77,7 @@ class FenceSupervisor:
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._running: dict[str, _Running] = {}
-        self._pending: dict[str, asyncio.Future[int]] = {}
+        self._pending: dict[str, asyncio.Future[_Running]] = {}
         self._session_r, self._session_w = os.pipe()
         os.set_blocking(self._session_w, False)
         self._lock = threading.Lock()
@@ -168,7 +168,7 @@ class FenceSupervisor:
             raise LaunchError("the fence is not running")
         if launch.id in self._running or launch.id in self._pending:
             raise LaunchError(f"{launch.id} is already running")
-        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        started: asyncio.Future[_Running] = asyncio.get_running_loop().create_future()
         self._pending[launch.id] = started
         self._send(
             {
@@ -188,12 +188,12 @@ class FenceSupervisor:
             }
         )
         try:
-            pid = await asyncio.wait_for(started, 30.0)
+            running = await asyncio.wait_for(started, 30.0)
         except TimeoutError:
             raise LaunchError(f"{launch.id}: the fence did not answer") from None
         finally:
             self._pending.pop(launch.id, None)
-        return pid, self._running[launch.id].exited
+        return running.pid, running.exited  # it may have exited already: the future says
 
     def stop(self, wid: str) -> None:
         """SIGTERM its process group; the fence SIGKILLs it after its stop_timeout."""
@@ -231,11 +231,11 @@ class FenceSupervisor:
                 self._ready.set_result(None)
             return
         if ev == "started":
-            pid = int(event["pid"])
-            self._running[wid] = _Running(pid)
+            running = _Running(int(event["pid"]))
+            self._running[wid] = running
             fut = self._pending.get(wid)
             if fut is not None and not fut.done():
-                fut.set_result(pid)
+                fut.set_result(running)
         elif ev == "spawn-failed":
             fut = self._pending.get(wid)
             if fut is not None and not fut.done():
