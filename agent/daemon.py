@@ -40,7 +40,7 @@ from agent.controller.statefile import StateFile, stop_leftovers
 from agent.health import HealthServer
 from agent.supervisor import Supervisor
 from agent.trust_sync import sync_bundle
-from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh
+from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
 from mesh.clock import boottime, now_rfc3339
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
 from mesh.embedded import EmbeddedServer, ServerSpec
@@ -261,6 +261,7 @@ class Agent:
             step=self.timing.rank_step,
             window=self.timing.handover_window,
             cas_timeout=self.timing.cas_timeout,
+            recreate=self._recreate_store if cfg.mesh.bootstrap else None,
         )
         await self._retry("lease stores", leases.start)
         sup.spawn("leases", leases.run())
@@ -321,6 +322,12 @@ class Agent:
                 log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _recreate_store(self, store: str) -> None:
+        """A lease store vanished (deleted by hand, its disk lost): create it again. Tokens
+        keep increasing (terms are floored at the wall clock) and contenders ignore a
+        recreated store for a ttl (docs/leases.md)."""
+        await ensure_store(self.connection.js, store)
 
     def _feed_fence(self, view: SessionView) -> None:
         """Session thread: hand the fence the deadline it may follow without us."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import structlog
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.js.errors import NotFoundError
 
 from mesh import metrics
 from mesh.clock import Clock, boottime, wall_ms
@@ -132,8 +133,11 @@ class LeaseManager:
         max_in_flight: int = 64,
         history: int = 10_000,
         clock: Clock = boottime,
+        recreate: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.nc = nc
+        self._recreate = recreate
+        """Called when a store's stream is gone (deleted, lost): recreate it, if we may."""
         self.session = session
         self.agent = session.agent
         self.site, self.node = self.agent.split("/", 1)
@@ -218,9 +222,17 @@ class LeaseManager:
                     self._created[store] = watch.created
                 cache.mark_ready(recreated=recreated, quarantine=self.ttl)
                 log.info("lease store watched", store=store, quarantined=recreated)
+                self._dirty.update(self._wants)
+                self._wake.set()
                 backoff = 0.2
                 await watch.closed.wait()
                 log.warning("lease store watch ended; restarting", store=store)
+            except NotFoundError:
+                log.error("lease store is gone", store=store)
+                if self._recreate is not None:
+                    with contextlib.suppress(Exception):
+                        await self._recreate(store)
+                        log.warning("lease store recreated", store=store)
             except (TimeoutError, NatsError, OSError) as exc:
                 log.debug("lease store not watchable yet", store=store, error=repr(exc))
             finally:
@@ -294,39 +306,29 @@ class LeaseManager:
         why = "released" if to is None else f"handed over to {to}"
         self._drop(name, why, "released")
         state = ClaimState.RELEASED if to is None else ClaimState.HANDOVER
-        until = max(self.clock() + 2 * self.ttl, self._view.deadline())
-        task = asyncio.create_task(
-            self._retract(want, held, state, to, until), name=f"release:{name}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        quorum = asyncio.Event()
+        done: list[str] = []
 
-    async def _retract(
-        self, want: _Want, held: _Held, state: ClaimState, to: str | None, until: float
-    ) -> bool:
-        outcomes = await asyncio.gather(
-            *(
-                self.writer.retract(
-                    b,
-                    want.key,
-                    want.family,
-                    seq,
-                    ClaimRecord(epoch, held.term, state, to, self.ttl),
-                    until,
-                )
-                for b, (seq, epoch) in held.claims.items()
-            )
-        )
-        done = sum(1 for o in outcomes if o == "done")
-        log.info(
-            "lease released" if to is None else "lease handed over",
-            lease=want.name,
-            term=held.term,
-            to=to,
-            stores=done,
-        )
-        return done >= len(self.stores) // 2 + 1
+        async def one(store: str, seq: int, epoch: str) -> None:
+            record = ClaimRecord(epoch, held.term, state, to, self.ttl)
+            end = await self.writer.retract(store, want.key, want.family, seq, record, NEG_INF)
+            if end == "done":
+                done.append(store)
+                if len(done) >= len(self.stores) // 2 + 1 and not quorum.is_set():
+                    quorum.set()
+                    log.info(why, lease=name, term=held.term, stores=sorted(done))
+
+        for b, (seq, epoch) in held.claims.items():
+            task = asyncio.create_task(one(b, seq, epoch), name=f"release:{name}:{b}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        budget = max(2 * self.ttl, self._view.deadline() - self.clock())
+        try:
+            await asyncio.wait_for(asyncio.shield(quorum.wait()), budget)
+        except TimeoutError:
+            log.warning("release not confirmed by a quorum yet; still retrying", lease=name)
+            return False
+        return True
 
     def held(self) -> dict[str, int]:
         """Leases held now: name -> fencing token (term)."""

@@ -291,8 +291,18 @@ class SessionCore:
         return await self.open(name)
 
     async def close_store(self, name: str) -> None:
-        """Write ``closed`` over our last sequence (retrying over our own late writes)."""
+        """Write ``closed`` over our last sequence (retrying over our own late writes).
+
+        A store where we are not live may still hold an ``alive`` record of ours: an open
+        cancelled by the close after its write landed. That ghost is closed too, so no
+        contender waits a full ttl for a session nobody renews."""
         store = self.stores[name]
+        if not self._state[name].live:
+            entry = await _quiet_last(store, self.family, self.cas_timeout)
+            rec = parse_session(entry.value) if entry and entry.key == self.key else None
+            if entry is not None and rec is not None and rec.epoch in self._own_epochs:
+                if rec.state is SessionState.ALIVE:
+                    self._set(name, epoch=rec.epoch, seq=entry.seq, live=True)
         for _ in range(3):
             s = self._state[name]
             if not s.live:

@@ -93,9 +93,13 @@ class Writer:
     ) -> str:
         """Replace our claim at ``expect`` by ``record`` (released or handover) until done.
 
-        Returns how it ended: ``done``, ``moved`` (someone else wrote the family after our
-        claim: nothing of ours left there) or ``gave up`` (deadline).
+        A store that does not answer is asked again (backing off to 5 s) for as long as it
+        takes, or until ``until`` when that is finite: a claim left behind in a store that
+        was down would block that store for the next holder. The record is never changed:
+        a handover stays a handover. Returns how it ended: ``done``, ``moved`` (someone else
+        wrote the family after our claim: nothing of ours left there) or ``gave up``.
         """
+        until = float("inf") if until == float("-inf") else until
         backoff = 0.1
         value = record.encode()
         while True:
@@ -120,4 +124,4 @@ class Writer:
                 log.warning("giving up a release", store=store, key=key, error=result.error)
                 return "gave up"
             await asyncio.sleep(min(backoff, max(0.0, until - self.clock())))
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, 5.0)

@@ -241,11 +241,11 @@ class FenceSupervisor:
             if fut is not None and not fut.done():
                 fut.set_exception(LaunchError(str(event.get("error", "cannot start"))))
         elif ev == "exited":
-            running = self._running.pop(wid, None)
-            if running is not None and not running.exited.done():
+            ended = self._running.pop(wid, None)
+            if ended is not None and not ended.exited.done():
                 code = event.get("code")
-                running.exited.set_result(
-                    Exit(running.pid, code if isinstance(code, int) else None, str(event["reason"]))
+                ended.exited.set_result(
+                    Exit(ended.pid, code if isinstance(code, int) else None, str(event["reason"]))
                 )
 
     def _fail_all(self, reason: str) -> None:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from tests.cli.conftest import Invoke, Mesh
 from mesh.names import lease_family
 from mesh.records import ClaimState
+from tests.cli.conftest import Invoke, Mesh
 from tests.commands.helpers import heartbeat, seed_world, write_claim
 from tests.harness.ports import free_port
 from tests.harness.wait import eventually

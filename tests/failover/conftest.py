@@ -7,6 +7,7 @@ sleeps to synchronise: waits are ``eventually`` polls with deadlines.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,7 +25,14 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from mesh.bootstrap import ensure_mesh
-from mesh.names import STATE_BUCKET, agent_key, instance_key, status_subject
+from mesh.names import (
+    EVENTS_STREAM,
+    STATE_BUCKET,
+    TRUST_BUCKET,
+    agent_key,
+    instance_key,
+    status_subject,
+)
 from tests.harness import history
 from tests.harness.agents import AgentProcess
 from tests.harness.netns import Sites
@@ -225,6 +233,43 @@ class Stage:
         snap = (await client.read(MeshState())).snapshot()
         lease = snap.lease_of(app)
         return (lease.holder, lease.token) if lease is not None else (None, None)
+
+    async def force_leaders(self, site: str, timeout: float = 30.0) -> list[str]:
+        """Move the leader of every replicated stream, and the JetStream meta leader, onto
+        ``site``'s server (the worst case for a cut of that site). Lease stores are single
+        replica: they have no leader to move. Returns what was moved."""
+        server = self.sites[site].nats.name  # type: ignore[union-attr]
+        preferred = json.dumps({"placement": {"preferred": server}}).encode()
+        nc = await self.client()
+        js = nc.jetstream(timeout=5)
+        moved = []
+        for stream in (f"KV_{STATE_BUCKET}", f"KV_{TRUST_BUCKET}", EVENTS_STREAM):
+
+            async def led(stream: str = stream) -> bool:
+                info = await js.stream_info(stream)
+                if info.cluster is not None and info.cluster.leader == server:
+                    return True
+                await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", preferred, timeout=5)
+                return False
+
+            await eventually(led, timeout=timeout, interval=0.2, what=f"{stream} led by {server}")
+            moved.append(stream)
+        sys_nc = await nats.connect(self.sites[site].url, user="sys", password="sys")
+        try:
+
+            async def meta() -> bool:
+                jsz = await asyncio.to_thread(self.sites[site].nats.varz, "jsz")  # type: ignore[union-attr]
+                cluster = jsz.get("meta_cluster")
+                if isinstance(cluster, dict) and cluster.get("leader") == server:
+                    return True
+                await sys_nc.request("$JS.API.META.LEADER.STEPDOWN", preferred, timeout=5)
+                return False
+
+            await eventually(meta, timeout=timeout, interval=0.3, what=f"meta leader {server}")
+            moved.append("meta")
+        finally:
+            await sys_nc.close()
+        return moved
 
     # --- history --------------------------------------------------------------------------
 

@@ -54,9 +54,7 @@ async def make_process(
     made: list[ProcessInterpret] = []
 
     def make(command: list[str], **fields: object) -> ProcessInterpret:
-        interpret = ProcessSpec.model_validate({"command": command, **fields}).interpret(
-            localhost
-        )
+        interpret = ProcessSpec.model_validate({"command": command, **fields}).interpret(localhost)
         made.append(interpret)
         return interpret
 

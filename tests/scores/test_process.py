@@ -223,7 +223,9 @@ async def test_workloads_run_as_the_configured_user_and_cannot_read_agent_secret
     await asyncio.wait_for(topology.fence.started.wait(), 15)
     try:
         result = shared / "out" / "r"
-        script = f"id -u > {result}.tmp; cat {secret} >> {result}.tmp 2>&1; mv {result}.tmp {result}"
+        script = (
+            f"id -u > {result}.tmp; cat {secret} >> {result}.tmp 2>&1; mv {result}.tmp {result}"
+        )
         spec = ProcessSpec(command=["sh", "-c", f"{script}; exec sleep 60"])
         proc = spec.interpret(topology)
         assert (await proc.apply(ctx)).ok, await proc.observe()
