@@ -300,9 +300,9 @@ class SessionCore:
         if not self._state[name].live:
             entry = await _quiet_last(store, self.family, self.cas_timeout)
             rec = parse_session(entry.value) if entry and entry.key == self.key else None
-            if entry is not None and rec is not None and rec.epoch in self._own_epochs:
-                if rec.state is SessionState.ALIVE:
-                    self._set(name, epoch=rec.epoch, seq=entry.seq, live=True)
+            ours = rec is not None and rec.epoch in self._own_epochs
+            if entry is not None and rec is not None and ours and rec.state is SessionState.ALIVE:
+                self._set(name, epoch=rec.epoch, seq=entry.seq, live=True)
         for _ in range(3):
             s = self._state[name]
             if not s.live:

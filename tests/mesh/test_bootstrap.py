@@ -42,7 +42,7 @@ async def test_a_different_store_list_is_refused(nats_cluster: NatsCluster) -> N
     nc = await nats.connect(servers=nats_cluster.urls)
     try:
         await ensure_mesh(nc.jetstream(timeout=15), 3, stores=nats_cluster.stores)
-        with pytest.raises(MeshMismatch, match="mesh.stores"):
+        with pytest.raises(MeshMismatch, match=r"mesh\.stores"):
             await ensure_mesh(nc.jetstream(timeout=15), 3, stores=nats_cluster.stores[:2])
         adopted = await ensure_mesh(nc.jetstream(timeout=15), 3, default_stores=["other"])
         assert adopted.stores == nats_cluster.stores  # a default never overrides the mesh

@@ -3,6 +3,7 @@ deadlines, users, logs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -72,7 +73,9 @@ async def test_environment_is_contract_plus_spec_only(
     assert "HARMONY_AGENT_SECRET" not in env
     # spec.env reaches the workload only, never the fence that enforces its deadline
     assert localhost.fence.proc is not None
-    fence_env = Path(f"/proc/{localhost.fence.proc.pid}/environ").read_bytes()
+    fence_env = await asyncio.to_thread(
+        Path(f"/proc/{localhost.fence.proc.pid}/environ").read_bytes
+    )
     assert b"LD_PRELOAD" not in fence_env
 
 
@@ -204,7 +207,6 @@ async def test_following_the_session_needs_no_main_loop(
 async def test_workloads_run_as_the_configured_user_and_cannot_read_agent_secrets(
     ctx: RunContext,
 ) -> None:
-    import asyncio
     import contextlib
     import shutil
     import tempfile
@@ -212,12 +214,16 @@ async def test_workloads_run_as_the_configured_user_and_cannot_read_agent_secret
     from scores.process import ProcessSpec
 
     shared = Path(tempfile.mkdtemp(prefix="harmony-runas-", dir="/tmp"))
-    shared.chmod(0o755)
-    (shared / "out").mkdir(mode=0o777)
-    (shared / "out").chmod(0o777)
     secret = shared / "ca.key"  # like the agent's keys: root-owned, 0600
-    secret.write_text("private")
-    secret.chmod(0o600)
+
+    def prepare() -> None:
+        shared.chmod(0o755)
+        (shared / "out").mkdir(mode=0o777)
+        (shared / "out").chmod(0o777)
+        secret.write_text("private")
+        secret.chmod(0o600)
+
+    await asyncio.to_thread(prepare)
     topology = LocalhostTopology(run_as=(65534, 65534))
     task = asyncio.create_task(topology.fence.run())
     await asyncio.wait_for(topology.fence.started.wait(), 15)
@@ -244,7 +250,10 @@ async def test_workloads_run_as_the_configured_user_and_cannot_read_agent_secret
 async def test_logs_are_rotated_by_copy_and_truncate(
     make_process: MakeProcess, ctx: RunContext
 ) -> None:
-    code = "import sys, time\nfor i in range(400):\n    print(f'line {i:04d}', flush=True)\ntime.sleep(60)"
+    code = (
+        "import sys, time\nfor i in range(400):\n    print(f'line {i:04d}', flush=True)\n"
+        "time.sleep(60)"
+    )
     proc = make_process([sys.executable, "-c", code], log_max_bytes=1024, log_backups=2)
     assert (await proc.apply(ctx)).ok
     log = ctx.workload_dir / "ledger.log"
