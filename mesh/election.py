@@ -78,6 +78,8 @@ class FamilyObs:
     claims: tuple[ClaimObs, ...] = ()
     sessions: Mapping[str, SessionObs] = field(default_factory=dict)
     """Sessions (in this store) of the agents that have claims here."""
+    usable_at: float = NEG_INF
+    """Not ready until then (a recreated store's quarantine): decide again at that time."""
 
     @property
     def latest(self) -> ClaimObs | None:
@@ -122,7 +124,7 @@ class Verdict:
 def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdict:
     """One store's view of one lease (see the module docstring)."""
     if not f.ready:
-        return Verdict(Kind.UNKNOWN, f"store {f.store} not reachable")
+        return Verdict(Kind.UNKNOWN, f"store {f.store} not reachable", since=f.usable_at)
     latest = f.latest
     if latest is None:
         return Verdict(Kind.FREE, "no claim", f.seq, f.since)
@@ -270,7 +272,9 @@ def decide(
     for b, v in verdicts.items():
         if v.kind is Kind.HELD and v.holder is not None:
             holders.setdefault(v.holder, {})[b] = v
-    retry = [v.since for v in verdicts.values() if v.kind is Kind.FREE and v.since > now]
+    retry = [
+        v.since for v in verdicts.values() if v.kind in (Kind.FREE, Kind.UNKNOWN) and v.since > now
+    ]
     for holder, vs in sorted(holders.items(), key=lambda kv: -len(kv[1])):
         stale = {b: v for b, v in vs.items() if now >= v.since + v.ttl}
         if stale and len(free) + len(stale) >= q:

@@ -222,6 +222,11 @@ class LeaseManager:
                     self._created[store] = watch.created
                 cache.mark_ready(recreated=recreated, quarantine=self.ttl)
                 log.info("lease store watched", store=store, quarantined=recreated)
+                if recreated:  # decide again when the quarantine ends
+                    for name in self._wants:
+                        self._timers[name] = min(
+                            self._timers.get(name, float("inf")), cache.quarantine_until
+                        )
                 self._dirty.update(self._wants)
                 self._wake.set()
                 backoff = 0.2

@@ -111,9 +111,10 @@ class StoreCache:
     def family(self, family: str, *, since_floor: float = NEG_INF) -> FamilyObs:
         """The lease family as ``decide`` wants it (with its claimants' sessions)."""
         fam = self.families.get(family)
+        usable_at = self.quarantine_until if self.ready else NEG_INF
         if fam is None:
             since = max(self.ready_at, since_floor)
-            return FamilyObs(self.store, self.usable(self.clock()), 0, since)
+            return FamilyObs(self.store, self.usable(self.clock()), 0, since, usable_at=usable_at)
         sessions = {
             agent: self.sessions[agent].obs() for agent in fam.claims if agent in self.sessions
         }
@@ -124,6 +125,7 @@ class StoreCache:
             fam.since,
             tuple(fam.claims.values()),
             sessions,
+            usable_at,
         )
 
     def session(self, agent: str) -> SessionObs | None:

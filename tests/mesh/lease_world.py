@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import nats
 from nats.aio.client import Client
 
-from mesh.bootstrap import Mesh, ensure_mesh
+from mesh.bootstrap import Mesh, ensure_mesh, ensure_store
 from mesh.clock import boottime
 from mesh.leases import LeaseManager
 from mesh.session import SessionThread
@@ -92,7 +92,14 @@ class Contender:
             self._connect, self.stores, self.site, self.node, ttl=self.ttl, margin=self.margin
         )
         await self.session.start()
-        self.manager = LeaseManager(self.nc, self.session, self.stores, step=self.step)
+        js = self.nc.jetstream(timeout=5)
+
+        async def recreate(store: str) -> None:
+            await ensure_store(js, store)
+
+        self.manager = LeaseManager(
+            self.nc, self.session, self.stores, step=self.step, recreate=recreate
+        )
         self.manager.on_acquired.append(self._acquired)
         await self.manager.start()
         self.manager.spawn()
