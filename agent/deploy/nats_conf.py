@@ -164,7 +164,8 @@ class NatsServerConf:
     store_dir: str
     pid_file: str
     tls: TlsBlock
-    cluster: ClusterBlock
+    cluster: ClusterBlock | None
+    """None: one non-clustered server (a single-server site without peers)."""
     users: tuple[User, ...] = ()
     unique_tag: str = "site:"
     ping_interval: str = "1s"
@@ -243,10 +244,11 @@ def render(conf: NatsServerConf) -> str:
     ]
     for user in conf.users:
         lines += _user(user)
+    lines += ["  ]", "}"]
     c = conf.cluster
+    if c is None:
+        return "\n".join(lines) + "\n"
     lines += [
-        "  ]",
-        "}",
         "# Routes: mTLS, and only servers whose certificate names a configured route URL.",
         "cluster {",
         f"  name: {_q(c.name)}",
