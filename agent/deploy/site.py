@@ -514,9 +514,7 @@ def nats_config(spec: SiteSpec) -> NatsServerConf:
             name="harmony",
             listen=f"0.0.0.0:{ROUTE_PORT}",
             routes=tuple(routes),
-            tls=dataclasses.replace(
-                server_tls, verify=True, verify_cert_and_check_known_urls=True
-            ),
+            tls=dataclasses.replace(server_tls, verify=True, verify_cert_and_check_known_urls=True),
         )
         if spec.clustered
         else None,

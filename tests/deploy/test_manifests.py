@@ -298,7 +298,12 @@ def test_nats_config_semantics(name: str, doc: dict[str, Any]) -> None:
     site = re.search(r'server_tags: \["site:([a-z0-9-]+)"\]', conf)
     assert site, conf[:500]
     assert 'http: "127.0.0.1:8222"' in conf
-    assert "verify_and_map: true" in conf and "verify_cert_and_check_known_urls: true" in conf
+    assert "verify_and_map: true" in conf
+    if "cluster {" in conf:  # a lone server without peers runs non-clustered
+        assert "verify_cert_and_check_known_urls: true" in conf
+        assert "no_advertise: true" in conf
+    else:
+        assert name.startswith("lonely-edge")
     assert "sync_interval: always" in conf and 'unique_tag: "site:"' in conf
     assert "server_name: $SERVER_NAME" in conf
     # One user per agent, and agents may publish only keys naming themselves.
