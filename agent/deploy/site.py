@@ -691,6 +691,10 @@ def nats(spec: SiteSpec) -> list[k8s.Resource]:
             metadata=_meta(f"nats-{i}-route", ns, **labels),
             spec=k8s.ServiceSpec(
                 type=spec.route_service_type,
+                # Keep the peers' source addresses, which the NetworkPolicy's CIDRs match.
+                external_traffic_policy=(
+                    "Local" if spec.route_service_type != "ClusterIP" else None
+                ),
                 selector={"statefulset.kubernetes.io/pod-name": f"nats-{i}"},
                 ports=[k8s.ServicePort(name="route", port=ROUTE_PORT, target_port="route")],
             ),

@@ -281,6 +281,10 @@ def test_network_policy_clients_from_the_agent_namespace_routes_from_peers() -> 
     assert agent_ns == {"kubernetes.io/metadata.name": spec.namespace}
     route_cidrs = {p["ipBlock"]["cidr"] for p in rules[6222] if "ipBlock" in p}
     assert route_cidrs == set(spec.peer_cidrs)
+    # Peers reach each pod through its own Service, which keeps their source address.
+    routes = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] != "nats"]
+    assert len(routes) == spec.nats_replicas
+    assert {r["spec"]["externalTrafficPolicy"] for r in routes} == {"Local"}
 
 
 def _nats_conf(doc: dict[str, Any]) -> str:
