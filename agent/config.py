@@ -7,6 +7,7 @@ operator reading a crash-looping unit's journal at 3 a.m. should not parse a tra
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -136,10 +137,31 @@ class ControllerConfig(_Section):
     """Consecutive Score failures after which the holder releases the lease."""
 
 
+NODE_HOSTNAME_ENV = "HARMONY_NODE_HOSTNAME"
+"""Host name the default node name is derived from, instead of this machine's: the
+Kubernetes DaemonSet sets it to ``spec.nodeName`` (the pod's own host name is the pod's)."""
+
+
+def node_from_hostname(hostname: str) -> str:
+    """A valid node name ([a-z0-9_-]{1,63}) for a host name or FQDN.
+
+    The first DNS label, lower-cased: ``ip-10-0-1-23.eu-west-1.compute.internal`` gives
+    ``ip-10-0-1-23`` (a cluster's node names differ in their first label). When the label
+    itself must be altered (other characters, longer than 63, empty), the result ends with
+    8 hex digits of the full name's sha256, so two such names never meet on one node name.
+    """
+    raw = hostname.strip()
+    label = raw.split(".")[0].lower()
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "-" for c in label)
+    if cleaned == label and 0 < len(cleaned) <= 63:
+        return cleaned
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    stem = cleaned[: 63 - len(digest) - 1].strip("-_")
+    return f"{stem}-{digest}" if stem else f"node-{digest}"
+
+
 def default_node() -> str:
-    label = socket.gethostname().split(".")[0].lower()
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)[:63]
-    return cleaned or "node"
+    return node_from_hostname(os.environ.get(NODE_HOSTNAME_ENV) or socket.gethostname())
 
 
 class AgentConfig(BaseSettings):

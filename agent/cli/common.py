@@ -24,6 +24,7 @@ OPTIONAL_COMMANDS = (
     ("agent.cli.ca", "ca"),
     ("agent.cli.ca", "trust"),
     ("agent.cli.demo", "demo"),
+    ("agent.cli.manifests", "manifests"),
 )
 
 
