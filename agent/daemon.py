@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
-from agent import __version__, metrics
+from agent import __version__, metrics, sdnotify
 from agent.commands import CommandServer
 from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
@@ -309,6 +309,7 @@ class Agent:
                 sync_bundle(mesh.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
             )
         log.info("agent ready", tasks=sup.names, stores=mesh.stores)
+        sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
 
     async def _retry(self, what: str, start: Any) -> None:
         """Start-up steps wait out a mesh that is not there yet (a site booting while cut
@@ -357,6 +358,7 @@ class Agent:
             if self.session is not None:
                 self.session.stamp()
             self.last_cycle = time.monotonic()
+            sdnotify.watchdog()  # systemd WatchdogSec: a wedged loop stops these pings
             metrics.LOOP_CYCLES.inc()
             metrics.MESH_CONNECTED.set(1 if self.connection.connected else 0)
             metrics.IN_QUORUM.set(1 if self.in_quorum() else 0)
@@ -413,6 +415,8 @@ class Agent:
                 )
         budget = self.timing.shutdown_budget(stop_timeouts)
         log.info("stopping", budget=round(budget, 1))
+        # systemd: deactivating from here on (no watchdog); TimeoutStopSec bounds the rest.
+        sdnotify.stopping(self.supervisor.failure or "stopping: workloads, leases, session")
         sup = self.supervisor
         if self.commands is not None:
             await self.commands.stop()

@@ -356,7 +356,11 @@ def agent_config(spec: SiteSpec) -> str:
         "state_dir": "/var/lib/harmony-agent",
         "nats": {"servers": servers},
         # R3 streams put each replica on a different site (unique_tag "site:").
-        "mesh": {"replicas": min(3, len(spec.stores))},
+        "mesh": {
+            "replicas": min(3, len(spec.stores)),
+            "stores": list(spec.stores),
+            "bootstrap": False,
+        },
         "lease": {"ttl": spec.lease_ttl},
         "health": {"listen": f"0.0.0.0:{HEALTH_PORT}"},
         "topology": {"kind": "kubernetes", "in_cluster": True, "namespace": spec.namespace},

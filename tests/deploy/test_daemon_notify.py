@@ -12,8 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 from tests.harness.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,11 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # agent/daemon.py and agent/supervisor.py are the lead's: the calls are in the report.
 # Not run until then (it would wait a minute for a READY=1 that never comes); with the diff
 # applied it passed in 5 s, and without it, run, it failed waiting for READY=1.
-pytestmark = pytest.mark.xfail(
-    reason="needs the lead's sdnotify calls in agent/daemon.py and agent/supervisor.py "
-    "(diff in the h-deploy report); remove this marker when they are in",
-    run=False,
-)
 
 
 def _receive(sock: socket.socket, deadline: float) -> list[str]:
