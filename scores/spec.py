@@ -7,17 +7,23 @@ from typing import Annotated
 from pydantic import Field
 
 from scores.k8s import KubernetesDeploymentSpec, KubernetesManifestsSpec
+from scores.postgres import PostgresSpec
 from scores.process import ProcessSpec
 from scores.systemd import SystemdUnitSpec
 
 ScoreSpec = Annotated[
-    ProcessSpec | SystemdUnitSpec | KubernetesDeploymentSpec | KubernetesManifestsSpec,
+    ProcessSpec
+    | SystemdUnitSpec
+    | KubernetesDeploymentSpec
+    | KubernetesManifestsSpec
+    | PostgresSpec,
     Field(discriminator="kind"),
 ]
 
 __all__ = [
     "KubernetesDeploymentSpec",
     "KubernetesManifestsSpec",
+    "PostgresSpec",
     "ProcessSpec",
     "ScoreSpec",
     "SystemdUnitSpec",
