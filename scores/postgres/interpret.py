@@ -817,6 +817,12 @@ GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {repl}
 GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {repl};
 GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {repl};
 GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {repl};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_checkpoint() TO {repl};
+DO $$ BEGIN
+  IF current_setting('server_version_num')::int >= 150000 THEN
+    EXECUTE 'GRANT pg_checkpoint TO {repl}';
+  END IF;
+END $$;
 CREATE SCHEMA IF NOT EXISTS harmony;
 CREATE TABLE IF NOT EXISTS harmony.term (
   token bigint NOT NULL, promoted_at timestamptz NOT NULL DEFAULT now());
@@ -902,6 +908,13 @@ COMMIT;
             raise PgError("promote-failed", f"pg_promote() did not finish within {wait}s")
         self.timings["promote"] = time.monotonic() - started
         self._following = None
+        # pg_rewind reads a source's timeline from its control file, which a promoted
+        # server updates only at its next checkpoint: take it now, so the old primary can
+        # rewind against us at once (a rejoining node also asks for one if needed).
+        try:
+            await self._sql("CHECKPOINT")
+        except PgError as exc:
+            log.warning("checkpoint after promotion failed", error=str(exc))
         await self._configure(self._primary_settings())
         await self._reload()
         await self._bootstrap()
@@ -1013,6 +1026,7 @@ COMMIT;
             self._replication_params(primary, application_name="harmony-rewind", dbname="postgres")
         )
         started = time.monotonic()
+        await self._source_checkpointed(source)
         argv = [await self._tool("pg_rewind"), "--target-pgdata", self.layout.data_dir]
         argv += ["--source-server", source]
         res = await self._host.run(argv, timeout=self.spec.basebackup_timeout)
@@ -1023,6 +1037,19 @@ COMMIT;
             return False
         self.last_rewind_error = None
         return True
+
+    async def _source_checkpointed(self, source: str) -> None:
+        """Make sure the source's control file shows its current timeline (see promote)."""
+        check = (
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()) = ('x' || "
+            "substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+        )
+        try:
+            if (await self._sql(check, conninfo=source))[0][0] != "t":
+                log.info("asking the new primary for a checkpoint before pg_rewind")
+                await self._sql("CHECKPOINT", conninfo=source)
+        except (PgError, IndexError) as exc:
+            log.warning("cannot check the source's checkpoint timeline", error=str(exc))
 
     async def _move_aside(self) -> str:
         data = self.layout.data_dir

@@ -5,12 +5,14 @@ there as the database's OS user with ``python3 -I watchdog.py ...`` (standard li
 so it works on a host that has nothing of the agent). Subcommands:
 
 ``start --state S --deadline-file D --log L [--deadline T] [--stop-timeout N] -- postgres ...``
-    Detach (fork, setsid), start postgres as a child in its own process group with
+    Detach (fork, setsid), become a child subreaper, start postgres as a child with
     PR_SET_PDEATHSIG=SIGKILL, print ``{"watchdog": pid, "postgres": pid}`` (or
     ``{"error": ...}``) and return; the detached watchdog then
 
-    * SIGKILLs postgres' whole process group (postmaster and every backend, so no commit can
-      be acknowledged afterwards) the moment CLOCK_BOOTTIME passes the deadline. The deadline
+    * kills the postmaster and every process below it the moment CLOCK_BOOTTIME passes the
+      deadline, so no commit can be acknowledged afterwards: SIGSTOP to the postmaster (it
+      can fork no more), SIGKILL to all its descendants, then to it. (A process-group kill
+      would not do: every PostgreSQL backend calls setsid() and leads its own group.) The deadline
       is the last number written to the deadline file (``none`` = no deadline; a missing or
       unreadable file keeps the previous value, so a failed write never extends it). The file
       is re-read at least every 0.2 s and right at the deadline, so an extension written in
@@ -47,7 +49,10 @@ import time
 import traceback
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 POLL = 0.2
+PRESCAN = 0.05
+"""This long before the deadline the process tree is listed, so the kill needs no scan."""
 
 
 def boottime() -> float:
@@ -68,9 +73,54 @@ def write_json(path: str, data: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-def killpg(pgid: int, sig: int) -> None:
+def signal_pid(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+        os.kill(pid, sig)
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every live process below ``roots`` (by parent pid), from one /proc snapshot."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def kill_tree(postmaster: int, known: set[int] | None = None) -> tuple[int, float]:
+    """Freeze the postmaster, SIGKILL everything below it and itself.
+
+    ``known`` (descendants listed just before the deadline) are killed first, without
+    waiting for a /proc scan; then the tree is rescanned until nothing is left. Returns how
+    many processes were hit and the CLOCK_BOOTTIME of the first SIGKILL batch.
+    """
+    signal_pid(postmaster, signal.SIGSTOP)
+    for pid in known or ():
+        signal_pid(pid, signal.SIGKILL)
+    first = boottime()
+    me = os.getpid()
+    hit = set(known or ())
+    for _ in range(5):  # again for anything that raced (orphans are reparented to us)
+        victims = descendants({postmaster, me}) - {me}
+        for pid in victims:
+            signal_pid(pid, signal.SIGKILL)
+        hit |= victims
+        if not victims:
+            break
+    signal_pid(postmaster, signal.SIGKILL)
+    return len(hit), first
 
 
 class DeadlineFile:
@@ -113,6 +163,7 @@ class Watchdog:
         self.deadline = DeadlineFile(args.deadline_file, args.deadline)
         self.reason = "exited"
         self.kill_at: float | None = None
+        self.prescan: tuple[float, set[int]] | None = None  # (for deadline, descendants)
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
@@ -139,6 +190,8 @@ class Watchdog:
             if os.getppid() != me:  # the watchdog died before prctl took effect
                 os._exit(1)
 
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphaned backends stay ours to kill
         first = self.deadline.read()
         if first is not None and boottime() >= first:
             self.state(state="exited", reason="deadline", returncode=None, postgres=None)
@@ -148,7 +201,7 @@ class Watchdog:
             proc = subprocess.Popen(
                 self.args.command,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: one killpg reaches every backend
+                start_new_session=True,
                 preexec_fn=in_child,  # noqa: PLW1509 - single-threaded, fork is safe
             )
         except OSError as exc:
@@ -159,7 +212,7 @@ class Watchdog:
         note(f"started postgres pid {proc.pid}; deadline {first}")
         self.report({"watchdog": me, "postgres": proc.pid})
         late = self.loop(proc)
-        killpg(proc.pid, signal.SIGKILL)  # leftovers (backends of a postmaster that died)
+        kill_tree(proc.pid)  # leftovers (backends of a postmaster that died)
         self.state(
             state="exited",
             reason=self.reason,
@@ -172,24 +225,33 @@ class Watchdog:
         return 0
 
     def loop(self, proc: subprocess.Popen[bytes]) -> float | None:
+        me = os.getpid()
         while proc.poll() is None:
             now = boottime()
             deadline = self.deadline.read()
             if deadline is not None and now >= deadline:
-                killpg(proc.pid, signal.SIGKILL)
-                late = boottime() - deadline
+                known = self.prescan[1] if self.prescan and self.prescan[0] == deadline else None
+                hit, first = kill_tree(proc.pid, known)
                 self.reason = "deadline"
-                note(f"lease deadline passed: SIGKILL to process group {proc.pid}")
+                note(
+                    f"lease deadline passed: SIGKILL to postmaster {proc.pid} and {hit} more, "
+                    f"{(first - deadline) * 1000:.1f} ms late"
+                )
                 proc.wait()
-                return late
+                return first - deadline
+            stale = self.prescan is None or self.prescan[0] != deadline
+            if deadline is not None and deadline - now <= PRESCAN and stale:
+                self.prescan = (deadline, descendants({proc.pid, me}) - {me})
             if self.kill_at is not None and now >= self.kill_at:
-                note(f"still running after the stop timeout: SIGKILL to group {proc.pid}")
-                killpg(proc.pid, signal.SIGKILL)
+                note(f"still running after the stop timeout: SIGKILL to postmaster {proc.pid}")
+                kill_tree(proc.pid)
                 self.kill_at = None
             wait = POLL
             for moment in (deadline, self.kill_at):
                 if moment is not None:
                     wait = min(wait, max(0.0, moment - now))
+            if deadline is not None and (self.prescan is None or self.prescan[0] != deadline):
+                wait = min(wait, max(0.0, deadline - PRESCAN - now))
             ready, _, _ = select.select([self.wake_r], [], [], wait)
             if ready:
                 signums = os.read(self.wake_r, 512)

@@ -65,7 +65,8 @@ def workdir(require_postgres: None) -> Iterator[Path]:
     try:
         yield base
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("HARMONY_KEEP_PG"):  # keep logs for a post-mortem
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass(frozen=True)
