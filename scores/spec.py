@@ -8,6 +8,7 @@ from pydantic import Field
 
 from scores.k8s import KubernetesDeploymentSpec, KubernetesManifestsSpec
 from scores.postgres import PostgresSpec
+from scores.postgres.cnpg import CloudNativePGSpec
 from scores.process import ProcessSpec
 from scores.systemd import SystemdUnitSpec
 
@@ -16,11 +17,13 @@ ScoreSpec = Annotated[
     | SystemdUnitSpec
     | KubernetesDeploymentSpec
     | KubernetesManifestsSpec
-    | PostgresSpec,
+    | PostgresSpec
+    | CloudNativePGSpec,
     Field(discriminator="kind"),
 ]
 
 __all__ = [
+    "CloudNativePGSpec",
     "KubernetesDeploymentSpec",
     "KubernetesManifestsSpec",
     "PostgresSpec",
