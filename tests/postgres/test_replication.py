@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+import pytest
 
 from scores.base import WorkloadState
 from scores.postgres.interpret import eligible_for_promotion
@@ -66,6 +67,18 @@ async def test_replicas_stream_over_verified_tls_and_report_status(cluster: Clus
     assert "sslmode=verify-full" in str(conninfo) and "target_session_attrs=read-write" in str(
         conninfo
     )
+
+    # Only a certificate from the trust bundle with CN=replicator may replicate.
+    repl = f"host=127.0.0.1 port={primary.port} user=replicator replication=true connect_timeout=3"
+    with pytest.raises(psycopg.OperationalError, match=r"no pg_hba\.conf entry"):
+        await query(f"{repl} sslmode=disable", "IDENTIFY_SYSTEM")
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        await query(f"{repl} sslmode=require", "IDENTIFY_SYSTEM")
+    cert, key = cluster.certs.files["d"]
+    verified = f"{repl} sslmode=verify-full sslrootcert={cluster.certs.bundle} sslcert={cert}"
+    assert len(await query(f"{verified} sslkey={key}", "IDENTIFY_SYSTEM")) == 1
+    # The checker notices what is missing.
+    assert await missing_ids(r1.dsn, [1, 10**9]) == [10**9]
 
     # The term is recorded in the database and visible to clients, on every instance.
     for node in (primary, r1, r2):
