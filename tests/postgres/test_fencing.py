@@ -7,6 +7,7 @@ is reported, and bounded as the Process Score's guard is (200 ms on a loaded mac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -54,6 +55,16 @@ def _tree(root: int) -> set[int]:
     return found
 
 
+async def _timed_insert(dsn: str, sql: str) -> float | None:
+    """When the INSERT's commit was acknowledged (CLOCK_BOOTTIME), or None if it failed."""
+    try:
+        await query(dsn, sql)
+    except psycopg.Error as exc:
+        print(f"busy statement failed: {exc}")
+        return None
+    return boottime()
+
+
 async def test_writes_stop_at_the_deadline_once_extensions_stop(cluster: Cluster) -> None:
     primary = await cluster.primary("a")
     interpret = primary.interpret
@@ -71,11 +82,29 @@ async def test_writes_stop_at_the_deadline_once_extensions_stop(cluster: Cluster
         assert await writer.write_one() is not None, writer.last_error
     assert writer.acks[-1].sent > first
 
+    # A statement busy on the CPU checks nothing but its own interrupts: it would commit
+    # after the deadline if only the postmaster died. Time one, then start one so that it
+    # straddles the deadline.
+    busy = "SELECT count(*) FROM generate_series(1, 20000000)"
+    interpret.extend_deadline(boottime() + 60)
+    began = boottime()
+    await query(primary.dsn, busy)
+    took = boottime() - began
+    interpret.extend_deadline(deadline := boottime() + max(1.5, took))
+
     # The agent hangs: nothing extends the deadline any more; a client keeps writing.
     pid = _postmaster(primary)
     members = _tree(pid)
     assert len(members) > 5, "expected the postmaster and its backends"
     writer.start()
+    await asyncio.sleep(max(0.0, deadline - took / 2 - boottime()))  # schedules load only
+    straddling = asyncio.create_task(
+        _timed_insert(
+            primary.dsn,
+            f"INSERT INTO harmony_test.acked (id, port) "
+            f"SELECT -1, inet_server_port() FROM ({busy}) AS s",
+        )
+    )
     await eventually(
         lambda: not any(_alive(p) for p in members),
         timeout=deadline - boottime() + 15,
@@ -83,6 +112,11 @@ async def test_writes_stop_at_the_deadline_once_extensions_stop(cluster: Cluster
         what="postgres and every backend to be killed at the deadline",
     )
     await writer.stop()
+    committed_at = await straddling
+    print(f"busy statement: {took:.2f}s, committed: {committed_at and committed_at - deadline}")
+    assert committed_at is None or committed_at <= deadline + LATE, (
+        f"a statement committed {committed_at - deadline:.3f}s after the deadline"
+    )
 
     late_acks = [ack for ack in writer.acks if ack.sent > deadline]
 
