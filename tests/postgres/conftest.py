@@ -8,6 +8,7 @@ binaries are missing; ``.ci/run`` installs them.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import glob
 import os
@@ -58,8 +59,9 @@ def require_postgres() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture
-def workdir(require_postgres: None) -> Iterator[Path]:
+@contextlib.contextmanager
+def make_workdir() -> Iterator[Path]:
+    """A short, world-traversable directory under /tmp, removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="hpg", dir="/tmp"))
     base.chmod(0o755)
     try:
@@ -67,6 +69,12 @@ def workdir(require_postgres: None) -> Iterator[Path]:
     finally:
         if not os.environ.get("HARMONY_KEEP_PG"):  # keep logs for a post-mortem
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir(require_postgres: None) -> Iterator[Path]:
+    with make_workdir() as base:
+        yield base
 
 
 @dataclass(frozen=True)
@@ -81,9 +89,8 @@ class Certs:
         return {"ca_file": str(self.bundle), "cert_file": str(cert), "key_file": str(key)}
 
 
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    base = tmp_path_factory.mktemp("pgcerts")
+def make_certs(base: Path) -> Certs:
+    base.mkdir(parents=True, exist_ok=True)
     cas = {site: SiteCA.create(site, base / site) for site in ("site-a", "site-b")}
     bundle = base / "bundle.pem"
     bundle.write_bytes(b"".join(cert_pem(ca.cert) for ca in cas.values()))
@@ -97,6 +104,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         key_path.chmod(0o600)  # root-only: the Score copies it for postgres
         files[site] = (cert_path, key_path)
     return Certs(bundle, files)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("pgcerts"))
 
 
 @dataclass
