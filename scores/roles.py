@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,17 @@ class ReplicatedInterpret(Interpret):
     @abstractmethod
     def endpoint(self) -> dict[str, Any]:
         """What replicas and clients need to reach this instance (host, port, ...)."""
+
+    def attach(self, ctx: RunContext) -> None:
+        """Learn app, site and paths without acting: an agent that restarted calls this
+        before ``status()`` or ``demote()`` when it has not started anything yet."""
+        del ctx
+
+    async def set_sync_standbys(self, names: Sequence[str]) -> Outcome:
+        """The replicas (``endpoint()["application_name"]``) a synchronous primary waits for;
+        called by the controller whenever the set of replicas changes."""
+        del names
+        return Outcome.done("this Score names no synchronous replicas", changed=False)
 
     async def apply(self, ctx: RunContext) -> Outcome:
         return await self.start_primary(ctx)

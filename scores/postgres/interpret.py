@@ -13,7 +13,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -262,7 +262,7 @@ class PostgresInterpret(ReplicatedInterpret):
     async def demote(self, primary: PrimaryInfo | None = None) -> Outcome:
         return await self._locked("demote", lambda: self._demote(primary))
 
-    async def set_sync_standbys(self, names: list[str] | tuple[str, ...]) -> Outcome:
+    async def set_sync_standbys(self, names: Sequence[str]) -> Outcome:
         """The replicas a synchronous primary waits for (``ANY 1``); empty: any replica."""
 
         async def run() -> Outcome:
