@@ -90,7 +90,10 @@ class LocalhostTopology(SystemdOverShell):
             await proc.wait()
             return CommandResult(tuple(argv), 124, "", f"timed out after {timeout}s")
         return CommandResult(
-            tuple(argv), proc.returncode or 0, out.decode(errors="replace"), err.decode("replace")
+            tuple(argv),
+            proc.returncode or 0,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
         )
 
     async def read_file(self, path: str) -> bytes | None:
