@@ -53,6 +53,8 @@ class SessionObs:
     ttl: float
     expired_epoch: str | None = None
     """An expiry newer than the live record names this epoch."""
+    live_since: float = NEG_INF
+    """Our clock when we first saw the live record's current sequence (its last renewal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,35 @@ class Verdict:
     ttl: float = 0.0
 
 
+def _claim_state(c: ClaimObs, f: FamilyObs, ttl: float) -> tuple[str, float, str]:
+    """Is another agent's claim alive in this store? (``live``, ``free`` or ``pending``) and
+    from when it stops counting (``pending``) or since when it is free (``free``).
+
+    A claim lives while its claimant's session *in this store* is alive with the claim's
+    epoch. Keys are per agent and never deleted, so every claim of the family is looked at,
+    not only the newest: a claim written out of turn (a compromised agent writes its keys
+    without the compare-and-set) cannot hide the real holder's. An expiry frees the claim
+    only a full ttl after we last saw the holder's session renewed: a forged expiry (no
+    compare-and-set, written while the holder was renewing) cannot shorten a takeover.
+    """
+    rec = c.record
+    sess = f.sessions.get(c.agent)
+    who = c.agent
+    if rec is not None and rec.state is not ClaimState.HELD:
+        return "free", c.since, f"{rec.state.value} by {who}"
+    if sess is None:  # no session here: only a forgetful store does this
+        return "pending", c.since + ttl, f"{who} has no session in {f.store}"
+    if rec is None or sess.epoch is None:  # unreadable: live until unchanged for a ttl
+        return "live", sess.since, f"held by {who}"
+    if sess.expired_epoch == rec.epoch:
+        return "pending", max(sess.since, sess.live_since + ttl), f"session of {who} expired"
+    if sess.epoch != rec.epoch:
+        return "free", sess.since, f"{who} opened a new epoch"
+    if not sess.alive:
+        return "free", sess.since, f"session of {who} closed"
+    return "live", sess.since, f"held by {who}"
+
+
 def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdict:
     """One store's view of one lease (see the module docstring)."""
     if not f.ready:
@@ -128,51 +159,55 @@ def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdic
     latest = f.latest
     if latest is None:
         return Verdict(Kind.FREE, "no claim", f.seq, f.since)
+    ttl = me.ttl
+    live: list[ClaimObs] = []
+    until = freed = NEG_INF
+    reasons: list[str] = []
+    for c in f.claims:
+        if c.agent == me.agent:
+            continue
+        state, at, why = _claim_state(c, f, ttl)
+        if state == "live":
+            live.append(c)
+        elif state == "pending":
+            until = max(until, at)
+            reasons.append(why)
+        else:
+            freed = max(freed, at)
+            reasons.append(why)
+    if live:
+        c = max(live, key=lambda c: (c.record.term if c.record else 0, c.seq))
+        sess = f.sessions[c.agent]
+        return Verdict(
+            Kind.HELD,
+            f"held by {c.agent}",
+            f.seq,
+            sess.since,
+            holder=c.agent,
+            term=c.record.term if c.record is not None else 0,
+            session_seq=sess.seq,
+            ttl=max(sess.ttl, ttl),
+        )
     rec, holder = latest.record, latest.agent
     if rec is not None and rec.state is ClaimState.HANDOVER:
         # Checked before ownership: our own handover to someone else binds us too.
         if rec.to in (me.agent, me.site):
-            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, NEG_INF)
+            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, max(NEG_INF, until))
         return Verdict(
-            Kind.FREE, f"handed over to {rec.to}, not taken", f.seq, latest.since + window
+            Kind.FREE,
+            f"handed over to {rec.to}, not taken",
+            f.seq,
+            max(latest.since + window, until),
         )
-    if holder == me.agent:
-        mine = (
-            rec is not None
-            and rec.state is ClaimState.HELD
-            and rec.epoch == me.epochs.get(f.store)
-            and rec.term > dropped
-        )
-        if mine and rec is not None:
-            return Verdict(Kind.MINE, f"our claim, term {rec.term}", f.seq, term=rec.term)
-        return Verdict(Kind.FREE, "our own earlier claim", f.seq, latest.since)
-    if rec is not None and rec.state is ClaimState.RELEASED:
-        return Verdict(Kind.FREE, f"released by {holder}", f.seq, latest.since)
-    sess = f.sessions.get(holder)
-    if sess is None:
-        return Verdict(
-            Kind.FREE, f"{holder} has no session in {f.store}", f.seq, latest.since + me.ttl
-        )
-    epoch = rec.epoch if rec is not None else None
-    if epoch is not None and sess.epoch is not None:
-        if sess.expired_epoch == epoch:
-            return Verdict(Kind.FREE, f"session of {holder} expired", f.seq, sess.since)
-        if sess.epoch != epoch:
-            if sess.seq < latest.seq:
-                return Verdict(Kind.UNKNOWN, f"inconsistent view of {holder}'s session")
-            return Verdict(Kind.FREE, f"{holder} opened a new epoch", f.seq, sess.since)
-        if not sess.alive:
-            return Verdict(Kind.FREE, f"session of {holder} closed", f.seq, sess.since)
-    return Verdict(
-        Kind.HELD,
-        f"held by {holder}",
-        f.seq,
-        sess.since,
-        holder=holder,
-        term=rec.term if rec is not None else 0,
-        session_seq=sess.seq,
-        ttl=max(sess.ttl, me.ttl),
-    )
+    ours = next((c for c in f.claims if c.agent == me.agent), None)
+    if ours is not None and ours.record is not None:
+        r = ours.record
+        if r.state is ClaimState.HELD and r.epoch == me.epochs.get(f.store) and r.term > dropped:
+            return Verdict(Kind.MINE, f"our claim, term {r.term}", f.seq, term=r.term)
+    why = "; ".join(sorted(set(reasons))) or "our own earlier claim"
+    if until > NEG_INF:
+        return Verdict(Kind.FREE, f"{why} (free once a ttl passed)", f.seq, until)
+    return Verdict(Kind.FREE, why, f.seq, max(freed, latest.since if holder == me.agent else freed))
 
 
 class Action(StrEnum):
@@ -230,7 +265,7 @@ def decide(
     verdicts = {b: classify(f, me, window=win, dropped=dropped) for b, f in families.items()}
 
     if held is not None:
-        return _holding(verdicts, held, q, me)
+        return _holding(verdicts, held, q, me, families)
     if not me.valid:
         return Decision(Action.WAIT, "our session is not valid: we cannot hold leases now")
 
@@ -297,15 +332,37 @@ def decide(
     )
 
 
-def _holding(verdicts: Mapping[str, Verdict], held: Held, q: int, me: Me) -> Decision:
+def _same_epoch(f: FamilyObs | None, me: Me) -> bool:
+    """Our own claim in this family still names our live epoch in its store."""
+    if f is None:
+        return True
+    ours = next((c for c in f.claims if c.agent == me.agent), None)
+    if ours is None:
+        return True  # our watch has not seen our claim yet
+    rec = ours.record
+    return rec is not None and rec.state is ClaimState.HELD and rec.epoch == me.epochs.get(f.store)
+
+
+def _holding(
+    verdicts: Mapping[str, Verdict],
+    held: Held,
+    q: int,
+    me: Me,
+    families: Mapping[str, FamilyObs],
+) -> Decision:
     if not me.valid:
         return Decision(Action.LOST, "our session is no longer valid", term=held.term)
-    overwritten = set()
-    for b, seq in held.claims.items():
-        v = verdicts.get(b)
-        if v is None or v.kind in (Kind.UNKNOWN, Kind.MINE) or v.seq < seq:
-            continue  # unreachable, still ours, or our watch has not caught up yet
-        overwritten.add(b)  # written after us, or our epoch in that store ended
+    # Our claim stands in a store while our epoch there is the one it names: a legitimate
+    # contender only writes over it after that epoch ended (and a newer claim written out
+    # of turn by a compromised agent does not end it).
+    overwritten = {
+        b
+        for b, v in verdicts.items()
+        if b in held.claims
+        and v.kind is not Kind.UNKNOWN
+        and v.kind is not Kind.MINE
+        and not _same_epoch(families.get(b), me)
+    }
     landed_late = {b for b, v in verdicts.items() if v.kind is Kind.MINE and v.term == held.term}
     support = (set(held.claims) - overwritten) | landed_late
     if len(support) < q:

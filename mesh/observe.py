@@ -28,10 +28,14 @@ class _Session:
     expiries: dict[str, tuple[int, str]] = field(default_factory=dict)
     """contender -> (seq, epoch it expired)."""
 
+    live_since: float = NEG_INF
+
     def obs(self) -> SessionObs:
         newest = max(self.expiries.values(), default=(0, ""))
         expired = newest[1] if newest[0] > self.live_seq else None
-        return SessionObs(self.seq, self.since, self.epoch, self.alive, self.ttl, expired)
+        return SessionObs(
+            self.seq, self.since, self.epoch, self.alive, self.ttl, expired, self.live_since
+        )
 
 
 @dataclass
@@ -88,6 +92,7 @@ class StoreCache:
             if parts.kind == "session":
                 rec = parse_session(value, key, seq) if value else None
                 sess.live_seq = seq
+                sess.live_since = now
                 sess.epoch = rec.epoch if rec is not None else None
                 sess.alive = rec is not None and rec.state.value == "alive"
                 sess.ttl = rec.ttl if rec is not None else 0.0

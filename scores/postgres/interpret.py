@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from scores.base import Observation, Outcome, RunContext, WorkloadState
+from scores.base import Deadline, Observation, Outcome, RunContext, WorkloadState
 from scores.postgres import config as cfg
 from scores.postgres.config import Layout, RoleSettings
 from scores.postgres.host import PgError, PgHost, boottime
@@ -205,9 +205,15 @@ class PostgresInterpret(ReplicatedInterpret):
         return socket.getfqdn()
 
     # ---------------------------------------------------------------- deadline (fencing)
-    def extend_deadline(self, monotonic_deadline: float) -> None:
+    def set_deadline(self, deadline: Deadline | None) -> None:
+        """Allow a primary to accept writes until this CLOCK_BOOTTIME instant (None: no
+        deadline). Pushed to the watchdog on every renewal: it does not follow the session
+        thread by itself, so ``follows_session`` makes no difference here."""
+        self.extend_deadline(deadline.at) if deadline is not None else self.clear_deadline()
+
+    def extend_deadline(self, at: float) -> None:
         """Allow a primary to accept writes until this CLOCK_BOOTTIME value."""
-        self._deadline = monotonic_deadline
+        self._deadline = at
         self._push_deadline()
 
     def clear_deadline(self) -> None:
@@ -744,7 +750,7 @@ class PostgresInterpret(ReplicatedInterpret):
     async def _start_primary(self, ctx: RunContext) -> Outcome:
         self.attach(ctx)
         if ctx.deadline is not None:
-            self._deadline = ctx.deadline
+            self._deadline = ctx.deadline.at
         self._check_deadline()
         layout = await self._prepare()
         state = await self._inspect()
@@ -864,7 +870,7 @@ COMMIT;
     async def _promote(self, ctx: RunContext) -> Outcome:
         self.attach(ctx)
         if ctx.deadline is not None:
-            self._deadline = ctx.deadline
+            self._deadline = ctx.deadline.at
         self._check_deadline()
         if self._deadline is not None and self._deadline - boottime() < MIN_DEADLINE_LEFT:
             raise PgError("deadline", "too little of the lease is left to promote safely")

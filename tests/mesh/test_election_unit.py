@@ -86,7 +86,7 @@ def test_an_expired_or_closed_or_reopened_session_frees_the_claim_in_that_store(
     base = held_by("site-a/n1")["a"]
     s = base.sessions["site-a/n1"]
     cases = {
-        "expired": SessionObs(11, NOW, s.epoch, True, TTL, expired_epoch=s.epoch),
+        "expired": SessionObs(11, NOW, s.epoch, True, TTL, s.epoch, live_since=NOW - 5),
         "closed": SessionObs(11, NOW, s.epoch, False, TTL),
         "opened a new epoch": SessionObs(11, NOW, "another", True, TTL),
     }
@@ -153,9 +153,12 @@ def test_holding_survives_a_lagging_watch_and_repairs_a_store() -> None:
     assert d.action is Action.HOLD and d.support == {"a", "b"} and d.writes == {"c": 10}
 
 
-def test_holding_is_lost_below_a_quorum() -> None:
-    fams = held_by("site-a/n1")  # someone else's claims replaced ours in every store
-    d = run(fams, held=Held(7, {"a": 3, "b": 3, "c": 3}))
+def test_holding_is_lost_when_our_epochs_end_below_a_quorum() -> None:
+    old = {
+        s: FamilyObs(s, True, 10, NOW, (ClaimObs(ME.agent, 10, NOW, ClaimRecord("gone", 7)),))
+        for s in STORES
+    }
+    d = run(old, held=Held(7, {"a": 10, "b": 10, "c": 10}))
     assert d.action is Action.LOST and "only 0 stores" in d.why
     assert (
         run(empty(), held=Held(7, {"a": 1}), me=Me(ME.agent, ME.site, ME.epochs, False, TTL)).action
@@ -179,3 +182,33 @@ def test_the_term_is_above_every_claim_seen_in_a_family() -> None:
     newer = ClaimObs("site-a/n1", 5, NOW - 10, ClaimRecord("y", 12, ClaimState.RELEASED))
     fams = {s: FamilyObs(s, True, 5, NOW - 10, (old, newer)) for s in STORES}
     assert run(fams).term == 42
+
+
+def test_a_claim_written_out_of_turn_neither_ends_a_holding_nor_frees_the_lease() -> None:
+    """A compromised agent writes its own claim key without the compare-and-set, newest in
+    every family: the real holder keeps holding and honest contenders see it held."""
+    real = held_by("site-a/n1")
+    for s in STORES:
+        f = real[s]
+        rogue = ClaimObs("site-e/n1", 20, NOW - 0.1, ClaimRecord("whatever", 99))
+        real[s] = FamilyObs(s, True, 20, NOW - 0.1, (*f.claims, rogue), f.sessions)
+    d = run(real)
+    assert d.action is Action.WAIT and "site-a/n1 in 3" in d.why
+    holder = Me("site-a/n1", "site-a", {s: f"ea-{s}" for s in STORES}, True, TTL)
+    d = run(real, me=holder, held=Held(7, {s: 10 for s in STORES}))
+    assert d.action is Action.HOLD and d.support == frozenset(STORES)
+
+
+def test_a_forged_expiry_frees_nothing_before_a_ttl_without_renewals() -> None:
+    """An expiry written without watching the session stale (no compare-and-set) ends the
+    holder's epoch, but the holder may still believe until its last renewal + ttl: the
+    lease is free only then."""
+    fams = held_by("site-a/n1")
+    for s in STORES:
+        f = fams[s]
+        sess = f.sessions["site-a/n1"]
+        forged = SessionObs(12, NOW, sess.epoch, True, TTL, sess.epoch, live_since=NOW - 0.3)
+        fams[s] = FamilyObs(s, True, 10, f.since, f.claims, {"site-a/n1": forged})
+    d = run(fams)
+    assert d.action is Action.WAIT and d.retry_at == NOW - 0.3 + TTL
+    assert run(fams, now=NOW - 0.3 + TTL).action is Action.ACQUIRE

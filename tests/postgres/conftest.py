@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from mesh.trust import SiteCA, cert_pem
-from scores.base import RunContext
+from scores.base import Deadline, RunContext
 from scores.postgres import PostgresSpec
 from scores.postgres.interpret import PostgresInterpret
 from scores.roles import PrimaryInfo
@@ -120,7 +120,8 @@ class Node:
     token: int = 1
 
     def ctx(self, token: int | None = None, deadline: float | None = None) -> RunContext:
-        return RunContext(APP, self.name, "n1", token or self.token, self.state_dir, deadline)
+        at = Deadline(deadline) if deadline is not None else None
+        return RunContext(APP, self.name, "n1", token or self.token, self.state_dir, at)
 
     @property
     def dsn(self) -> str:
