@@ -16,10 +16,10 @@ from pydantic import (
     model_validator,
 )
 
-from agent.config import SITE_PATTERN
+from agent.patterns import NAME_PATTERN as NAME_PATTERN  # noqa: PLC0414 (re-exported)
+from agent.patterns import SITE_PATTERN
 from scores.spec import ScoreSpec
 
-NAME_PATTERN = r"^[a-z0-9-]{1,63}$"
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
 
 
@@ -103,12 +103,22 @@ def format_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+def yaml_error(source: str, exc: yaml.YAMLError) -> str:
+    """``file:line:column: invalid YAML: problem (context)``, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{where}: invalid YAML: {' '.join(str(detail).split())}"
+
+
 def parse_documents(text: str, source: str = "<input>") -> list[Application]:
     """Parse multi-document YAML; raise ApplicationError naming document and field."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise ApplicationError(f"{source}: invalid YAML: {exc}".splitlines()[0]) from None
+        raise ApplicationError(yaml_error(source, exc)) from None
     apps: list[Application] = []
     seen: set[str] = set()
     for index, doc in enumerate(docs, start=1):
