@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import click
 
-from agent.cli.apply import load_applications
 from agent.cli.common import EXIT_BAD_INPUT, fail
-from agent.config import ConfigError, load_config
-from scores.check import missing_capabilities
 
 
 @click.command()
@@ -28,11 +25,16 @@ from scores.check import missing_capabilities
 )
 def check(path: str, config_path: str | None) -> None:
     """Validate Applications, and with --config their Scores against that topology."""
+    from agent.cli.apply import load_applications
+
     apps = load_applications(path)
     if config_path is None:
         for app in apps:
             click.echo(f"application/{app.name} valid")
         return
+    from agent.config import ConfigError, load_config
+    from scores.check import missing_capabilities
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -14,6 +14,19 @@ VOLATILE = frozenset({"generated_at", "last_seen", "age", "lease_age", "revision
 """Fields that change with every heartbeat or tick; ``--watch`` re-prints only when
 something else changes (health flips still show: ``healthy`` is not volatile)."""
 
+SUMMARY_OVER = 50
+"""More applications (or agents) than this: the table summarises unless ``--all``."""
+
+CONDITION_STYLE = {
+    "running": "green",
+    "partial": "yellow",
+    "moving": "cyan",
+    "no holder": "yellow",
+    "holder unhealthy": "red",
+    "failed": "bold red",
+    "fenced": "magenta",
+}
+
 STATE_STYLE = {
     "running": "green",
     "standby": "cyan",
@@ -166,9 +179,80 @@ def _trust(doc: dict[str, Any], wide: bool) -> Table:
     return table
 
 
-def render(doc: dict[str, Any], *, wide: bool = False) -> list[Any]:
-    """The renderables for one status document, sections in reading order."""
-    parts: list[Any] = [_sites(doc), _agents(doc, wide), _applications(doc, wide)]
+def condition(app: dict[str, Any], drained: set[str]) -> str:
+    """One word for where an application stands, for the summary of a large mesh:
+    ``running`` is the only state that needs no attention."""
+    if app["fenced"]:
+        return "fenced"
+    if any(i["state"] == "failed" and not i["stale"] for i in app["instances"]):
+        return "failed"
+    if app["trait"] == "stateless":
+        wanted = {s for s in app["sites"] if s not in drained}
+        held = {s["site"] for s in app["slots"] if s["holder"]}
+        if not held:
+            return "no holder"
+        return "running" if wanted <= held else "partial"
+    if app["lease_state"] == "handover":
+        return "moving"
+    if not app["holder"]:
+        return "no holder"
+    if not app["holder_healthy"]:
+        return "holder unhealthy"
+    return "running"
+
+
+def _counts(title: str, counts: dict[str, int], styles: dict[str, str]) -> Table:
+    table = _table(title, "COUNT")
+    for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(Text(name, styles.get(name, "")), str(count))
+    return table
+
+
+def _summarised(doc: dict[str, Any], wide: bool) -> list[Any]:
+    """Counts per state, then only what needs attention (``-o json`` has everything)."""
+    parts: list[Any] = [_sites(doc)]
+    agents = doc["agents"]
+    if len(agents) > SUMMARY_OVER:
+        up = sum(1 for a in agents if a["healthy"])
+        agent_counts = {"healthy": up, "unhealthy": len(agents) - up}
+        parts.append(_counts("AGENTS", agent_counts, {"healthy": "green", "unhealthy": "red"}))
+        sick = [a for a in agents if not a["healthy"]]
+        if sick:
+            parts.append(_agents({**doc, "agents": sick}, wide))
+    else:
+        parts.append(_agents(doc, wide))
+    apps = doc["applications"]
+    if len(apps) > SUMMARY_OVER:
+        drained = {s["name"] for s in doc["sites"] if s["drained"]}
+        conditions = {a["name"]: condition(a, drained) for a in apps}
+        counts: dict[str, int] = {}
+        for value in conditions.values():
+            counts[value] = counts.get(value, 0) + 1
+        parts.append(_counts("APPLICATIONS", counts, CONDITION_STYLE))
+        attention = [a for a in apps if conditions[a["name"]] != "running"]
+        if attention:
+            parts.append(_applications({**doc, "applications": attention}, wide))
+        parts.append(
+            Text(
+                f"{len(apps)} applications, {len(agents)} agents: "
+                f"{len(attention)} applications not running are listed; "
+                "--all lists every one, -o json has everything",
+                "dim",
+            )
+        )
+    else:
+        parts.append(_applications(doc, wide))
+    return parts
+
+
+def render(doc: dict[str, Any], *, wide: bool = False, full: bool = False) -> list[Any]:
+    """The renderables for one status document, sections in reading order. Beyond
+    ``SUMMARY_OVER`` applications or agents the listing is summarised unless ``full``."""
+    large = len(doc["applications"]) > SUMMARY_OVER or len(doc["agents"]) > SUMMARY_OVER
+    if large and not full:
+        parts = _summarised(doc, wide)
+    else:
+        parts = [_sites(doc), _agents(doc, wide), _applications(doc, wide)]
     parts.append(_trust(doc, wide) if doc["trust"] else Text("no trusted site CAs in the mesh"))
     parts += [Text(f"! {p}", "yellow") for p in doc["problems"]]
     return parts
