@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PKGS := agent mesh scores topologies
 
-.PHONY: demo test lint typecheck pytest soak bench bench-all clean
+.PHONY: demo test lint typecheck pytest soak bench bench-all bench-cli man clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,18 @@ bench-all: $(BIN)/activate
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/leases.py
 	$(BIN)/python bench/app_failover.py
+	$(BIN)/python bench/cli.py
 
 bench: $(BIN)/activate
 	$(BIN)/python bench/footprint.py
+
+# CLI start-up and round trips against a live agent (issue 15): bench/results/cli.json.
+bench-cli: $(BIN)/activate
+	$(BIN)/python bench/cli.py
+
+# Man pages generated from the command tree (tests/cli/test_manpages.py checks they are current).
+man: $(BIN)/activate
+	$(BIN)/python -m agent.cli.manpages docs/man
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
