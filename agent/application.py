@@ -18,6 +18,7 @@ from pydantic import (
 
 from agent.patterns import NAME_PATTERN as NAME_PATTERN  # noqa: PLC0414 (re-exported)
 from agent.patterns import SITE_PATTERN
+from agent.yaml_errors import yaml_error
 from scores.spec import ScoreSpec
 
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
@@ -101,16 +102,6 @@ def format_validation_error(err: ValidationError) -> str:
     elif first["type"] == "missing":
         msg = "field required"
     return f"{loc}: {msg}" if loc else msg
-
-
-def yaml_error(source: str, exc: yaml.YAMLError) -> str:
-    """``file:line:column: invalid YAML: problem (context)``, on one line."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
-    detail = f"{problem} ({context})" if context else problem
-    return f"{where}: invalid YAML: {' '.join(str(detail).split())}"
 
 
 def parse_documents(text: str, source: str = "<input>") -> list[Application]:

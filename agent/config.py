@@ -24,6 +24,7 @@ from pydantic_settings import (
 # Re-exported: code written before agent.patterns imports them from here.
 from agent.patterns import NODE_PATTERN as NODE_PATTERN  # noqa: PLC0414
 from agent.patterns import SITE_PATTERN as SITE_PATTERN  # noqa: PLC0414
+from agent.yaml_errors import yaml_error
 from scores.duration import Duration
 from topologies.config import LocalhostConfig, TopologyConfig
 
@@ -223,11 +224,7 @@ def load_config(path: str | Path | None = None, *, allow_zero_config: bool = Fal
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}"
-            ) from None
+            raise ConfigError(yaml_error(str(path), exc)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

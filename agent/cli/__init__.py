@@ -19,20 +19,44 @@ from agent.cli.options import mesh_options
 # name, "module:attribute", short help (shown by --help without importing the module).
 COMMANDS = (
     ("run", "agent.cli.run:run", "Run the agent daemon in the foreground."),
-    ("status", "agent.cli.status:status", "Show sites, agents, applications and trust."),
+    (
+        "status",
+        "agent.cli.status:status",
+        "Show sites, agents, applications and trust, as the mesh stores them.",
+    ),
     ("get", "agent.cli.get:get", "Print a stored resource (get app NAME)."),
     ("apply", "agent.cli.apply:apply", "Validate Applications, then store them in the mesh."),
-    ("delete", "agent.cli.apply:delete", "Remove an Application from the mesh."),
-    ("check", "agent.cli.check:check", "Validate Applications, optionally against a topology."),
-    ("cmd", "agent.cli.cmd:cmd", "Operate: failover, drain/undrain, fence/resume, ping."),
+    (
+        "delete",
+        "agent.cli.apply:delete",
+        "Remove an Application from the mesh; its agents stop it.",
+    ),
+    (
+        "check",
+        "agent.cli.check:check",
+        "Validate Applications, optionally against an agent's topology.",
+    ),
+    ("cmd", "agent.cli.cmd:cmd", "Operate the mesh: failover, drain/undrain, fence/resume, ping."),
     ("events", "agent.cli.events:events", "Print the mesh's event stream (harmony-events)."),
     ("logs", "agent.cli.logs:logs", "Print an application's workload output."),
     ("agent", "agent.cli.agents:agent", "Manage agent records (forget a departed agent)."),
     ("context", "agent.cli.context:context", "Save and select mesh connections."),
     ("ca", "agent.cli.ca:ca", "This site's certificate authority."),
-    ("trust", "agent.cli.ca:trust", "The trust bundle of every site's CA."),
-    ("completion", "agent.cli.completion:completion", "Print a shell completion script."),
-    ("demo", "agent.cli.demo:demo", "Three local sites, two applications, a live failover."),
+    (
+        "trust",
+        "agent.cli.ca:trust",
+        "The trust bundle: every trusted site's public CA certificate.",
+    ),
+    (
+        "completion",
+        "agent.cli.completion:completion",
+        "Print a shell completion script (bash, zsh or fish).",
+    ),
+    (
+        "demo",
+        "agent.cli.demo:demo",
+        "Three local sites, a stateful and a stateless application, a live failover.",
+    ),
 )
 
 

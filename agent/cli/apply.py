@@ -187,7 +187,11 @@ def diff(apps: list[Application], stored: dict[str, str], label: str) -> str:
 @mesh_options(timeout="5s")
 @click.pass_context
 def apply(ctx: click.Context, path: str, dry_run: bool, show_diff: bool) -> None:
-    """Validate Applications, then store them in the mesh (created/updated/unchanged)."""
+    """Validate Applications, then store them in the mesh.
+
+    Each is reported created, updated or unchanged; nothing is written if any document is
+    invalid.
+    """
     import asyncio
 
     from agent.commands.client import MeshError

@@ -40,7 +40,10 @@ def ca_dir_option(func: Any) -> Any:
 
 @click.group()
 def ca() -> None:
-    """This site's certificate authority (ECDSA P-256, 10 years; leaves 90 days)."""
+    """This site's certificate authority.
+
+    ECDSA P-256, valid 10 years; it issues leaf certificates of 90 days.
+    """
 
 
 @ca.command("init")

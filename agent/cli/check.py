@@ -24,7 +24,11 @@ from agent.cli.common import EXIT_BAD_INPUT, fail
     help="An agent configuration: check against its site and topology.",
 )
 def check(path: str, config_path: str | None) -> None:
-    """Validate Applications, and with --config their Scores against that topology."""
+    """Validate Applications, optionally against an agent's topology.
+
+    With --config, each Score is also checked against the capabilities of that agent's
+    topology. Nothing is written and no mesh is needed.
+    """
     from agent.cli.apply import load_applications
 
     apps = load_applications(path)

@@ -223,7 +223,7 @@ def verb_options(func: Any) -> Any:
 @click.group()
 @verb_options
 def cmd() -> None:
-    """Operate the mesh: failover, drain/undrain a site, fence/resume an application."""
+    """Operate the mesh: failover, drain/undrain, fence/resume, ping."""
 
 
 @cmd.command()

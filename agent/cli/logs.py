@@ -46,14 +46,13 @@ async def choose_agent(mesh: MeshClient, app: str, site: str | None) -> str:
         if not want:
             raise MeshError(f"no agent on {site} reports {app}")
     else:
-        want = [i for i in instances if i.state == "running"] or instances
+        # Where it runs now (reports of healthy agents first), else wherever it was.
+        running = [i for i in instances if i.state == "running"]
+        want = [i for i in running if not i.stale] or running or instances
         if not want:
             raise MeshError(f"no agent reports {app}: it has not run anywhere yet")
     agents = sorted({i.agent for i in want})
     if len(agents) > 1:
-        running = [i.agent for i in want if i.state == "running"]
-        if len(running) == 1:
-            return running[0]
         raise BadInput(f"{app} is on {', '.join(agents)}: choose one with --site")
     return agents[0]
 
@@ -117,7 +116,10 @@ async def show_logs(
 @mesh_options(timeout="5s")
 @click.pass_context
 def logs(ctx: click.Context, app: str, site: str | None, tail: int, follow: bool) -> None:
-    """Print an application's workload output (a Process workload's stdout and stderr)."""
+    """Print an application's workload output.
+
+    The stdout and stderr of its Process workload, read from the agent that runs it.
+    """
     import asyncio
     import contextlib
     import re

@@ -35,16 +35,19 @@ EXIT_STATUS = (
 
 
 def walk(
-    command: click.Command, path: tuple[str, ...] = (PROG,)
-) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-    """Every command with its path, the program first, subcommands in listing order."""
-    yield path, command
+    command: click.Command,
+    path: tuple[str, ...] = (PROG,),
+    parent: click.Context | None = None,
+) -> Iterator[tuple[tuple[str, ...], click.Command, click.Context]]:
+    """Every command with its path and context, the program first, subcommands in listing
+    order (contexts are chained, so inherited settings such as ``-h`` apply)."""
+    ctx = command.make_context(path[-1], [], parent=parent, resilient_parsing=True)
+    yield path, command, ctx
     if isinstance(command, click.Group):
-        ctx = click.Context(command, info_name=path[-1])
         for name in command.list_commands(ctx):
             sub = command.get_command(ctx, name)
             if sub is not None and not sub.hidden:
-                yield from walk(sub, (*path, name))
+                yield from walk(sub, (*path, name), ctx)
 
 
 def page_name(path: tuple[str, ...]) -> str:
@@ -66,9 +69,8 @@ def _paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n") if p.strip()]
 
 
-def render(path: tuple[str, ...], command: click.Command) -> str:
+def render(path: tuple[str, ...], command: click.Command, ctx: click.Context) -> str:
     """One man page in roff (man(7) macros)."""
-    ctx = click.Context(command, info_name=" ".join(path))
     title = "-".join(path).upper()
     help_text = command.help or ""
     short = command.get_short_help_str(limit=200)
@@ -122,7 +124,7 @@ def pages() -> dict[str, str]:
     """File name -> content, for the whole tree."""
     from agent.cli import cli
 
-    return {page_name(path): render(path, command) for path, command in walk(cli)}
+    return {page_name(path): render(path, command, ctx) for path, command, ctx in walk(cli)}
 
 
 def main(argv: list[str]) -> int:

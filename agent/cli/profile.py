@@ -182,10 +182,9 @@ def _load_yaml(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ProfileError(f"{path}{at}: invalid YAML: {problem}") from None
+        from agent.yaml_errors import yaml_error
+
+        raise ProfileError(yaml_error(str(path), exc)) from None
 
 
 def _text(value: Any, where: str) -> str | None:

@@ -16,6 +16,8 @@ something else changes (health flips still show: ``healthy`` is not volatile).""
 
 SUMMARY_OVER = 50
 """More applications (or agents) than this: the table summarises unless ``--all``."""
+LISTED_MAX = 50
+"""A summary lists at most this many applications (or agents) that need attention."""
 
 CONDITION_STYLE = {
     "running": "green",
@@ -209,8 +211,10 @@ def _counts(title: str, counts: dict[str, int], styles: dict[str, str]) -> Table
 
 
 def _summarised(doc: dict[str, Any], wide: bool) -> list[Any]:
-    """Counts per state, then only what needs attention (``-o json`` has everything)."""
+    """Counts per state, then only what needs attention, at most ``LISTED_MAX`` of each
+    (``--all`` lists everything, ``-o json`` has everything)."""
     parts: list[Any] = [_sites(doc)]
+    notes: list[str] = []
     agents = doc["agents"]
     if len(agents) > SUMMARY_OVER:
         up = sum(1 for a in agents if a["healthy"])
@@ -218,7 +222,8 @@ def _summarised(doc: dict[str, Any], wide: bool) -> list[Any]:
         parts.append(_counts("AGENTS", agent_counts, {"healthy": "green", "unhealthy": "red"}))
         sick = [a for a in agents if not a["healthy"]]
         if sick:
-            parts.append(_agents({**doc, "agents": sick}, wide))
+            parts.append(_agents({**doc, "agents": sick[:LISTED_MAX]}, wide))
+        notes.append(f"{len(agents)} agents, {_listed(len(sick), 'unhealthy')}")
     else:
         parts.append(_agents(doc, wide))
     apps = doc["applications"]
@@ -231,18 +236,18 @@ def _summarised(doc: dict[str, Any], wide: bool) -> list[Any]:
         parts.append(_counts("APPLICATIONS", counts, CONDITION_STYLE))
         attention = [a for a in apps if conditions[a["name"]] != "running"]
         if attention:
-            parts.append(_applications({**doc, "applications": attention}, wide))
-        parts.append(
-            Text(
-                f"{len(apps)} applications, {len(agents)} agents: "
-                f"{len(attention)} applications not running are listed; "
-                "--all lists every one, -o json has everything",
-                "dim",
-            )
-        )
+            parts.append(_applications({**doc, "applications": attention[:LISTED_MAX]}, wide))
+        notes.append(f"{len(apps)} applications, {_listed(len(attention), 'not running')}")
     else:
         parts.append(_applications(doc, wide))
+    parts.append(Text("; ".join(notes) + "; --all lists every one, -o json has everything", "dim"))
     return parts
+
+
+def _listed(count: int, what: str) -> str:
+    if count <= LISTED_MAX:
+        return f"{count} {what} listed"
+    return f"{count} {what}, the first {LISTED_MAX} listed"
 
 
 def render(doc: dict[str, Any], *, wide: bool = False, full: bool = False) -> list[Any]:
