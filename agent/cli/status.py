@@ -7,6 +7,7 @@ disagree; with many applications or agents it summarises (``--all`` lists every 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -166,60 +167,57 @@ async def _watch(profile: Profile, timeout: float, output: str, view: View) -> N
 async def _watch_loop(
     mesh: MeshClient, state: MeshState, changed: Any, output: str, view: View
 ) -> None:
+    """On a terminal, a dashboard redrawn in place; into a pipe, a new snapshot only when
+    something other than ages and timestamps changed (JSON Lines with ``-o json``)."""
     import asyncio
     import contextlib
     import sys
 
-    from agent.cli.status_render import render, stable
+    from agent.cli.status_render import stable
     from agent.commands.client import MeshError
 
-    tty = sys.stdout.isatty() and output != "json"
-    live: Any = None
-    if tty:
-        from rich.live import Live
-
-        live = Live(auto_refresh=False, console=_console(live=True))
-        live.start()
+    live = sys.stdout.isatty() and output != "json"
+    if live:
+        sys.stdout.write("\x1b[2J")  # clear once; each frame then redraws from home
     last: Any = None
-    try:
-        while True:
-            if not mesh.nc.is_connected:
-                raise MeshError("lost the connection to the mesh")
-            doc = status_document(state.snapshot(), _now())
-            key = stable(doc)
-            if live is not None:
-                from rich.console import Group
-
-                live.update(Group(*render(doc, wide=view.wide, full=view.full)), refresh=True)
-            elif key != last:
-                _emit(doc, output, view, watch=True)
-            last = key
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), WATCH_TICK)
-                await asyncio.sleep(WATCH_DEBOUNCE)  # coalesce a burst of writes
-            changed.clear()
-    finally:
-        if live is not None:
-            live.stop()
+    while True:
+        if not mesh.nc.is_connected:
+            raise MeshError("lost the connection to the mesh")
+        doc = status_document(state.snapshot(), _now())
+        key = stable(doc)
+        if live:
+            # Home, draw, clear what is left of the previous frame below.
+            sys.stdout.write("\x1b[H" + _table(doc, view).replace("\n", "\x1b[K\n") + "\x1b[J")
+            sys.stdout.flush()
+        elif key != last:
+            _emit(doc, output, view, watch=True)
+        last = key
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), WATCH_TICK)
+            await asyncio.sleep(WATCH_DEBOUNCE)  # coalesce a burst of writes
+        changed.clear()
 
 
-def _console(*, live: bool = False) -> Any:
-    """Colours only on a terminal. Only the live dashboard is fitted to the terminal's
-    width (it redraws in place); printed tables are never truncated, long lines wrap."""
-    import sys
-
-    from rich.console import Console
-
-    tty = sys.stdout.isatty()
-    return Console(highlight=False, width=None if live else 250, no_color=not tty)
-
-
+@dataclass(frozen=True)
 class View:
     """How the table is drawn: ``wide`` columns, ``full``: every row even at scale."""
 
-    def __init__(self, *, wide: bool, full: bool) -> None:
-        self.wide = wide
-        self.full = full
+    wide: bool
+    full: bool
+
+
+def _color() -> bool:
+    """Colours only on a terminal, and never with NO_COLOR set (no-color.org)."""
+    import os
+    import sys
+
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _table(doc: dict[str, Any], view: View) -> str:
+    from agent.cli.status_render import draw, render
+
+    return draw(render(doc, wide=view.wide, full=view.full), _color())
 
 
 def _emit(doc: dict[str, Any], output: str, view: View, *, watch: bool = False) -> None:
@@ -228,22 +226,9 @@ def _emit(doc: dict[str, Any], output: str, view: View, *, watch: bool = False) 
 
     if output == "json":
         text = json.dumps(doc, separators=(",", ":")) if watch else json.dumps(doc, indent=2)
-        click.echo(text)
     else:
-        from rich.table import Table
-
-        from agent.cli.status_render import render
-
-        console = _console()
-        with console.capture() as capture:
-            if watch:
-                console.print(f"--- {doc['generated_at']}")
-            for n, part in enumerate(render(doc, wide=view.wide, full=view.full)):
-                if n and isinstance(part, Table):
-                    console.print()
-                console.print(part)
-        text = "\n".join(line.rstrip() for line in capture.get().splitlines())
-        click.echo(text)
+        text = (f"--- {doc['generated_at']}\n" if watch else "") + _table(doc, view)
+    click.echo(text)
     sys.stdout.flush()
 
 
