@@ -217,3 +217,18 @@ def test_internal_errors_are_one_line_too(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HARMONY_DEBUG", "1")
     debug = CliRunner().invoke(root, ["boom"])
     assert isinstance(debug.exception, RuntimeError)
+
+
+async def test_health_endpoint_bind_failure_is_one_line(busy_port: int) -> None:
+    """The race ``run``'s check cannot close (the port taken between check and bind) ends
+    the same way: ``ListenError`` with one line, which ``run`` turns into exit 2."""
+    from agent.health import HealthServer, ListenError
+
+    server = HealthServer(
+        f"127.0.0.1:{busy_port}", liveness=lambda: (True, {}), readiness=lambda: (True, {})
+    )
+    with pytest.raises(ListenError) as info:
+        await server.start()
+    assert str(info.value) == (
+        f"health endpoint 127.0.0.1:{busy_port}: cannot listen: address already in use"
+    )
