@@ -68,9 +68,10 @@ async def test_rotation_and_truncation_restart_at_zero(plane_with_logs: Plane) -
     path.write_text("old 1\nold 2\n")
     first = await ask(plane)
     os.rename(path, path.with_suffix(".log.1"))  # what the guard's rotation does
-    path.write_text("new 1\n")
+    path.write_text("new 1\nnew 2\nnew 3\n")  # already longer than the old offset
     after = await ask(plane, offset=first.fields["offset"], inode=first.fields["inode"])
-    assert after.fields["restarted"] is True and after.fields["data"] == "new 1\n"
+    assert after.fields["restarted"] is True
+    assert after.fields["data"] == "new 1\nnew 2\nnew 3\n"
 
     path.write_text("")  # truncated in place: same inode, shorter than the offset
     cut = await ask(plane, offset=after.fields["offset"], inode=after.fields["inode"])
