@@ -53,11 +53,14 @@ def run(config_path: str | None) -> None:
 
     from agent.commands.server import CommandServer
     from agent.daemon import Agent
+    from mesh.embedded import PortInUse
 
+    # Until the daemon passes state_dir to its CommandServer (diff for agent/daemon.py in
+    # the issue 15 report), the logs verb learns it here.
     CommandServer.default_state_dir = config.state_dir
     try:
         code = uvloop.run(Agent(config).run())
-    except ListenError as exc:  # taken between our check and the bind
+    except (ListenError, PortInUse) as exc:  # taken between our check and the bind
         fail(str(exc), EXIT_BAD_INPUT)
     sys.exit(code)
 
