@@ -47,7 +47,8 @@ def event_record(msg: Msg) -> dict[str, Any]:
 def event_line(record: dict[str, Any]) -> str:
     """``TIME WHO EVENT APP [token N] sentence``, one line whatever the event carries."""
     parts = record["subject"].split(".")
-    if parts[:2] == ["harmony", "audit"] and len(parts) >= 4:
+    audit = parts[:2] == ["harmony", "audit"] and len(parts) >= 4
+    if audit:
         who, event = f"audit:{parts[2]}", parts[3]
     else:
         who = str(record.get("agent") or "/".join(parts[2:4]))
@@ -56,13 +57,10 @@ def event_line(record: dict[str, Any]) -> str:
     token = record.get("fencing_token")
     sentence = record.get("sentence") or record.get("message") or record.get("detail") or ""
     if not sentence:
-        extra = {
-            k: v
-            for k, v in record.items()
-            if k not in {"subject", "seq", "time", "agent", "site", "node", "event", "app"}
-            and k != "fencing_token"
-        }
-        sentence = " ".join(f"{k}={v}" for k, v in extra.items())
+        shown = {"subject", "seq", "time", "app", "fencing_token"}
+        if not audit:
+            shown |= {"agent", "site", "node", "event"}
+        sentence = " ".join(f"{k}={v}" for k, v in record.items() if k not in shown)
     text = f"{record['time']}  {who}  {event}  {app}"
     if token is not None:
         text += f"  token {token}"

@@ -317,3 +317,29 @@ async def test_drain_of_the_only_site_says_what_stops(mesh: Mesh, invoke: Invoke
         )
     finally:
         await server.stop()
+
+
+async def test_events_include_the_v2_audit_trail(mesh: Mesh, invoke: Invoke) -> None:
+    """With the v2 stream (``harmony.audit.<user>.<verb>`` captured too), both kinds are
+    read through one consumer with two filters, in stream order."""
+    from nats.js.api import StreamConfig
+
+    from mesh.names import EVENTS_STREAM
+
+    js = mesh.nc.jetstream()
+    info = await js.stream_info(EVENTS_STREAM)
+    config: StreamConfig = info.config
+    config.subjects = ["harmony.events.>", "harmony.audit.>"]
+    await js.update_stream(config)
+    await publish_event(mesh, "site-a", "started", "ledger", 3)
+    audit = {"verb": "drain", "site": "site-b", "reason": "kernel update"}
+    await js.publish("harmony.audit.alice.drain", json.dumps(audit).encode())
+
+    lines = (await invoke("events", "-s", mesh.url)).stdout.splitlines()
+    assert len(lines) == 2 and "site-a/node-1  started  ledger" in lines[0]
+    assert lines[1].split("  ")[1:] == [
+        "audit:alice",
+        "drain",
+        "-",
+        "verb=drain site=site-b reason=kernel update",
+    ]
