@@ -16,10 +16,11 @@ from pydantic import (
     model_validator,
 )
 
-from agent.config import SITE_PATTERN
+from agent.patterns import NAME_PATTERN as NAME_PATTERN  # noqa: PLC0414 (re-exported)
+from agent.patterns import SITE_PATTERN
+from agent.yaml_errors import yaml_error
 from scores.spec import ScoreSpec
 
-NAME_PATTERN = r"^[a-z0-9-]{1,63}$"
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
 
 
@@ -108,7 +109,7 @@ def parse_documents(text: str, source: str = "<input>") -> list[Application]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise ApplicationError(f"{source}: invalid YAML: {exc}".splitlines()[0]) from None
+        raise ApplicationError(yaml_error(source, exc)) from None
     apps: list[Application] = []
     seen: set[str] = set()
     for index, doc in enumerate(docs, start=1):

@@ -15,16 +15,30 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+# Re-exported: code written before agent.patterns imports them from here.
+from agent.patterns import NODE_PATTERN as NODE_PATTERN  # noqa: PLC0414
+from agent.patterns import SITE_PATTERN as SITE_PATTERN  # noqa: PLC0414
 from agent.timing import Timing
+from agent.yaml_errors import yaml_error
 from scores.duration import Duration
 from topologies.config import LocalhostConfig, TopologyConfig
 
 ENV_PREFIX = "HARMONY_AGENT_"
 CONFIG_ENV = "HARMONY_AGENT_CONFIG"
-SITE_PATTERN = r"^[a-z0-9-]{1,63}$"
-NODE_PATTERN = r"^[a-z0-9_-]{1,63}$"
+ZERO_CONFIG_OFF = (
+    "HARMONY_AGENT_NATS",
+    "HARMONY_AGENT_NATS__SERVERS",
+    "HARMONY_AGENT_NATS__EMBEDDED",
+)
+"""Variables that point the agent at a mesh of its own choosing: with any of them set, the
+zero-configuration local defaults (an embedded single-node mesh) no longer apply."""
 
 
 class ConfigError(Exception):
@@ -236,8 +250,16 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc or 'config'}: {msg}{more}"
 
 
-def _has_env_config() -> bool:
-    return any(k.startswith(ENV_PREFIX) and k != CONFIG_ENV for k in os.environ)
+def zero_config_blockers() -> list[str]:
+    """The variables that switch the zero-configuration defaults off (see ZERO_CONFIG_OFF)."""
+    return sorted(k for k in os.environ if k.upper() in ZERO_CONFIG_OFF)
+
+
+def _connectable(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"nats://{host}:{port}"
 
 
 def local_defaults() -> dict[str, Any]:
@@ -266,24 +288,36 @@ def load_config(path: str | Path | None = None, *, allow_zero_config: bool = Fal
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}"
-            ) from None
+            raise ConfigError(yaml_error(str(path), exc)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of fields at the top level")
         data = loaded
-    elif allow_zero_config and not _has_env_config():
-        data = local_defaults()
-        where = "built-in local defaults"
+    zero_config = False
+    if not path and allow_zero_config:
+        blockers = zero_config_blockers()
+        if blockers:
+            where = f"environment (zero-config off: {', '.join(blockers)} is set)"
+        else:
+            data, zero_config = local_defaults(), True
+            where = "built-in local defaults"
     try:
-        return AgentConfig(**data)
+        config = AgentConfig(**data)
     except ValidationError as exc:
         loc = [str(p) for p in exc.errors()[0]["loc"]]
         env_name = ENV_PREFIX + "__".join(loc[:2]).upper()
         if env_name in os.environ:
             where = env_name
         raise ConfigError(f"{where}: {_format_error(exc)}") from None
+    except SettingsError as exc:
+        raise ConfigError(
+            f"environment: {exc} (lists and mappings are JSON, e.g. "
+            """HARMONY_AGENT_NATS__SERVERS='["nats://10.0.0.1:4222"]')"""
+        ) from None
+    if zero_config:
+        # The local agent connects to the server it embeds, wherever HARMONY_AGENT_NATS__LISTEN
+        # moved it (servers cannot be set here: that variable switches zero-config off).
+        nats = config.nats.model_copy(update={"servers": [_connectable(config.nats.listen)]})
+        config = config.model_copy(update={"nats": nats})
+    return config

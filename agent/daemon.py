@@ -43,7 +43,7 @@ from agent.trust_sync import sync_bundle
 from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
 from mesh.clock import boottime, now_rfc3339
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
-from mesh.embedded import EmbeddedServer, ServerSpec
+from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
 from mesh.leases import LeaseManager
 from mesh.names import agent_key, inbox_prefix, status_subject
 from mesh.session import SessionThread, SessionView
@@ -296,6 +296,7 @@ class Agent:
             node=cfg.node,
             failover=ctl.failover,
             handler_timeout=self.timing.handler_timeout,
+            state_dir=cfg.state_dir,
         )
         await self.commands.start()
         ctl.on_held_changed.append(self.commands.sync_apps)
@@ -476,7 +477,7 @@ class Agent:
                 await self.shutdown()
                 return 0
             exc = starting.exception()
-            if isinstance(exc, MeshMismatch):
+            if isinstance(exc, MeshMismatch | PortInUse):
                 await self.shutdown()
                 raise StartupError(str(exc))
             if exc is not None:

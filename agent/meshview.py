@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nats.js.kv import KeyValue
-
-from agent.application import Application
 from agent.commands.marks import Mark, parse_mark
 from mesh.names import STATE_BUCKET, STORE_PREFIX, TRUST_BUCKET
 from mesh.records import ClaimState, parse_claim, parse_key, parse_session
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
 
 STALE_FACTOR = 2.0
 INSTANCE_STATES = frozenset({"running", "standby", "stopped", "fenced", "failed"})
@@ -136,10 +136,60 @@ class TrustView:
     revision: int
 
 
+TRAITS = frozenset({"stateful", "stateless"})
+STRATEGIES = frozenset({"AbsoluteConsistency", "SplitBrainAllowed"})
+RECONCILES = frozenset({"keep-newest", "keep-oldest"})
+
+
+@dataclass(frozen=True)
+class AppView:
+    """What a reader shows of a stored Application (``app.<name>``), decoded without the
+    pydantic models: ``apply`` validated it when it was written, and a display must stay
+    cheap (``status`` would otherwise spend most of its time importing pydantic)."""
+
+    name: str
+    trait: str
+    strategy: str
+    reconcile: str
+    sites: tuple[str, ...]
+    score: str
+
+    @classmethod
+    def decode(cls, name: str, raw: bytes) -> AppView | None:
+        """None when the value is not an Application this version can show."""
+        doc = _json(raw)
+        spec = doc.get("spec") if doc else None
+        if not isinstance(spec, dict) or doc is None or doc.get("kind") != "Application":
+            return None
+        failover = spec.get("failover") or {}
+        placement = spec.get("placement") or {}
+        score = spec.get("score") or {}
+        if not (
+            isinstance(failover, dict) and isinstance(placement, dict) and isinstance(score, dict)
+        ):
+            return None
+        trait = spec.get("trait")
+        strategy = failover.get("strategy", "AbsoluteConsistency")
+        reconcile = failover.get("reconcile", "keep-newest")
+        sites = placement.get("sites")
+        kind = score.get("kind")
+        if (
+            trait not in TRAITS
+            or strategy not in STRATEGIES
+            or reconcile not in RECONCILES
+            or not isinstance(sites, list)
+            or not sites
+            or not all(isinstance(x, str) for x in sites)
+            or not isinstance(kind, str)
+        ):
+            return None
+        return cls(name, trait, strategy, reconcile, tuple(sites), kind)
+
+
 @dataclass(frozen=True)
 class MeshSnapshot:
     agents: dict[str, AgentView]
-    apps: dict[str, Application]
+    apps: dict[str, AppView]
     leases: dict[str, LeaseView]
     trust: dict[str, TrustView]
     drains: dict[str, Mark]
@@ -152,7 +202,7 @@ class MeshSnapshot:
     def sites(self) -> list[str]:
         names = {a.site for a in self.agents.values()} | set(self.trust) | set(self.drains)
         for app in self.apps.values():
-            names.update(app.spec.placement.sites)
+            names.update(app.sites)
         return sorted(names)
 
     def lease_of(self, app: str) -> LeaseView | None:
@@ -227,10 +277,11 @@ def _state_entry(snap: MeshSnapshot, key: str, raw: Raw) -> None:
         if data is not None:
             snap.reports.setdefault(parts[1], {})[f"{parts[2]}/{parts[3]}"] = data
     elif parts[0] == "app" and len(parts) == 2:
-        try:
-            snap.apps[parts[1]] = Application.from_json(raw.value)
-        except (ValueError, RecursionError):
+        app = AppView.decode(parts[1], raw.value)
+        if app is None:
             snap.problems.append(f"harmony-state {key}: not a valid Application")
+        else:
+            snap.apps[parts[1]] = app
     else:
         mark = parse_mark(key, raw.value, raw.revision)
         if mark is not None:

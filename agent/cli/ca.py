@@ -1,34 +1,27 @@
-"""``harmony-agent ca`` (this site's CA) and ``harmony-agent trust`` (the federated bundle)."""
+"""``harmony-agent ca`` (this site's CA) and ``harmony-agent trust`` (the federated bundle).
+
+``trust`` talks to the mesh like every other command: the connection options, a deadline
+(``--timeout``, default 5s) on the connection and on every read and write, one line when
+anything fails.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import nats
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
-from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
-from mesh.names import TRUST_BUCKET, trust_key
-from mesh.trust import (
-    SiteCA,
-    TrustError,
-    bundle,
-    cert_pem,
-    fingerprint,
-    load_ca_certificate,
-    rfc3339,
-    site_of,
-    trust_entry,
-    write_private,
-)
+from agent.cli.common import EXIT_BAD_INPUT, fail
+from agent.cli.completion_names import complete_sites
+from agent.cli.options import mesh_options, settings
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
 
 T = TypeVar("T")
 DEFAULT_CA_DIR = "/var/lib/harmony-agent/ca"
@@ -47,7 +40,10 @@ def ca_dir_option(func: Any) -> Any:
 
 @click.group()
 def ca() -> None:
-    """This site's certificate authority (ECDSA P-256, 10 years; leaves 90 days)."""
+    """This site's certificate authority.
+
+    ECDSA P-256, valid 10 years; it issues leaf certificates of 90 days.
+    """
 
 
 @ca.command("init")
@@ -55,6 +51,8 @@ def ca() -> None:
 @ca_dir_option
 def ca_init(site: str, directory: Path) -> None:
     """Create the site's root CA (once)."""
+    from mesh.trust import SiteCA, TrustError, fingerprint
+
     try:
         authority = SiteCA.create(site, directory)
     except TrustError as exc:
@@ -75,6 +73,8 @@ def ca_issue(
     name: str, dns: tuple[str, ...], ip: tuple[str, ...], days: int, out: Path, directory: Path
 ) -> None:
     """Issue a leaf certificate NAME (for a nats-server or an agent) signed by this site."""
+    from mesh.trust import SiteCA, TrustError, cert_pem, rfc3339, write_private
+
     try:
         authority = SiteCA.load(directory)
         cert, key_pem = authority.issue(name, dns=list(dns), ips=list(ip), days=days)
@@ -92,6 +92,8 @@ def ca_issue(
 @ca_dir_option
 def ca_show(directory: Path) -> None:
     """Print the site CA's public facts."""
+    from mesh.trust import SiteCA, TrustError, fingerprint, rfc3339
+
     try:
         authority = SiteCA.load(directory)
     except TrustError as exc:
@@ -109,31 +111,38 @@ def ca_show(directory: Path) -> None:
     )
 
 
-async def _with_trust(url: str, action: Callable[[KeyValue], Awaitable[T]]) -> T:
+def _with_trust(ctx: click.Context, action: Callable[[KeyValue], Awaitable[T]]) -> T:
+    """Run ``action`` on the trust bucket; every step bounded by ``--timeout``."""
+    import asyncio
+
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+
+    from agent.commands.client import MeshError, open_mesh
+    from mesh.names import TRUST_BUCKET
+
+    opts = settings(ctx)
+
+    async def run() -> T:
+        async with open_mesh(opts.profile, opts.timeout) as mesh:
+            kv = await mesh.bucket(TRUST_BUCKET)
+            try:
+                return await asyncio.wait_for(action(kv), opts.timeout)
+            except (NatsError, JsError, TimeoutError) as exc:
+                raise MeshError(
+                    f"trust bucket: {mesh.explain(exc)} (timeout {opts.timeout:g}s)"
+                ) from None
+
     try:
-        nc = await nats.connect(servers=servers(url), connect_timeout=3, max_reconnect_attempts=0)
-    except Exception as exc:
-        fail(f"mesh unreachable at {url}: {exc.__class__.__name__}")
-    try:
-        kv = await nc.jetstream(timeout=5).key_value(TRUST_BUCKET)
-        return await action(kv)
-    except (TimeoutError, nats.errors.Error) as exc:
-        fail(f"mesh error: {exc!r}")
-    finally:
-        await nc.close()
+        return asyncio.run(run())
+    except MeshError as exc:
+        fail(str(exc))
 
 
 async def _entries(kv: KeyValue) -> list[bytes]:
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
-    values = []
-    for key in keys:
-        entry = await kv.get(key)
-        if entry.value:
-            values.append(entry.value)
-    return values
+    from agent.commands.marks import live_entries
+
+    return [e.value for e in await live_entries(kv, "ca.*") if e.value]
 
 
 @click.group()
@@ -143,9 +152,13 @@ def trust() -> None:
 
 @trust.command("add")
 @click.argument("file", type=click.File("rb"))
-@server_option
-def trust_add(file: Any, server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_add(ctx: click.Context, file: Any) -> None:
     """Trust a site's CA certificate FILE (PEM); every agent reloads its bundle."""
+    from mesh.names import trust_key
+    from mesh.trust import TrustError, fingerprint, load_ca_certificate, site_of, trust_entry
+
     try:
         cert = load_ca_certificate(file.read(), file.name)
         site = site_of(cert)
@@ -155,15 +168,19 @@ def trust_add(file: Any, server: str) -> None:
     async def put(kv: KeyValue) -> int:
         return await kv.put(trust_key(site), trust_entry(cert))
 
-    asyncio.run(_with_trust(server, put))
+    _with_trust(ctx, put)
     click.echo(f"trusted {site} {fingerprint(cert)}")
 
 
 @trust.command("revoke")
-@click.argument("site")
-@server_option
-def trust_revoke(site: str, server: str) -> None:
+@click.argument("site", shell_complete=complete_sites)
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_revoke(ctx: click.Context, site: str) -> None:
     """Remove SITE's CA from every bundle; its servers can no longer connect."""
+    from nats.js.errors import KeyNotFoundError
+
+    from mesh.names import trust_key
 
     async def delete(kv: KeyValue) -> bool:
         try:
@@ -173,22 +190,26 @@ def trust_revoke(site: str, server: str) -> None:
         await kv.delete(trust_key(site))
         return True
 
-    if not asyncio.run(_with_trust(server, delete)):
+    if not _with_trust(ctx, delete):
         fail(f"site {site!r} is not in the trust bundle", EXIT_BAD_INPUT)
     click.echo(f"revoked {site}")
 
 
 @trust.command("list")
-@server_option
-def trust_list(server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_list(ctx: click.Context) -> None:
     """One line per trusted site: fingerprint and expiry."""
-    for raw in asyncio.run(_with_trust(server, _entries)):
+    for raw in _with_trust(ctx, _entries):
         data = json.loads(raw)
         click.echo(f"{data['site']:<20} {data['fingerprint']}  not after {data['not_after']}")
 
 
 @trust.command("bundle")
-@server_option
-def trust_bundle(server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_bundle(ctx: click.Context) -> None:
     """Print the bundle (PEM), as every agent writes it for its nats-server."""
-    sys.stdout.buffer.write(bundle(asyncio.run(_with_trust(server, _entries))))
+    from mesh.trust import bundle
+
+    sys.stdout.buffer.write(bundle(_with_trust(ctx, _entries)))

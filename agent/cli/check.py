@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import click
 
-from agent.cli.apply import load_applications
 from agent.cli.common import EXIT_BAD_INPUT, fail
-from agent.config import ConfigError, load_config
-from scores.check import missing_capabilities
 
 
 @click.command()
@@ -27,12 +24,21 @@ from scores.check import missing_capabilities
     help="An agent configuration: check against its site and topology.",
 )
 def check(path: str, config_path: str | None) -> None:
-    """Validate Applications, and with --config their Scores against that topology."""
+    """Validate Applications, optionally against an agent's topology.
+
+    With --config, each Score is also checked against the capabilities of that agent's
+    topology. Nothing is written and no mesh is needed.
+    """
+    from agent.cli.apply import load_applications
+
     apps = load_applications(path)
     if config_path is None:
         for app in apps:
             click.echo(f"application/{app.name} valid")
         return
+    from agent.config import ConfigError, load_config
+    from scores.check import missing_capabilities
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:
