@@ -4,11 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PKGS := agent mesh scores topologies
 
-<<<<<<< HEAD
-.PHONY: demo test lint typecheck pytest soak bench bench-all clean image image-base image-cold
-=======
-.PHONY: demo test lint typecheck pytest soak bench bench-all bench-cli man clean
->>>>>>> h-cli
+.PHONY: demo test lint typecheck pytest soak bench bench-all bench-cli man clean image image-base image-cold
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +46,6 @@ bench-all: $(BIN)/activate
 bench: $(BIN)/activate
 	$(BIN)/python bench/footprint.py
 
-<<<<<<< HEAD
 # Container image (Containerfile), from Debian packages and wheels only (deploy/image/build.sh).
 # image-base: the Debian bookworm root file system, debootstrapped once into
 #   $(HARMONY_IMAGE_CACHE) (cold: about 1-2 minutes; cached: seconds). The image test in
@@ -70,7 +65,7 @@ image-cold: $(BIN)/activate
 	cache=$$(mktemp -d /var/tmp/harmony-image-cold.XXXXXX) && \
 	podman --runtime runc --cgroup-manager cgroupfs rmi "$$(HARMONY_IMAGE_CACHE=$$cache deploy/image/build.sh base-tag)" >/dev/null 2>&1; \
 	HARMONY_IMAGE_CACHE=$$cache deploy/image/build.sh image; rc=$$?; rm -rf "$$cache"; exit $$rc
-=======
+
 # CLI start-up and round trips against a live agent (issue 15): bench/results/cli.json.
 bench-cli: $(BIN)/activate
 	$(BIN)/python bench/cli.py
@@ -78,7 +73,6 @@ bench-cli: $(BIN)/activate
 # Man pages generated from the command tree (tests/cli/test_manpages.py checks they are current).
 man: $(BIN)/activate
 	$(BIN)/python -m agent.cli.manpages docs/man
->>>>>>> h-cli
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

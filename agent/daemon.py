@@ -107,7 +107,8 @@ class Agent:
         self.controller: Controller | None = None
         self.commands: CommandServer | None = None
         self.last_cycle: float | None = None
-        self.exit_code = 0
+        self.started = False
+        """Every component is up (readiness waits for it)."""
 
     # --- facts -----------------------------------------------------------------------------
 
@@ -126,6 +127,7 @@ class Agent:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail = {
+            "started": self.started,
             "connected": self.connection.connected,
             "buckets": self.mesh is not None,
             "in_quorum": self.in_quorum(),
@@ -309,6 +311,8 @@ class Agent:
                 "trust-sync",
                 sync_bundle(mesh.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
             )
+        await self._write_summary()
+        self.started = True
         log.info("agent ready", tasks=sup.names, stores=mesh.stores)
         sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
 
@@ -366,22 +370,26 @@ class Agent:
             metrics.READY.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(interval)
 
-    async def publish_summary(self) -> None:
-        """Write ``agent.<site>.<node>`` when it changes (and every minute, for humans)."""
+    async def _write_summary(self) -> bool:
         assert self.mesh is not None
         key = agent_key(self.config.site, self.config.node)
+        body = {**self.summary(), "time": now_rfc3339()}
+        try:
+            await self.mesh.state.put(key, json.dumps(body).encode())
+        except (NatsError, JsError, TimeoutError, OSError) as exc:
+            log.debug("summary not written", error=repr(exc))
+            return False
+        return True
+
+    async def publish_summary(self) -> None:
+        """Write ``agent.<site>.<node>`` when it changes (and every minute, for humans)."""
         last: dict[str, Any] | None = None
         written = 0.0
         while True:
             body = self.summary()
-            if body != last or time.monotonic() - written > 60:
-                try:
-                    await self.mesh.state.put(
-                        key, json.dumps({**body, "time": now_rfc3339()}).encode()
-                    )
-                    last, written = body, time.monotonic()
-                except (NatsError, JsError, TimeoutError, OSError) as exc:
-                    log.debug("summary not written", error=repr(exc))
+            due = body != last or time.monotonic() - written > 60
+            if due and await self._write_summary():
+                last, written = body, time.monotonic()
             await asyncio.sleep(1.0)
 
     async def serve_status(self) -> None:

@@ -17,7 +17,6 @@ and placed on a server tagged ``site:<store>`` (see ``mesh.stores``).
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 
 import structlog
@@ -29,12 +28,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.errors import Error as JsError
 from nats.js.kv import KeyValue
 
 from mesh.clock import now_rfc3339
-from mesh.codec import MAX_VALUE_BYTES, load_object
+from mesh.codec import MAX_VALUE_BYTES
+from mesh.descriptor import Descriptor, read_descriptor
 from mesh.names import (
     EVENTS_STREAM,
     EVENTS_SUBJECTS,
@@ -58,40 +58,6 @@ smaller: a bucket created at R2 while a peer restarts would stay R2 for good."""
 
 class MeshMismatch(ValueError):
     """The configuration disagrees with the mesh descriptor; one line for the operator."""
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    stores: tuple[str, ...]
-    replicas: int
-    created_at: str
-
-    def encode(self) -> bytes:
-        body = {
-            "stores": list(self.stores),
-            "replicas": self.replicas,
-            "created_at": self.created_at,
-        }
-        return json.dumps(body).encode()
-
-    @classmethod
-    def parse(cls, raw: bytes | None) -> Descriptor | None:
-        data = load_object(raw, kind="descriptor", key=MESH_KEY)
-        if data is None:
-            return None
-        stores = data.get("stores")
-        if (
-            not isinstance(stores, list)
-            or not stores
-            or not all(isinstance(s, str) for s in stores)
-        ):
-            return None
-        replicas = data.get("replicas")
-        return cls(
-            tuple(stores),
-            replicas if isinstance(replicas, int) else 1,
-            str(data.get("created_at", "")),
-        )
 
 
 @dataclass
@@ -202,14 +168,6 @@ async def ensure_store(js: JetStreamContext, store: str) -> None:
                 "(server_tags in its nats-server configuration)"
             ) from None
         raise
-
-
-async def read_descriptor(state: KeyValue) -> Descriptor | None:
-    try:
-        entry = await state.get(MESH_KEY)
-    except KeyNotFoundError:
-        return None
-    return Descriptor.parse(entry.value)
 
 
 async def ensure_descriptor(

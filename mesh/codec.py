@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from functools import cache
 from typing import Any
-
-import structlog
-from prometheus_client import Counter
-
-log = structlog.get_logger("mesh.codec")
 
 MAX_VALUE_BYTES = 64 * 1024
 """Buckets are created with this ``max_msg_size`` too; nothing legitimate comes close."""
 MAX_DEPTH = 16
 
-REJECTED = Counter(
-    "harmony_rejected_values", "Values read from the mesh that could not be decoded", ["kind"]
-)
+
+@cache
+def _rejected() -> Any:
+    """The metric, made on first use: the CLI decodes mesh values too and must not pay for
+    importing prometheus_client and structlog at start-up."""
+    from prometheus_client import Counter
+
+    return Counter(
+        "harmony_rejected_values", "Values read from the mesh that could not be decoded", ["kind"]
+    )
+
+
 _seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
 
 
@@ -52,14 +57,18 @@ def _too_deep(raw: bytes, limit: int) -> bool:
 
 def reject(kind: str, key: str, revision: int, why: str) -> None:
     """Count a bad value and log it once per (kind, key, revision)."""
-    REJECTED.labels(kind).inc()
+    import structlog
+
+    _rejected().labels(kind).inc()
     mark = (kind, key, revision)
     if mark in _seen:
         return
     _seen[mark] = None
     if len(_seen) > 4096:
         _seen.popitem(last=False)
-    log.error("rejected a value read from the mesh", kind=kind, key=key, revision=revision, why=why)
+    structlog.get_logger("mesh.codec").error(
+        "rejected a value read from the mesh", kind=kind, key=key, revision=revision, why=why
+    )
 
 
 def load_object(

@@ -55,7 +55,7 @@ COMMANDS = (
     (
         "manifests",
         "agent.cli.manifests:manifests",
-        "Print one site's Kubernetes manifests (typed, validated).",
+        "Print one site's Kubernetes manifests (YAML) on stdout.",
     ),
     (
         "demo",

@@ -96,7 +96,7 @@ class MeshClient:
 
     async def store_buckets(self) -> list[str]:
         """The lease stores the mesh descriptor names."""
-        from mesh.bootstrap import read_descriptor
+        from mesh.descriptor import read_descriptor
 
         desc = await read_descriptor(await self.bucket(STATE_BUCKET))
         return [store_bucket(s) for s in desc.stores] if desc is not None else []

@@ -57,7 +57,7 @@ def test_version_and_help_import_no_heavy_library(args: list[str]) -> None:
 
 @pytest.fixture
 async def served(mesh: Mesh) -> AsyncIterator[Mesh]:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     server = CommandServer(mesh.nc, mesh.buckets.state, site="site-a", node="node-1")
     await server.start()
     try:
@@ -76,7 +76,9 @@ async def test_cmd_imports_nats_without_aiohttp_pydantic_or_rich(served: Mesh) -
 async def test_status_json_does_not_import_rich(served: Mesh) -> None:
     code, modules = await asyncio.to_thread(imported, "status", "-o", "json", "-s", served.url)
     assert code == 0
-    assert not modules & {"aiohttp", "rich", "structlog", "pydantic_settings", "uvloop"}
+    assert not modules & {"aiohttp", "rich", "structlog", "pydantic_settings", "uvloop"}, (
+        modules & {"aiohttp", "rich", "structlog", "pydantic_settings", "uvloop"}
+    )
 
 
 def test_listed_short_help_matches_each_command() -> None:

@@ -24,7 +24,7 @@ SUBJECT = "harmony.cmd.site-a.node-1.logs"
 @pytest.fixture
 async def plane_with_logs(nats_server: NatsNode, tmp_path: Path) -> AsyncIterator[Plane]:
     nc, buckets = await connect(nats_server.url)
-    await seed_world(buckets)
+    await seed_world(buckets, nc)
     server = CommandServer(nc, buckets.state, site="site-a", node="node-1", state_dir=tmp_path)
     await server.start()
     (tmp_path / "workloads").mkdir()

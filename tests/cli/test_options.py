@@ -18,7 +18,7 @@ from tests.harness.ports import free_port
 
 @pytest.fixture
 async def served(mesh: Mesh) -> AsyncIterator[tuple[Mesh, FakeController]]:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     controller = FakeController()
     server = CommandServer(
         mesh.nc, mesh.buckets.state, site="site-a", node="node-1", failover=controller.failover

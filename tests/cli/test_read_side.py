@@ -138,7 +138,7 @@ async def test_apply_diff_exit_codes(mesh: Mesh, invoke: Invoke, tmp_path: Path)
 async def test_forget_refuses_a_live_agent_and_forgets_a_dead_one(
     mesh: Mesh, invoke: Invoke
 ) -> None:
-    await seed_world(mesh.buckets)  # site-c/node-1 is expired, the others alive
+    await seed_world(mesh.buckets, mesh.nc)  # site-c/node-1 is closed, the others alive
     await mesh.buckets.state.put("inst.ledger.site-c.node-1", b'{"state":"running"}')
     await mesh.buckets.state.put("inst.web.site-c.node-1", b'{"state":"running"}')
     await mesh.buckets.state.put("inst.ledger.site-a.node-1", b'{"state":"running"}')
@@ -209,7 +209,7 @@ def complete(words: str, env_extra: dict[str, str]) -> list[str]:
 async def test_completion_offers_names_from_the_mesh(mesh: Mesh, invoke: Invoke) -> None:
     import asyncio
 
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     env = {"HARMONY_NATS_URL": mesh.url}
     apps = await asyncio.to_thread(complete, "harmony-agent cmd fence ", env)
     assert apps == ["ledger", "web"]
@@ -258,7 +258,8 @@ async def test_status_summarises_many_applications(mesh: Mesh, invoke: Invoke) -
     import asyncio
 
     from agent.application import parse_documents
-    from tests.commands.helpers import lease
+    from mesh.names import lease_family
+    from tests.commands.helpers import report, write_claim, write_session
 
     template = parse_documents(APPS_YAML)[0].to_json().decode()
     names = [f"app-{n:03}" for n in range(SUMMARY_OVER + 10)]
@@ -267,14 +268,18 @@ async def test_status_summarises_many_applications(mesh: Mesh, invoke: Invoke) -
         for n in names
     ]
     puts += [
-        mesh.buckets.leases.put(f"app.{n}", lease("site-a/node-1")) for n in names if n != "app-003"
+        write_claim(mesh.nc, lease_family(n), "site-a/node-1", 5) for n in names if n != "app-003"
+    ]
+    puts += [
+        mesh.buckets.state.put(
+            f"inst.{n}.site-a.node-1", report(n, "failed" if n == "app-005" else "running", 5)
+        )
+        for n in names
     ]
     await asyncio.gather(*puts)
+    await write_session(mesh.nc, "site-a/node-1")
     await mesh.buckets.state.put("fence.app-007", b"{}")
-    instances = [{"app": n, "state": "failed" if n == "app-005" else "running"} for n in names]
-    await mesh.buckets.state.put(
-        "agent.site-a.node-1", heartbeat("site-a", "node-1", instances=instances)
-    )
+    await mesh.buckets.state.put("agent.site-a.node-1", heartbeat("site-a", "node-1"))
 
     table = (await invoke("status", "-s", mesh.url)).stdout
     lines = table.splitlines()
