@@ -13,10 +13,13 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from agent.config import SITE_PATTERN
+from scores.health import HealthSpec
 from scores.spec import ScoreSpec
 
 NAME_PATTERN = r"^[a-z0-9-]{1,63}$"
@@ -66,6 +69,22 @@ class ApplicationSpec(_Strict):
     failover: Failover = Field(default_factory=Failover)
     placement: Placement
     score: ScoreSpec
+    health: HealthSpec | None = None
+    """Optional (``scores/health.py``): consecutive failed checks make the holder give up."""
+
+    @field_validator("health")
+    @classmethod
+    def _probe_fits_score(
+        cls, health: HealthSpec | None, info: ValidationInfo
+    ) -> HealthSpec | None:
+        score = info.data.get("score")
+        kind = getattr(score, "kind", None)
+        if health is not None and health.probe is not None and kind == "KubernetesManifests":
+            raise ValueError(
+                "probe: KubernetesManifests cannot take an agent probe; give its "
+                "containers a readinessProbe (the agent reads readiness)"
+            )
+        return health
 
 
 class Application(_Strict):
