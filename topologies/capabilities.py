@@ -111,6 +111,11 @@ class SystemdManager(Protocol):
 
     async def systemctl(self, *args: str) -> CommandResult: ...
 
+    async def sh(self, script: str, *args: str) -> CommandResult:
+        """``sh -c script sh args...`` on the systemd host: for systemctl and systemd-run
+        calls that must run together, in one process independent of the agent."""
+        ...
+
 
 @runtime_checkable
 class KubernetesApi(Protocol):
