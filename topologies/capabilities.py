@@ -151,6 +151,17 @@ class KubernetesApi(Protocol):
         self, api_version: str, kind: str, name: str, namespace: str | None = None
     ) -> bool: ...
 
+    async def list(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The objects of ``kind`` in the namespace, filtered by a label selector."""
+        ...
+
 
 ALL_CAPABILITIES: tuple[type, ...] = (
     HostShell,
