@@ -215,6 +215,7 @@ class SystemdUnitInterpret(Interpret):
     """Apply/stop/observe a unit; under a lease deadline, fenced by a transient timer."""
 
     enforces_deadline: ClassVar[bool] = True
+    deadline_note: ClassVar[str] = "deadline enforced outside the agent (transient systemd timer)"
 
     def __init__(self, spec: SystemdUnitSpec, systemd: SystemdManager) -> None:
         self.spec = spec

@@ -105,3 +105,47 @@ async def test_exec_program_is_checked_over_ssh(remote: LinuxSshTopology, sshd: 
     assert await probe_program_problem(ProbeSpec(exec=[shim]), remote) is None
     not_exec = str(sshd.shim_dir / "unit_dir")
     assert await probe_program_problem(ProbeSpec(exec=[not_exec]), remote) is not None
+
+
+async def test_check_runs_the_exec_test_over_ssh(sshd: Sshd) -> None:
+    from agent.application import parse_documents
+    from agent.cli.check import _check
+    from agent.config import AgentConfig
+
+    def app(program: str) -> str:
+        return f"""
+apiVersion: harmony/v1
+kind: Application
+metadata: {{name: ledger}}
+spec:
+  trait: stateful
+  placement: {{sites: [site-a]}}
+  score: {{kind: SystemdUnit, unit: ledger.service, exec_start: [/usr/bin/sleep, "60"]}}
+  health: {{probe: {{exec: [{program}, ledger]}}}}
+"""
+
+    config = AgentConfig.model_validate(
+        {"site": "site-a", "node": "n1", "topology": sshd.config().model_dump(mode="json")}
+    )
+    problems, warnings, lines = await _check(parse_documents(app("systemctl")), config)
+    assert (problems, warnings) == ([], [])
+    assert lines == [
+        "application/ledger valid on site-a/n1 (linux-ssh); "
+        "deadline enforced outside the agent (transient systemd timer)"
+    ]
+    address = f"{sshd.user}@127.0.0.1:{sshd.port}"
+    problems, _, lines = await _check(parse_documents(app("no-such-probe-xyz")), config)
+    assert problems == [
+        f"ledger: spec.health.probe.exec: 'no-such-probe-xyz' is not executable on {address}"
+    ]
+    assert lines == []
+    down = AgentConfig.model_validate(
+        {
+            "site": "site-a",
+            "node": "n1",
+            "topology": sshd.config(port=free_port()).model_dump(mode="json"),
+        }
+    )
+    problems, warnings, _ = await _check(parse_documents(app("systemctl")), down)
+    assert problems == []
+    assert len(warnings) == 1 and "could not check 'systemctl'" in warnings[0]
