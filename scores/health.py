@@ -249,7 +249,14 @@ class Verdict:
     failures: int
     threshold: int
     last: CheckResult | None
-    sentence: str
+    why: str
+    """The sentence without the application's name, e.g. ``probe exec failed 3 times...``."""
+    app: str = ""
+
+    @property
+    def sentence(self) -> str:
+        """What to log: ``ledger: probe exec failed 3 times in a row (threshold 3): ...``."""
+        return f"{self.app}: {self.why}" if self.app else self.why
 
     @property
     def crossed(self) -> bool:
@@ -341,25 +348,23 @@ class HealthTracker:
     def verdict(self) -> Verdict:
         phase = self.phase
         threshold = self.health.failure_threshold
-        return Verdict(phase, self._failures, threshold, self._last, self._sentence(phase))
+        why = self._why(phase)
+        return Verdict(phase, self._failures, threshold, self._last, why, self.app)
 
-    def _sentence(self, phase: Phase) -> str:
+    def _why(self, phase: Phase) -> str:
         last, n, threshold = self._last, self._failures, self.health.failure_threshold
         if phase is Phase.COOLING:
             left = max(0.0, self._cool_until - self._clock())
             tail = f": {last.source}: {last.detail}" if last is not None and not last.ok else ""
-            return f"{self.app}: gave up, out for {left:.1f}s unless the probe passes{tail}"
+            return f"gave up, out for {left:.1f}s unless the probe passes{tail}"
         if last is None:
-            return f"{self.app}: health not checked yet ({phase.value})"
+            return f"health not checked yet ({phase.value})"
         if last.ok:
-            return f"{self.app}: {last.source} passed"
+            return f"{last.source} passed"
         if phase is Phase.STARTING:
-            return f"{self.app}: {last.source} failed within start_period: {last.detail}"
+            return f"{last.source} failed within start_period: {last.detail}"
         times = "time" if n == 1 else "times"
-        return (
-            f"{self.app}: {last.source} failed {n} {times} in a row (threshold {threshold}): "
-            f"{last.detail}"
-        )
+        return f"{last.source} failed {n} {times} in a row (threshold {threshold}): {last.detail}"
 
 
 def builtin_failure(obs: Observation | None) -> str | None:
