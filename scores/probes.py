@@ -376,6 +376,8 @@ class HealthMonitor:
         clock: Callable[[], float] = deadline_clock,
     ) -> None:
         self.app = app
+        self.spec = health
+        """The ``health:`` block as given (None: built-in health with the defaults)."""
         self.tracker = HealthTracker(app, health, clock=clock)
         self.health = self.tracker.health
         self.probe = probe
