@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -64,8 +66,9 @@ async def test_exec_probe_failure_carries_the_last_line_of_output() -> None:
 
 async def test_hanging_exec_probe_fails_and_its_processes_are_killed(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    script = f"sleep 60 & echo $$ $! > {pids}; wait"
-    result = await _exec("sh", "-c", script).check(ENV, 0.5)
+    script = f"sleep 600 & echo $$ $! > {pids}; wait"
+    # The bound only turns a probe that never returns into a failure instead of a hang.
+    result = await asyncio.wait_for(_exec("sh", "-c", script).check(ENV, 0.5), 30)
     assert not result.ok and result.detail == "timed out after 500ms (killed)", result
     shell, child = (int(p) for p in pids.read_text().split())
     await eventually(lambda: not alive(shell) and not alive(child), what="probe group killed")
@@ -142,6 +145,29 @@ async def test_tcp_probe_against_a_real_listener() -> None:
         await server.wait_closed()
     closed = await probe.check(ENV, 5.0)
     assert (closed.ok, closed.detail) == (False, "connection refused")
+
+
+async def test_tcp_probe_against_a_listener_that_never_accepts_times_out() -> None:
+    """A backlog of 0, full: the kernel drops further SYNs, so the connect hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    probe = LocalTcpProbe(f"127.0.0.1:{port}")
+    try:
+        for _ in range(8):  # fill the accept queue; later connects hang
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        result = await asyncio.wait_for(probe.check(ENV, 0.3), 30)
+        assert (result.ok, result.detail) == (False, "timed out after 300ms")
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 async def test_probes_pick_the_topology_that_acts() -> None:
