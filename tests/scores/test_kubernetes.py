@@ -20,6 +20,7 @@ import yaml
 from scores.base import RunContext, WorkloadState
 from scores.health import HealthSpec, builtin_failure, deadline_clock
 from scores.k8s import KubernetesDeploymentSpec, KubernetesInterpret, KubernetesManifestsSpec
+from tests.harness.wait import eventually
 from tests.scores.fake_kube import FakeKube, fake_kube
 from topologies.config import KubernetesConfig
 from topologies.k8s import KubernetesTopology, plural, resource_path
@@ -225,6 +226,10 @@ def test_importing_topologies_and_scores_does_not_import_kubernetes() -> None:
 PODS = "/api/v1/namespaces/apps/pods"
 
 
+async def _timed_out(interpret: KubernetesInterpret) -> bool:
+    return (await interpret.observe()).reason == "not-ready-timeout"
+
+
 def _pod(name: str, app: str = "ledger", web: str = "web") -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": web, "harmony/app": app}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}}
@@ -301,6 +306,15 @@ async def test_not_ready_past_the_progress_deadline_is_a_failure(
     own = _deployment(progress_deadline="1h").interpret(topology)
     assert (await own.observe()).reason == "not-ready"
     assert own.spec.manifests(ctx)[0]["spec"]["progressDeadlineSeconds"] == 3600
+
+    quick = _deployment(progress_deadline="1ms").interpret(topology)
+    await quick.apply(ctx)
+    fake.objects[DEPLOY_PATH]["status"] = {"readyReplicas": 0}
+    assert (await quick.observe()).reason == "not-ready"  # the stretch starts now
+    await eventually(lambda: _timed_out(quick), what="past the progress deadline")
+    await quick.apply(RunContext("ledger", "site-a", "node-1", 8, ctx.state_dir))
+    fake.objects[DEPLOY_PATH]["status"] = {"readyReplicas": 0}
+    assert (await quick.observe()).reason == "not-ready", "a new rollout, a new deadline"
 
 
 async def test_not_progressing_is_a_builtin_failure(
