@@ -237,6 +237,7 @@ class SystemdUnitInterpret(Interpret):
         self._wake = asyncio.Event()
         self.fence_error: str | None = None
         self.arms = 0
+        self._swept = False
 
     # --- deadline --------------------------------------------------------------------------
 
@@ -337,6 +338,10 @@ class SystemdUnitInterpret(Interpret):
         try:
             content = self.spec.render(ctx)
             changed = await self._systemd.read_unit(name) != content
+            if self._deadline is None and not self._swept:
+                # A previous incarnation's timers would stop this unfenced run: clear them.
+                await self._disarm()
+                self._swept = True
             if self._deadline is not None:  # armed before anything can start the unit
                 if self._deadline - deadline_clock() <= FENCE_LEAD:
                     return Outcome.failed(f"{name}: lease deadline already passed, not starting")

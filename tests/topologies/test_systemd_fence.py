@@ -153,9 +153,20 @@ async def test_without_a_deadline_there_is_no_fence(
     await eventually(lambda: sshd.armed_timers() == {}, what="disarmed")
     unit.extend_deadline(deadline_clock() + 60)
     assert sshd.armed_timers() == {}
-    plain = SPEC.interpret(LinuxSshTopology(sshd.config()))
-    assert (await plain.apply(_ctx(tmp_path, None))).ok
-    assert sshd.armed_timers() == {} and sshd.systemd_run_calls() != []
+    # An agent that died with a fence armed, restarted for a SplitBrainAllowed run: the
+    # old timer must not stop the new, unfenced unit.
+    await unit.stop()
+    await unit.apply(_ctx(tmp_path, deadline_clock() + 30))
+    await unit.fence_settled()
+    await unit.close()
+    assert len(sshd.armed_timers()) == 1
+    topology = LinuxSshTopology(sshd.config())
+    try:
+        plain = SPEC.interpret(topology)
+        assert (await plain.apply(_ctx(tmp_path, None))).ok
+        assert sshd.armed_timers() == {}
+    finally:
+        await topology.close()
 
 
 AGENT = """
