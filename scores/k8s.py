@@ -21,7 +21,15 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from scores.base import Interpret, Observation, Outcome, RunContext, Score, WorkloadState
+from scores.base import (
+    Deadline,
+    Interpret,
+    Observation,
+    Outcome,
+    RunContext,
+    Score,
+    WorkloadState,
+)
 from scores.duration import Duration, format_duration
 from scores.health import HealthSpec, deadline_clock
 from topologies.capabilities import KubernetesApi
@@ -220,18 +228,14 @@ class KubernetesInterpret(Interpret):
             )
         self._health = health
 
-    def extend_deadline(self, monotonic_deadline: float) -> None:
+    def set_deadline(self, deadline: Deadline | None) -> None:
         """Not enforced outside the agent; a stop waits for pods no longer than this."""
-        self._deadline = monotonic_deadline
-
-    def clear_deadline(self) -> None:
-        self._deadline = None
+        self._deadline = deadline.at if deadline is not None else None
 
     # --- apply / stop / observe ----------------------------------------------------------
 
     async def apply(self, ctx: RunContext) -> Outcome:
-        if ctx.deadline is not None:
-            self._deadline = ctx.deadline
+        self._deadline = ctx.deadline.at if ctx.deadline is not None else None
         try:
             docs = self.spec.manifests(ctx, self._health)
             for doc in docs:

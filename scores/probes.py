@@ -94,7 +94,8 @@ def _os_error(exc: BaseException) -> str:
 
 
 class LocalExecProbe:
-    """``exec`` as a subprocess in its own session; its whole group is killed afterwards."""
+    """``exec`` as a subprocess in its own session, as the workload's user (the
+    ProcessRuntime's ``run_as``); its whole group is killed afterwards."""
 
     kind = "exec"
 
@@ -107,14 +108,18 @@ class LocalExecProbe:
         source = "probe exec"
         full_env = {k: v for k, v in os.environ.items() if k in _INHERITED_ENV}
         full_env.update(env)
+        uid, gid = self._runtime.run_as  # as the workload runs, not as the agent
         try:
-            proc = await self._runtime.spawn(
-                self.argv,
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv,
                 env=full_env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                new_session=True,
+                start_new_session=True,
+                user=uid,
+                group=gid,
+                extra_groups=[] if gid is not None else None,
             )
         except OSError as exc:
             return CheckResult(False, f"cannot run {self.argv[0]}: {_os_error(exc)}", source)

@@ -24,7 +24,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from scores.base import Interpret, Observation, Outcome, RunContext, Score, WorkloadState
+from scores.base import (
+    Deadline,
+    Interpret,
+    Observation,
+    Outcome,
+    RunContext,
+    Score,
+    WorkloadState,
+)
 from scores.duration import Duration, format_duration
 from scores.health import FENCE_LEAD, deadline_clock
 from topologies.capabilities import SystemdManager
@@ -241,17 +249,18 @@ class SystemdUnitInterpret(Interpret):
 
     # --- deadline --------------------------------------------------------------------------
 
-    def extend_deadline(self, monotonic_deadline: float) -> None:
-        """Move the fence to ``monotonic_deadline`` (CLOCK_BOOTTIME seconds); cheap: the
-        timer is re-armed in the background, the old one stays armed until then."""
-        self._deadline = monotonic_deadline
+    def set_deadline(self, deadline: Deadline | None) -> None:
+        """Move the fence to ``deadline.at`` (CLOCK_BOOTTIME), or disarm it (None); cheap:
+        the timer is re-armed in the background, the old one stays armed until then. The
+        agent calls this on every renewal; a hung agent does not, and the timer fires."""
+        if deadline is None:
+            self._deadline = None
+            if self._fencing or self._armed is not None:
+                self._fencing = False
+                self._kick()
+            return
+        self._deadline = deadline.at
         if self._fencing:
-            self._kick()
-
-    def clear_deadline(self) -> None:
-        self._deadline = None
-        if self._fencing or self._armed is not None:
-            self._fencing = False
             self._kick()
 
     def _kick(self) -> None:
@@ -333,8 +342,7 @@ class SystemdUnitInterpret(Interpret):
 
     async def apply(self, ctx: RunContext) -> Outcome:
         name = self.spec.unit
-        if ctx.deadline is not None:
-            self._deadline = ctx.deadline
+        self._deadline = ctx.deadline.at if ctx.deadline is not None else None
         try:
             content = self.spec.render(ctx)
             changed = await self._systemd.read_unit(name) != content

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from scores.base import RunContext, WorkloadState
+from scores.base import Deadline, RunContext, WorkloadState
 from scores.health import HealthSpec, builtin_failure, deadline_clock
 from scores.k8s import KubernetesDeploymentSpec, KubernetesInterpret, KubernetesManifestsSpec
 from tests.harness.wait import eventually
@@ -264,7 +264,7 @@ async def test_stop_says_so_when_pods_outlive_the_deadline(
     interpret.pod_poll = 0.01
     await interpret.apply(ctx)
     fake.objects[f"{PODS}/web-1"] = _pod("web-1")  # never goes away
-    interpret.extend_deadline(deadline_clock() + 0.2)
+    interpret.set_deadline(Deadline(deadline_clock() + 0.2))
     stopped = await interpret.stop()
     assert not stopped.ok and stopped.changed
     assert "scaled to zero: Deployment/web; 1 pod(s) still present at the lease deadline" in (

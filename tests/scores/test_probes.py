@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -49,6 +50,14 @@ async def test_exec_probe_runs_with_the_workload_environment() -> None:
     assert passed.ok and passed.detail == "exit 0: fine", passed
     failed = await _exec("sh", "-c", script).check({**ENV, "MODE": "replica"}, 5.0)
     assert not failed.ok and failed.detail == "exit 1"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a probe as another user needs root")
+async def test_exec_probe_runs_as_the_workloads_user() -> None:
+    nobody = LocalhostTopology(run_as=(65534, 65534))
+    probe = probe_for(ProbeSpec(exec=["sh", "-c", "echo $(id -u):$(id -g):$(id -G)"]), nobody)
+    result = await probe.check(ENV, 5.0)
+    assert (result.ok, result.detail) == (True, "exit 0: 65534:65534:65534")
 
 
 async def test_exec_probe_failure_carries_the_last_line_of_output() -> None:

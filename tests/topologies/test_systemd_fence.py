@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from scores.base import RunContext, WorkloadState
+from scores.base import Deadline, RunContext, WorkloadState
 from scores.health import FENCE_LEAD, deadline_clock
 from scores.systemd import (
     ARM_SCRIPT,
@@ -52,7 +52,8 @@ async def unit(sshd: Sshd) -> AsyncIterator[SystemdUnitInterpret]:
 
 
 def _ctx(tmp_path: Path, deadline: float | None) -> RunContext:
-    return RunContext("ledger", "site-a", "node-1", 7, tmp_path, deadline)
+    at = Deadline(deadline) if deadline is not None else None
+    return RunContext("ledger", "site-a", "node-1", 7, tmp_path, at)
 
 
 def _delay_ms(argv: list[str]) -> int:
@@ -88,16 +89,16 @@ async def test_renewals_move_the_fence_and_stop_disarms_it(
     ((before, info),) = sshd.armed_timers().items()
     arms = unit.arms
     later = first + 10
-    unit.extend_deadline(later)
+    unit.set_deadline(Deadline(later))
     await unit.fence_settled()
     ((now_armed, moved),) = sshd.armed_timers().items()
     assert unit.arms > arms and now_armed != before, "the other slot, the old one stopped"
     assert info["fire_at"] < moved["fire_at"] <= later - FENCE_LEAD
-    unit.extend_deadline(later + 10)
+    unit.set_deadline(Deadline(later + 10))
     await unit.fence_settled()
     ((_, again),) = sshd.armed_timers().items()
     assert again["fire_at"] > moved["fire_at"]
-    unit.extend_deadline(later)  # an older deadline never moves the fence back
+    unit.set_deadline(Deadline(later))  # an older deadline never moves the fence back
     arms = unit.arms
     await unit.fence_settled()
     assert unit.arms == arms
@@ -149,9 +150,9 @@ async def test_without_a_deadline_there_is_no_fence(
     await unit.apply(_ctx(tmp_path, deadline_clock() + 30))
     await unit.fence_settled()
     assert len(sshd.armed_timers()) == 1
-    unit.clear_deadline()  # SplitBrainAllowed
+    unit.set_deadline(None)  # SplitBrainAllowed
     await eventually(lambda: sshd.armed_timers() == {}, what="disarmed")
-    unit.extend_deadline(deadline_clock() + 60)
+    unit.set_deadline(Deadline(deadline_clock() + 60))
     assert sshd.armed_timers() == {}
     # An agent that died with a fence armed, restarted for a SplitBrainAllowed run: the
     # old timer must not stop the new, unfenced unit.
@@ -172,7 +173,7 @@ async def test_without_a_deadline_there_is_no_fence(
 AGENT = """
 import asyncio, json, sys
 from pathlib import Path
-from scores.base import RunContext
+from scores.base import Deadline, RunContext
 from scores.health import deadline_clock
 from scores.systemd import SystemdUnitSpec
 from topologies.config import LinuxSshConfig
@@ -183,9 +184,10 @@ async def main() -> None:
     spec = SystemdUnitSpec.model_validate_json(sys.argv[2])
     interpret = spec.interpret(LinuxSshTopology(config))
     deadline = deadline_clock() + float(sys.argv[3])
-    outcome = await interpret.apply(RunContext("ledger", "site-a", "n1", 7, Path("/tmp"), deadline))
+    ctx = RunContext("ledger", "site-a", "n1", 7, Path("/tmp"), Deadline(deadline))
+    outcome = await interpret.apply(ctx)
     for step in (1.0, 2.0):  # two renewals, as the lease manager would send them
-        interpret.extend_deadline(deadline + step)
+        interpret.set_deadline(Deadline(deadline + step))
         await interpret.fence_settled()
     print(json.dumps({"ok": outcome.ok, "message": outcome.message, "arms": interpret.arms,
                       "deadline": deadline + 2.0}), flush=True)

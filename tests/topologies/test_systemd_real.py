@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from scores.base import RunContext, WorkloadState
+from scores.base import Deadline, RunContext, WorkloadState
 from scores.health import builtin_failure, deadline_clock
 from scores.systemd import SystemdUnitInterpret, SystemdUnitSpec, fence_slots
 from tests.harness.wait import eventually
@@ -75,14 +75,14 @@ async def test_renewals_keep_the_unit_running_and_stop_removes_the_fence(
 ) -> None:
     topology, unit = real
     interpret = _spec(unit).interpret(topology)
-    ctx = RunContext("ledger", "site-a", "n1", 7, tmp_path, deadline_clock() + 10)
+    ctx = RunContext("ledger", "site-a", "n1", 7, tmp_path, Deadline(deadline_clock() + 10))
     assert (await interpret.apply(ctx)).ok
     await interpret.fence_settled()
     pid = (await _show(topology, unit, "MainPID"))["MainPID"]
     took = []
     for step in range(1, 6):
         began = time.monotonic()
-        interpret.extend_deadline(deadline_clock() + 10 + step)
+        interpret.set_deadline(Deadline(deadline_clock() + 10 + step))
         await interpret.fence_settled()
         took.append(time.monotonic() - began)
         timers = [u for u in await _fence_units(topology, unit) if u.endswith(".timer")]
