@@ -223,9 +223,13 @@ async def test_monitor_gives_up_after_threshold_then_recovers_in_cooldown(tmp_pa
     )
     spec = ProcessSpec(command=["sleep", "60"], env={"MODE": "primary"})
     monitor = health_monitor("ledger", health, spec, LocalhostTopology())
+    woken = asyncio.Event()
+    monitor.watch(woken.set)
     try:
         assert monitor.probe is not None and monitor.probe.kind == "exec"
         monitor.started(_ctx(tmp_path))
+        await asyncio.wait_for(woken.wait(), 30)  # the controller is woken, not polling
+        woken.clear()
         verdict = await _crossed(monitor)
         assert re.fullmatch(
             r"ledger: probe exec failed \d+ times in a row \(threshold 3\): exit 1: no healthy",
@@ -236,8 +240,10 @@ async def test_monitor_gives_up_after_threshold_then_recovers_in_cooldown(tmp_pa
         checks = monitor.checks
         await eventually(lambda: monitor.checks > checks + 1, what="probing while cooling")
         assert monitor.verdict().phase is Phase.COOLING and not monitor.take_recovery()
+        assert not woken.is_set(), "no wake-up while still failing"
         healthy.touch()
-        await eventually(monitor.take_recovery, what="recovery during cooldown")
+        await asyncio.wait_for(woken.wait(), 30)
+        assert monitor.take_recovery()
         assert monitor.verdict().phase is Phase.IDLE
     finally:
         await monitor.close()
