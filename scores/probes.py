@@ -391,6 +391,7 @@ class HealthMonitor:
         self._env: dict[str, str] = dict(self._score_env)
         self._obs: Observation | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watchers: list[Callable[[], None]] = []
         self.checks = 0
 
     # what the controller calls
@@ -419,6 +420,11 @@ class HealthMonitor:
 
     def take_recovery(self) -> bool:
         return self.tracker.take_recovery()
+
+    def watch(self, cb: Callable[[], None]) -> None:
+        """Call ``cb`` when the verdict needs a decision: the threshold was just crossed, or
+        the probe passed during the cooldown (the controller wakes its runner)."""
+        self._watchers.append(cb)
 
     def status(self) -> dict[str, object]:
         """For ``status``: what is probed and how it goes."""
@@ -453,7 +459,15 @@ class HealthMonitor:
         elif not cooling and self._obs is not None:
             result = CheckResult(True, "no failure observed", "built-in health")
         self.checks += 1
-        return self.tracker.record(result) if result is not None else self.tracker.verdict()
+        if result is None:
+            return self.tracker.verdict()
+        was_crossed, was_cooling = self.tracker.verdict().crossed, cooling
+        verdict = self.tracker.record(result)
+        recovered = was_cooling and verdict.phase is not Phase.COOLING and result.ok
+        if (verdict.crossed and not was_crossed) or recovered:
+            for cb in self._watchers:
+                cb()
+        return verdict
 
     async def _run_probe(self) -> CheckResult:
         assert self.probe is not None
