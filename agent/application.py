@@ -13,12 +13,15 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from agent.patterns import NAME_PATTERN as NAME_PATTERN  # noqa: PLC0414 (re-exported)
 from agent.patterns import SITE_PATTERN
 from agent.yaml_errors import yaml_error
+from scores.health import HealthSpec
 from scores.spec import ScoreSpec
 
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
@@ -67,6 +70,22 @@ class ApplicationSpec(_Strict):
     failover: Failover = Field(default_factory=Failover)
     placement: Placement
     score: ScoreSpec
+    health: HealthSpec | None = None
+    """Optional (``scores/health.py``): consecutive failed checks make the holder give up."""
+
+    @field_validator("health")
+    @classmethod
+    def _probe_fits_score(
+        cls, health: HealthSpec | None, info: ValidationInfo
+    ) -> HealthSpec | None:
+        score = info.data.get("score")
+        kind = getattr(score, "kind", None)
+        if health is not None and health.probe is not None and kind == "KubernetesManifests":
+            raise ValueError(
+                "probe: KubernetesManifests cannot take an agent probe; give its "
+                "containers a readinessProbe (the agent reads readiness)"
+            )
+        return health
 
 
 class Application(_Strict):

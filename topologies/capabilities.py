@@ -111,6 +111,11 @@ class SystemdManager(Protocol):
 
     async def systemctl(self, *args: str) -> CommandResult: ...
 
+    async def sh(self, script: str, *args: str) -> CommandResult:
+        """``sh -c script sh args...`` on the systemd host: for systemctl and systemd-run
+        calls that must run together, in one process independent of the agent."""
+        ...
+
 
 @runtime_checkable
 class KubernetesApi(Protocol):
@@ -145,6 +150,17 @@ class KubernetesApi(Protocol):
     async def delete(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
     ) -> bool: ...
+
+    async def list(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The objects of ``kind`` in the namespace, filtered by a label selector."""
+        ...
 
 
 ALL_CAPABILITIES: tuple[type, ...] = (
