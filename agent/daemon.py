@@ -429,11 +429,13 @@ class Agent:
         sup = self.supervisor
         if self.commands is not None:
             await self.commands.stop()
+        clean = True
         if self.controller is not None:
             await sup.cancel("controller")
             try:
-                await asyncio.wait_for(self.controller.shutdown(), budget)
+                clean = await asyncio.wait_for(self.controller.shutdown(), budget)
             except TimeoutError:
+                clean = False
                 log.error("workloads did not stop within the shutdown budget", budget=budget)
         if self.leases is not None:
             await sup.cancel("leases")
@@ -446,7 +448,12 @@ class Agent:
                 key = agent_key(self.config.site, self.config.node)
                 await asyncio.wait_for(self.mesh.state.put(key, json.dumps(closed).encode()), 2.0)
         if self.session is not None:
-            await self.session.close()
+            # ``closed`` frees our leases at once: written only when nothing of ours runs.
+            # Otherwise the session simply lapses (a contender waits a ttl, the fence kills
+            # whatever is left at the deadline): slower, never overlapping.
+            if not clean:
+                log.error("a workload may still run: letting the session lapse, not closing it")
+            await self.session.close(write=clean)
         if self.fence is not None:
             await sup.cancel("fence")
             await self.fence.close()

@@ -186,14 +186,14 @@ class Fence:
         emit({"ev": "started", "id": wid, "pid": proc.pid})
 
     def terminate(self, w: Workload, reason: str) -> None:
-        """SIGTERM the group, SIGKILL after stop_timeout, never later than its deadline."""
+        """SIGTERM the group, SIGKILL after stop_timeout. Its deadline still applies on its
+        own (``enforce`` reads it every tick): a deadline that keeps moving, because the
+        session is renewed while the agent stops its workloads, must not cut the graceful
+        stop short, and one that stops moving still kills at once."""
         if w.kill_at is not None:
             return
         w.reason = reason
         w.kill_at = now() + w.stop_timeout
-        limit = self.limit(w)
-        if limit is not None:
-            w.kill_at = min(w.kill_at, limit)
         killpg(w.pgid, signal.SIGTERM)
 
     def limit(self, w: Workload) -> float | None:

@@ -168,11 +168,19 @@ class Controller:
                 task.cancel()
             await asyncio.gather(flusher, gossip, return_exceptions=True)
 
-    async def shutdown(self) -> None:
-        """SIGTERM: stop every workload and release every lease while the mesh is up."""
+    async def shutdown(self) -> bool:
+        """SIGTERM: stop every workload and release every lease while the mesh is up.
+
+        True when every workload is known to be stopped; False when one could not be
+        stopped in its stop_timeout (its lease is then kept, not released over it)."""
         self.stopping = True
         runners = list(self.runners.values())
-        await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        results = await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        clean = True
+        for runner, result in zip(runners, results, strict=True):
+            if isinstance(result, BaseException):
+                clean = False
+                log.error("workload not stopped at shutdown", app=runner.name, error=str(result))
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -182,7 +190,8 @@ class Controller:
         if self._gossip_sub is not None:
             with contextlib.suppress(Exception):
                 await self._gossip_sub.unsubscribe()
-        log.info("controller stopped", agent=self.agent_id)
+        log.info("controller stopped", agent=self.agent_id, clean=clean)
+        return clean
 
     # --- inputs ----------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ from agent.controller.model import (
 from agent.timing import Timing
 from scores.base import Deadline, Interpret, Observation, Outcome, RunContext, WorkloadState
 from scores.check import CapabilityError, interpret_for
+from scores.health import health_rules
+from scores.probes import HealthMonitor, health_monitor
 from topologies.base import Topology
 
 log = structlog.get_logger("agent.controller")
@@ -112,12 +114,17 @@ class InstanceReport:
         }
 
 
+class StillRunning(RuntimeError):
+    """A stop did not finish: the lease is kept (renewed) rather than released over it."""
+
+
 class AppRunner:
     def __init__(self, name: str, ports: Ports) -> None:
         self.name = name
         self.p = ports
         self.interpret: Interpret | None = None
         self.score: object | None = None
+        self.health: HealthMonitor | None = None
         self.lease_name: str | None = None
         self.consistent = True
         self.run_token: int | None = None
@@ -183,6 +190,7 @@ class AppRunner:
             await self._stop_workload()
             await self.interpret.close()
             self.interpret = None
+            await self._drop_health()
         if app is not None and eligible and self.interpret is None:
             try:
                 self.interpret = interpret_for(app.spec.score, self.p.topology, app=self.name)
@@ -191,10 +199,43 @@ class AppRunner:
                 return
             self.interpret.watch(self.wake.set)
             self.score = app.spec.score
+        stale = self.health is None or (app is not None and self.health.spec != app.spec.health)
+        if app is not None and self.interpret is not None and stale:
+            await self._drop_health()
+            problem = self._build_health(app)
+            if problem is not None:  # refused like a missing capability: nothing runs
+                self.start_failed = problem
+                await self._stop_workload()
+                await self.interpret.close()
+                self.interpret = None
         if app is not None:
             self.consistent = app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
             if lease_name is not None:
                 self.lease_name = lease_name
+
+    def _build_health(self, app: Application) -> str | None:
+        """The application's health monitor; why not, when its rules or probe are refused."""
+        consistent = app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
+        kind = app.spec.score.kind if consistent else None
+        broken = health_rules(
+            app.spec.health, self.p.timing.ttl, margin=self.p.timing.margin, score_kind=kind
+        )
+        if broken:
+            return f"{self.name}: {broken[0]}"
+        try:
+            monitor = health_monitor(
+                self.name, app.spec.health, app.spec.score, self.p.topology, self.interpret
+            )
+        except ValueError as exc:  # a probe this topology cannot run
+            return f"{self.name}: spec.health.probe: {exc}"
+        monitor.watch(self.wake.set)
+        self.health = monitor
+        return None
+
+    async def _drop_health(self) -> None:
+        if self.health is not None:
+            await self.health.close()
+            self.health = None
 
     def snapshot(self, app: Application | None, obs: Observation | None) -> Snapshot:
         p = self.p
@@ -210,6 +251,7 @@ class AppRunner:
         )
         running = obs is not None and obs.state is WorkloadState.RUNNING
         stateless = app is not None and app.spec.trait is Trait.STATELESS
+        unhealthy = self._unhealthy(obs)  # first: a recovery ends the cooldown
         return Snapshot(
             now=now,
             agent=p.agent_id,
@@ -239,7 +281,18 @@ class AppRunner:
                 for peer in p.peers(self.name, p.site if stateless else None)
                 if peer.agent != p.agent_id
             ),
+            unhealthy=unhealthy,
         )
+
+    def _unhealthy(self, obs: Observation | None) -> str | None:
+        """Feed the monitor this observation; why the threshold is crossed, or None."""
+        if self.health is None:
+            return None
+        self.health.note(obs)
+        if self.health.take_recovery():
+            self.cooldown_until = float("-inf")  # the probe passes again: contend again
+        verdict = self.health.verdict()
+        return verdict.why if verdict.crossed else None
 
     async def step(self) -> Plan | None:
         p = self.p
@@ -290,7 +343,10 @@ class AppRunner:
         p = self.p
         changed = False
         if plan.give_up:
-            self.cooldown_until = s.now + p.timing.cooldown
+            cooldown = p.timing.cooldown
+            if self.health is not None:
+                cooldown = self.health.give_up(cooldown)
+            self.cooldown_until = s.now + cooldown
             self.failures = 0
         if plan.run is Run.START and s.lease.token is not None:
             changed = await self._start(s.lease.token, plan.deadline)
@@ -400,6 +456,8 @@ class AppRunner:
         self.start_failed = None
         self.backoff = 0.5
         self.run_token = token
+        if self.health is not None:
+            self.health.started(ctx)
         obs = await interpret.observe()
         pid = obs.pids[0] if obs.pids else None
         self.report = InstanceReport(
@@ -415,16 +473,28 @@ class AppRunner:
             self.interpret.set_deadline(self.deadline())
 
     async def _stop_workload(self) -> bool:
-        """Stop (demote) the local workload; True if something was running."""
+        """Stop (demote) the local workload; True if something was running.
+
+        Bounded by the workload's own ``stop_timeout`` (plus a margin for SIGKILL to land),
+        never by a shorter command timeout: a database must get its graceful stop, and a
+        lease must not be released while its workload is still winding down. Raises
+        ``StillRunning`` when it did not stop in that time (nothing is released then).
+        """
         interpret = self.interpret
         was = self.run_token is not None
         if interpret is not None:
-            outcome = await self._bounded(interpret.demote(), "stop")
-            if isinstance(outcome, Outcome):
-                was = was or outcome.changed
-                if not outcome.ok:
-                    log.warning(f"{self.name}: stop failed: {outcome.message}", app=self.name)
+            bound = self._stop_timeout() + 5.0
+            try:
+                outcome = await asyncio.wait_for(interpret.demote(), bound)
+            except TimeoutError:
+                raise StillRunning(f"{self.name}: did not stop within {bound:g}s") from None
+            was = was or outcome.changed
+            if not outcome.ok:
+                log.warning(f"{self.name}: stop failed: {outcome.message}", app=self.name)
+                raise StillRunning(f"{self.name}: stop failed: {outcome.message}")
         self.p.forget(self.name)
+        if self.health is not None:
+            self.health.stopped()
         self.run_token = None
         return was
 
@@ -445,6 +515,7 @@ class AppRunner:
             await self._stop_workload()
             if self.interpret is not None:
                 await self.interpret.close()
+            await self._drop_health()
             self.report = InstanceReport(
                 self.name,
                 InstanceState.STOPPED,

@@ -263,3 +263,85 @@ async def test_planned_failover_stops_before_handover(world: Any) -> None:
     assert ok and "handed the lease to site-b" in sentence
     assert log == ["apply 3", "stop"] and ("release", "site-b") in ports.leases.calls
     assert ("handover", 3) in ports.events
+
+
+def health_app(flag: Path, **health: Any) -> Application:
+    return Application.model_validate(
+        {
+            "apiVersion": "harmony/v1",
+            "kind": "Application",
+            "metadata": {"name": "ledger"},
+            "spec": {
+                "trait": "stateful",
+                "placement": {"sites": ["site-b", "site-a"]},
+                "score": {"kind": "Process", "command": ["true"]},
+                "health": {
+                    "probe": {"exec": ["test", "-f", str(flag)]},
+                    "period": "200ms",
+                    "timeout": "200ms",
+                    "failure_threshold": 2,
+                    "start_period": "0s",
+                    "cooldown": "1h",
+                    **health,
+                },
+            },
+        }
+    )
+
+
+async def test_failing_probe_gives_up_and_a_passing_one_ends_the_cooldown(
+    world: Any, tmp_path: Path
+) -> None:
+    from scores.health import Phase
+    from tests.harness.wait import eventually
+    from topologies.localhost import LocalhostTopology
+
+    ports, runner, _interpret, log = world
+    ports.topology = LocalhostTopology()
+    flag = tmp_path / "healthy"
+    flag.touch()
+    ports.apps["ledger"] = health_app(flag)
+    ports.leases.grant("ledger", 7, ttl=100)
+    await runner.step()
+    monitor = runner.health
+    assert log == ["apply 7"] and monitor is not None and monitor.probe is not None
+    await eventually(lambda: monitor.checks >= 2, what="probing")
+    ports.apps["ledger"] = health_app(flag)  # the same Application, read again
+    await runner.step()
+    assert runner.health is monitor and ports.reports[-1].state.value == "running"
+
+    runner.wake.clear()
+    flag.unlink()  # alive but unhealthy
+    await asyncio.wait_for(runner.wake.wait(), 30)  # the monitor wakes the runner
+    plan = await runner.step()
+    assert plan is not None and plan.give_up
+    assert plan.sentence.startswith(
+        "ledger: probe exec failed 2 times in a row (threshold 2): exit 1; giving it up here"
+    )
+    assert log[-1] == "stop" and ("release", None) in ports.leases.calls
+    assert runner.cooldown_until == ports.now + 3600
+    await runner.step()
+    assert "ledger" not in ports.leases.wants, "out while the probe still fails"
+
+    runner.wake.clear()
+    flag.touch()
+    await asyncio.wait_for(runner.wake.wait(), 30)
+    assert monitor.verdict().phase is Phase.IDLE
+    await runner.step()
+    assert "ledger" in ports.leases.wants, "the probe passes again: contending again"
+    await runner.shutdown()
+    assert runner.health is None
+
+
+async def test_a_violated_health_rule_keeps_the_workload_off(world: Any, tmp_path: Path) -> None:
+    from topologies.localhost import LocalhostTopology
+
+    ports, runner, _interpret, log = world
+    ports.topology = LocalhostTopology()
+    ports.apps["ledger"] = health_app(tmp_path / "x", cooldown="1s")  # ttl is 2s
+    ports.leases.grant("ledger", 7, ttl=100)
+    await runner.step()
+    await runner.step()
+    assert log == [] and runner.interpret is None
+    assert runner.start_failed is not None
+    assert "rule 'cooldown >= lease.ttl' violated" in runner.start_failed
