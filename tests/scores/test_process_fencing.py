@@ -124,3 +124,55 @@ async def test_a_killed_fence_takes_the_whole_group_with_it(tmp_path: Path) -> N
             timeout=10,
             what="the workload (PR_SET_PDEATHSIG) and its child (the agent's killpg)",
         )
+
+
+async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Path) -> None:
+    """Issue 9 item 10: workload logs fill the state directory (a 256 kB tmpfs). The fence
+    writes no log itself; rotation fails quietly; it keeps enforcing the deadline, and the
+    whole group dies at it."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        import pytest
+
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        from scores.base import Deadline, RunContext
+        from scores.process import ProcessSpec
+        from topologies.localhost import LocalhostTopology
+
+        topology = LocalhostTopology()
+        task = asyncio.create_task(topology.fence.run())
+        await asyncio.wait_for(topology.fence.started.wait(), 15)
+        child = small / "child.pid"
+        script = f"sleep 60 & echo $! > {child}; while true; do echo filling the disk; done"
+        spec = ProcessSpec(command=["sh", "-c", script], log_max_bytes=4096, log_backups=2)
+        interpret = spec.interpret(topology)
+        deadline = boottime() + 3.0
+        ctx = RunContext("full", "site-a", "n1", 1, small, Deadline(deadline))
+        assert (await interpret.apply(ctx)).ok
+        grandchild = int(await eventually(lambda: child.exists() and child.read_text().strip()))
+        usage = await eventually(
+            lambda: shutil.disk_usage(small).free < 8192, timeout=10, what="the disk to fill"
+        )
+        assert usage
+        assert topology.fence.proc is not None and topology.fence.proc.returncode is None
+        seen = await eventually(
+            lambda: _dead_at_deadline(interpret), timeout=10, what="killed at the deadline"
+        )
+        assert seen and boottime() >= deadline
+        assert not alive(grandchild), "a grandchild outlived the deadline on a full disk"
+        assert topology.fence.proc.returncode is None, "the fence died of the full disk"
+        await topology.fence.close()
+        task.cancel()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def _dead_at_deadline(interpret: Any) -> bool:
+    seen = await interpret.observe()
+    return bool(seen.reason == "deadline")
