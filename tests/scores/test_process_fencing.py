@@ -139,7 +139,8 @@ async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Pa
         pytest.skip("needs root to mount a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]
+    await asyncio.to_thread(subprocess.run, mount, check=True)
     try:
         from scores.base import Deadline, RunContext
         from scores.process import ProcessSpec
@@ -170,7 +171,7 @@ async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Pa
         await topology.fence.close()
         task.cancel()
     finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(small)], check=False)
 
 
 async def _dead_at_deadline(interpret: Any) -> bool:
