@@ -311,8 +311,8 @@ class Agent:
                 "trust-sync",
                 sync_bundle(mesh.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
             )
-        await self._write_summary()
         self.started = True
+        await self._write_summary()
         log.info("agent ready", tasks=sup.names, stores=mesh.stores)
         sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
 

@@ -20,6 +20,7 @@ import asyncio
 from dataclasses import dataclass
 
 import structlog
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -197,6 +198,9 @@ async def ensure_descriptor(
             return desc
         except KeyWrongLastSequenceError:
             continue  # someone else wrote it first: read theirs
+        except (TimeoutError, NatsError):
+            await asyncio.sleep(0.5)  # a new R3 bucket still settling: read again
+            continue
     raise MeshMismatch("mesh descriptor: concurrent writers, try again")
 
 

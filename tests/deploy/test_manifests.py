@@ -386,7 +386,7 @@ def test_no_site_is_hard_coded() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--site", "paris"], "Missing option '--nodes'"),
+        (["--site", "paris"], "missing option '--nodes'"),
         (["--site", "Paris", "--nodes", "n1"], "--site"),
         (["--site", "paris", "--nodes", "n1", "--peers", "frankfurt"], "SITE=HOST[:PORT]"),
         (["--site", "paris", "--nodes", "n1", "--peers", "x=h:1"], "--external-domain"),
