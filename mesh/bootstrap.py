@@ -176,7 +176,7 @@ async def ensure_descriptor(
 ) -> Descriptor:
     """Read the descriptor, creating it from ``stores`` (or ``default``) when absent;
     refuse a configured ``stores`` that differs from it."""
-    for _ in range(5):
+    for _ in range(30):
         found = await read_descriptor(state)
         if found is not None:
             if stores and list(found.stores) != list(stores):
