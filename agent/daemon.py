@@ -4,14 +4,16 @@ starts, and stopped in ``shutdown``, in the order written there (after kopf's
 
 Start: embedded nats-server -> connection -> mesh (buckets, descriptor, stores) -> topology
 and its fence (after stopping a previous incarnation's leftovers) -> session thread (its
-renewals feed the fence directly) -> lease manager -> controller (its first snapshot of
+renewals feed the fence directly) -> lease manager (and the ``harmony-leases`` view it
+publishes) -> controller (its first snapshot of
 Applications and marks before any runner) -> command plane -> status, summary, control loop.
 
 Stop (SIGTERM): command plane -> controller (every workload stops, bounded by its
 stop_timeout, *while the session keeps renewing*; then every lease is released or handed
-over) -> lease manager -> session close (``closed`` in every store) -> fence -> connection
--> embedded server. The budget is the configuration's (``Timing.shutdown_budget``), not a
-fixed per-step grace, and the session is never closed before the workloads are gone.
+over) -> lease manager -> lease view flushed -> session close (``closed`` in every store)
+-> fence -> connection -> embedded server. The budget is the configuration's
+(``Timing.shutdown_budget``), not a fixed per-step grace, and the session is never closed
+before the workloads are gone.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from mesh.clock import boottime, now_rfc3339
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
 from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
 from mesh.leases import LeaseManager
+from mesh.mirror import LeaseMirror
 from mesh.names import agent_key, inbox_prefix, status_subject
 from mesh.session import SessionThread, SessionView
 from topologies.base import Topology
@@ -104,6 +107,7 @@ class Agent:
         self.statefile = StateFile(config.state_dir)
         self.session: SessionThread | None = None
         self.leases: LeaseManager | None = None
+        self.mirror: LeaseMirror | None = None
         self.controller: Controller | None = None
         self.commands: CommandServer | None = None
         self.last_cycle: float | None = None
@@ -267,6 +271,11 @@ class Agent:
         )
         await self._retry("lease stores", leases.start)
         sup.spawn("leases", leases.run())
+        if mesh.lease_view is not None:
+            self.mirror = mirror = LeaseMirror(mesh.lease_view, cfg.site, cfg.node)
+            leases.on_acquired.append(mirror.acquired)
+            leases.on_lost.append(mirror.lost)
+            sup.spawn("lease-view", mirror.run())
 
         events = EventPublisher(self.connection.nc, cfg.site, cfg.node)
         self.controller = ctl = Controller(
@@ -440,6 +449,9 @@ class Agent:
         if self.leases is not None:
             await sup.cancel("leases")
             await self.leases.stop(release_budget=self.timing.release_budget)
+        if self.mirror is not None:
+            await self.mirror.flush(timeout=1.0)  # the view shows our releases, if it can
+            await sup.cancel("lease-view")
         for name in ("control-loop", "summary", "status-responder", "trust-sync", "session"):
             await sup.cancel(name)
         if self.mesh is not None:

@@ -126,7 +126,6 @@ def mesh() -> None:
 def init(ctx: click.Context, stores_text: str, replicas: int) -> None:
     """Create every bucket, stream and lease store (idempotent; needs JetStream admin)."""
     from agent.commands.client import MeshError
-
     from agent.logs import configure
 
     stores = _stores(stores_text)
