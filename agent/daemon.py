@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
-from agent import __version__, metrics, sdnotify
+from agent import __version__, app_metrics, metrics, sdnotify
 from agent.commands import CommandServer
 from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
@@ -269,6 +269,7 @@ class Agent:
         sup.spawn("leases", leases.run())
 
         events = EventPublisher(self.connection.nc, cfg.site, cfg.node)
+        holders = app_metrics.HolderLog(leases)  # failovers and handovers, per application
         self.controller = ctl = Controller(
             nc=self.connection.nc,
             state=mesh.state,
@@ -280,11 +281,12 @@ class Agent:
             leases=leases,
             alive=leases.agent_alive,
             agents=leases.live_agents,
-            holder=leases.holder_of,
+            holder=holders.holder_of,
             events=events,
             topology=topology,
             statefile=self.statefile,
         )
+        leases.on_acquired.append(holders.acquired)
         leases.on_acquired.append(ctl.lease_changed)
         leases.on_lost.append(ctl.lease_changed)
         leases.on_renewed.append(ctl.renewed)
@@ -350,7 +352,6 @@ class Agent:
         return proc.pid if proc is not None and proc.returncode is None else None
 
     def _connection_changed(self, up: bool) -> None:
-        metrics.MESH_CONNECTED.set(1 if up else 0)
         if not up:
             metrics.MESH_DISCONNECTS.inc()
 
@@ -365,9 +366,6 @@ class Agent:
             self.last_cycle = time.monotonic()
             sdnotify.watchdog()  # systemd WatchdogSec: a wedged loop stops these pings
             metrics.LOOP_CYCLES.inc()
-            metrics.MESH_CONNECTED.set(1 if self.connection.connected else 0)
-            metrics.IN_QUORUM.set(1 if self.in_quorum() else 0)
-            metrics.READY.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(interval)
 
     async def _write_summary(self) -> bool:
@@ -468,8 +466,6 @@ class Agent:
     async def run(self) -> int:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        metrics.AGENT_INFO.info({"version": __version__, "site": cfg.site, "node": cfg.node})
-        metrics.UPTIME.set_function(lambda: time.monotonic() - self.started_mono)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
@@ -477,7 +473,10 @@ class Agent:
         health: HealthServer | None = None
         if cfg.health.listen:
             health = HealthServer(
-                cfg.health.listen, liveness=self.liveness, readiness=self.readiness
+                cfg.health.listen,
+                liveness=self.liveness,
+                readiness=self.readiness,
+                registry=metrics.registry_for(self),
             )
             await health.start()
         try:

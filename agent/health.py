@@ -15,7 +15,8 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 log = structlog.get_logger("agent.health")
 
@@ -70,8 +71,16 @@ def _answer(result: tuple[bool, dict[str, Any]]) -> web.Response:
 
 
 class HealthServer:
-    def __init__(self, listen: str, *, liveness: Probe, readiness: Probe) -> None:
+    def __init__(
+        self,
+        listen: str,
+        *,
+        liveness: Probe,
+        readiness: Probe,
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
         self.listen = listen
+        self.registry = registry
         self.host, self.port = split_listen(listen)
         self._liveness = liveness
         self._readiness = readiness
@@ -84,7 +93,7 @@ class HealthServer:
         return _answer(self._readiness())
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest())
+        resp = web.Response(body=generate_latest(self.registry))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
 

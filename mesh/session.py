@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 from nats.aio.client import Client
 
+from mesh import metrics
 from mesh.clock import Clock, boottime
 from mesh.names import session_family, session_key
 from mesh.records import SessionRecord, SessionState, parse_session
@@ -264,8 +265,10 @@ class SessionCore:
         except StoreError as exc:
             if not exc.conflict:
                 self._set(name, error=str(exc))
+                metrics.RENEW_FAILURES.labels("error").inc()
                 return False
             return await self._after_conflict(name, s)
+        metrics.RENEW_SECONDS.observe(self.clock() - sent)
         if self._state[name].epoch == s.epoch and self._state[name].live:
             self._landed(name, sent, seq)
         return True
@@ -286,6 +289,7 @@ class SessionCore:
                 return True
         who = entry.key if entry is not None else "the family is gone (store recreated?)"
         log.warning("session lost in one store: foreign write", store=name, by=who)
+        metrics.RENEW_FAILURES.labels("lost").inc()
         self._set(name, live=False, fresh_until=NEG_INF, error=f"lost: {who}")
         self._changed()
         return await self.open(name)

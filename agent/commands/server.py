@@ -29,6 +29,7 @@ from nats.js.errors import Error as JsError
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from agent import app_metrics
 from agent.application import Application
 from agent.commands import marks
 from agent.commands.decoder import DecodeError, decode_request
@@ -240,6 +241,7 @@ class CommandServer:
         await self._respond(msg, reply)
 
     async def _respond(self, msg: Msg, reply: Reply) -> None:
+        app_metrics.command(msg.subject, reply.ok)
         if not msg.reply:
             return  # a bare publish: nobody to tell, nothing to do
         body = reply.model_copy(update={"agent": self.agent_id})

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from agent import app_metrics
 from agent.application import Application, Strategy, Trait
 from agent.controller.decide import decide
 from agent.controller.model import (
@@ -321,6 +322,7 @@ class AppRunner:
 
     def _count_failures(self, obs: Observation | None, now: float) -> None:
         """Consecutive crashes of the current run, reset after a healthy stretch."""
+        app_metrics.observed(self.name, obs)
         if obs is None:
             return
         crashes = obs.restarts + (
@@ -343,6 +345,7 @@ class AppRunner:
         p = self.p
         changed = False
         if plan.give_up:
+            app_metrics.gave_up(self.name)
             cooldown = p.timing.cooldown
             if self.health is not None:
                 cooldown = self.health.give_up(cooldown)
