@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.application import Application
 from mesh.names import STATE_BUCKET, app_key
-from tests.deploy.monitoring import CERT_METRIC, used_metrics
+from tests.deploy.monitoring import CERT_METRIC, ROOT, used_metrics
 from tests.harness.agents import AgentProcess
 from tests.harness.nats import NatsNode
 from tests.harness.wait import eventually
@@ -98,6 +98,13 @@ async def test_exposition_has_one_prefix_and_no_created_series(agent: AgentProce
         n for n in names if not n.startswith("harmony_")
     )
     assert not [n for n in names if n.endswith("_created")]
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    exported = [
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+    ]
+    undocumented = sorted(name for name in exported if f"`{name}`" not in docs)
+    assert not undocumented, f"exported but not in docs/operations.md: {undocumented}"
     promtool = shutil.which("promtool")
     if promtool is not None:  # the client library's conventions, checked by Prometheus
         lint = await asyncio.create_subprocess_exec(
