@@ -25,6 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from agent import __version__
 from agent.app_metrics import RESULTS, TALLIES, VERBS
@@ -264,6 +265,42 @@ class _HarmonyOnly(Collector):
         for metric in REGISTRY.collect():
             if metric.name.startswith(PREFIX):
                 yield metric
+
+
+_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram", "unknown": "untyped"}
+
+
+def _value(v: str) -> str:
+    if "\\" in v or '"' in v or "\n" in v:
+        v = v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return v
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return render_families(registry.collect())
+
+
+def render_families(families: Iterable[Metric]) -> bytes:
+    """The text exposition format (0.0.4), as ``prometheus_client.generate_latest`` writes
+    it, about twice as fast: the library validates and escapes every label *name* of every
+    sample; ours are fixed valid names, so only label values are escaped. Pure, so it may
+    run off the event loop on collected families. No ``_created``, ``_gsum`` or
+    ``_gcount`` samples exist here (``disable_created_metrics``)."""
+    out: list[str] = []
+    for metric in families:
+        name = metric.name + ("_total" if metric.type == "counter" else "")
+        name += "_info" if metric.type == "info" else ""
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {_TYPES.get(metric.type, metric.type)}\n")
+        for s in metric.samples:
+            labels = ""
+            if s.labels:
+                pairs = ",".join(f'{k}="{_value(v)}"' for k, v in sorted(s.labels.items()))
+                labels = "{" + pairs + "}"
+            stamp = f" {int(float(s.timestamp) * 1000):d}" if s.timestamp is not None else ""
+            value = floatToGoString(s.value)  # type: ignore[no-untyped-call]
+            out.append(f"{s.name}{labels} {value}{stamp}\n")
+    return "".join(out).encode()
 
 
 def registry_for(agent: Agent) -> CollectorRegistry:

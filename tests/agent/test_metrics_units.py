@@ -7,9 +7,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 from agent import app_metrics
 from agent.app_metrics import TALLIES
+from agent.metrics import render
 from scores.base import Observation, WorkloadState
 
 RUNNING = WorkloadState.RUNNING
@@ -80,3 +89,17 @@ def test_prune_forgets_deleted_applications() -> None:
     TALLIES.prune(["kept"])
     assert set(TALLIES.apps) == {"kept"} and not TALLIES.seen
     assert TALLIES.app("kept").give_ups == 1
+
+
+def test_render_writes_what_the_client_library_writes() -> None:
+    """``agent.metrics.render`` (the fast path of /metrics) is byte for byte the library's
+    ``generate_latest`` on every kind of family, with label values needing escapes."""
+    registry = CollectorRegistry(auto_describe=False)
+    counter = Counter("harmony_t_events", "Doc with \\ and\nnewline", ["app"], registry=registry)
+    counter.labels('quote " back \\ nl \n é').inc(3)
+    counter.labels("plain").inc()
+    Gauge("harmony_t_level", "A gauge", registry=registry).set(1796132411575)
+    Histogram("harmony_t_seconds", "A histogram", registry=registry).observe(0.3)
+    Info("harmony_t", "An info", registry=registry).info({"version": "1.0"})
+    Gauge("harmony_t_nan", "Not a number", registry=registry).set(float("nan"))
+    assert render(registry) == generate_latest(registry)
