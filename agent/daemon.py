@@ -41,7 +41,7 @@ from agent.health import HealthServer
 from agent.supervisor import Supervisor
 from agent.trust_sync import sync_bundle
 from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
-from mesh.clock import boottime, now_rfc3339
+from mesh.clock import boottime, now_rfc3339, wall_iso
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
 from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
 from mesh.leases import LeaseManager
@@ -202,7 +202,9 @@ class Agent:
             except MeshMismatch:
                 raise
             except (NatsError, JsError, TimeoutError, OSError) as exc:
-                log.warning("mesh not ready; retrying", error=repr(exc))
+                log.warning(
+                    "mesh_not_ready", msg=f"mesh not ready: {exc!r}; retrying", error=repr(exc)
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -234,8 +236,7 @@ class Agent:
         self.topology = topology = build_topology(cfg.topology)
         fence = getattr(topology, "fence", None)
         if isinstance(fence, FenceSupervisor):
-            for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):
-                log.warning(sentence)
+            await asyncio.to_thread(stop_leftovers, self.statefile)  # logs each one
             self.fence = fence
             await fence.start()
             if fence.proc is not None:
@@ -315,7 +316,12 @@ class Agent:
             )
         self.started = True
         await self._write_summary()
-        log.info("agent ready", tasks=sup.names, stores=mesh.stores)
+        log.info(
+            "agent_ready",
+            msg=f"agent {cfg.agent_id} ready (lease stores: {', '.join(mesh.stores)})",
+            tasks=sup.names,
+            stores=mesh.stores,
+        )
         sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
 
     async def _retry(self, what: str, start: Any) -> None:
@@ -327,7 +333,13 @@ class Agent:
                 await start()
                 return
             except (TimeoutError, NatsError, JsError, OSError) as exc:
-                log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
+                log.warning(
+                    "start_retry",
+                    msg=f"{what} could not start: {exc!r}; retrying in {backoff:g}s",
+                    what=what,
+                    error=repr(exc),
+                    backoff=backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -375,7 +387,7 @@ class Agent:
         try:
             await self.mesh.state.put(key, json.dumps(body).encode())
         except (NatsError, JsError, TimeoutError, OSError) as exc:
-            log.debug("summary not written", error=repr(exc))
+            log.debug("summary_not_written", msg=f"summary not written: {exc!r}", error=repr(exc))
             return False
         return True
 
@@ -421,7 +433,12 @@ class Agent:
                     float(getattr(getattr(r.interpret, "spec", None), "stop_timeout", 5.0))
                 )
         budget = self.timing.shutdown_budget(stop_timeouts)
-        log.info("stopping", budget=round(budget, 1))
+        log.info(
+            "agent_stopping",
+            msg=f"stopping: workloads, leases, session within {budget:.1f}s",
+            budget=round(budget, 1),
+            deadline=wall_iso(boottime() + budget),
+        )
         # systemd: deactivating from here on (no watchdog); TimeoutStopSec bounds the rest.
         sdnotify.stopping(self.supervisor.failure or "stopping: workloads, leases, session")
         sup = self.supervisor
@@ -434,7 +451,11 @@ class Agent:
                 clean = await asyncio.wait_for(self.controller.shutdown(), budget)
             except TimeoutError:
                 clean = False
-                log.error("workloads did not stop within the shutdown budget", budget=budget)
+                log.error(
+                    "shutdown_budget_exceeded",
+                    msg=f"workloads did not stop within the shutdown budget ({budget:.1f}s)",
+                    budget=budget,
+                )
         if self.leases is not None:
             await sup.cancel("leases")
             await self.leases.stop(release_budget=self.timing.release_budget)
@@ -450,7 +471,10 @@ class Agent:
             # Otherwise the session simply lapses (a contender waits a ttl, the fence kills
             # whatever is left at the deadline): slower, never overlapping.
             if not clean:
-                log.error("a workload may still run: letting the session lapse, not closing it")
+                log.error(
+                    "session_left_to_lapse",
+                    msg="a workload may still run: letting the session lapse, not closing it",
+                )
             await self.session.close(write=clean)
         if self.fence is not None:
             await sup.cancel("fence")
@@ -495,17 +519,27 @@ class Agent:
                 await self.shutdown()
                 raise StartupError(str(exc))
             if exc is not None:
-                log.error("startup failed", error=repr(exc))
+                log.error("startup_failed", msg=f"startup failed: {exc!r}", error=repr(exc))
                 await self.shutdown()
                 return 1
             code = await self.supervisor.run(self.stop_event)
             await self.shutdown()
-            log.info("agent stopped", exit_code=code, reason=self.supervisor.failure or "signal")
+            log.info(
+                "agent_stopped",
+                msg=f"agent stopped (exit {code})",
+                exit_code=code,
+                reason=self.supervisor.failure or "signal",
+            )
             return code
         finally:
             if health is not None:
                 await health.stop()
 
     def _request_stop(self, sig: signal.Signals) -> None:
-        log.info("stop requested", signal=sig.name, pid=os.getpid())
+        log.info(
+            "stop_requested",
+            msg=f"stop requested by {sig.name}",
+            signal=sig.name,
+            pid=os.getpid(),
+        )
         self.stop_event.set()

@@ -116,7 +116,11 @@ class HealthServer:
             await self._runner.cleanup()
             self._runner = None
             raise ListenError(_bind_error("health endpoint", self.listen, exc)) from None
-        log.info("health endpoint listening", listen=f"{self.host}:{self.port}")
+        log.info(
+            "health_listening",
+            msg=f"health endpoint listening on {self.host}:{self.port}",
+            listen=f"{self.host}:{self.port}",
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:
