@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
-from agent import __version__, metrics, sdnotify
+from agent import __version__, app_metrics, metrics, sdnotify
 from agent.commands import CommandServer
 from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
@@ -43,7 +43,7 @@ from agent.health import HealthServer
 from agent.supervisor import Supervisor
 from agent.trust_sync import sync_bundle
 from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
-from mesh.clock import boottime, now_rfc3339
+from mesh.clock import boottime, now_rfc3339, wall_iso
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
 from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
 from mesh.leases import LeaseManager
@@ -206,7 +206,9 @@ class Agent:
             except MeshMismatch:
                 raise
             except (NatsError, JsError, TimeoutError, OSError) as exc:
-                log.warning("mesh not ready; retrying", error=repr(exc))
+                log.warning(
+                    "mesh_not_ready", msg=f"mesh not ready: {exc!r}; retrying", error=repr(exc)
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -238,8 +240,7 @@ class Agent:
         self.topology = topology = build_topology(cfg.topology)
         fence = getattr(topology, "fence", None)
         if isinstance(fence, FenceSupervisor):
-            for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):
-                log.warning(sentence)
+            await asyncio.to_thread(stop_leftovers, self.statefile)  # logs each one
             self.fence = fence
             await fence.start()
             if fence.proc is not None:
@@ -278,6 +279,7 @@ class Agent:
             sup.spawn("lease-view", mirror.run())
 
         events = EventPublisher(self.connection.nc, cfg.site, cfg.node)
+        holders = app_metrics.HolderLog(leases)  # failovers and handovers, per application
         self.controller = ctl = Controller(
             nc=self.connection.nc,
             state=mesh.state,
@@ -289,11 +291,12 @@ class Agent:
             leases=leases,
             alive=leases.agent_alive,
             agents=leases.live_agents,
-            holder=leases.holder_of,
+            holder=holders.holder_of,
             events=events,
             topology=topology,
             statefile=self.statefile,
         )
+        leases.on_acquired.append(holders.acquired)
         leases.on_acquired.append(ctl.lease_changed)
         leases.on_lost.append(ctl.lease_changed)
         leases.on_renewed.append(ctl.renewed)
@@ -322,7 +325,12 @@ class Agent:
             )
         self.started = True
         await self._write_summary()
-        log.info("agent ready", tasks=sup.names, stores=mesh.stores)
+        log.info(
+            "agent_ready",
+            msg=f"agent {cfg.agent_id} ready (lease stores: {', '.join(mesh.stores)})",
+            tasks=sup.names,
+            stores=mesh.stores,
+        )
         sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
 
     async def _retry(self, what: str, start: Any) -> None:
@@ -334,7 +342,13 @@ class Agent:
                 await start()
                 return
             except (TimeoutError, NatsError, JsError, OSError) as exc:
-                log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
+                log.warning(
+                    "start_retry",
+                    msg=f"{what} could not start: {exc!r}; retrying in {backoff:g}s",
+                    what=what,
+                    error=repr(exc),
+                    backoff=backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -359,7 +373,6 @@ class Agent:
         return proc.pid if proc is not None and proc.returncode is None else None
 
     def _connection_changed(self, up: bool) -> None:
-        metrics.MESH_CONNECTED.set(1 if up else 0)
         if not up:
             metrics.MESH_DISCONNECTS.inc()
 
@@ -374,9 +387,6 @@ class Agent:
             self.last_cycle = time.monotonic()
             sdnotify.watchdog()  # systemd WatchdogSec: a wedged loop stops these pings
             metrics.LOOP_CYCLES.inc()
-            metrics.MESH_CONNECTED.set(1 if self.connection.connected else 0)
-            metrics.IN_QUORUM.set(1 if self.in_quorum() else 0)
-            metrics.READY.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(interval)
 
     async def _write_summary(self) -> bool:
@@ -386,7 +396,7 @@ class Agent:
         try:
             await self.mesh.state.put(key, json.dumps(body).encode())
         except (NatsError, JsError, TimeoutError, OSError) as exc:
-            log.debug("summary not written", error=repr(exc))
+            log.debug("summary_not_written", msg=f"summary not written: {exc!r}", error=repr(exc))
             return False
         return True
 
@@ -432,7 +442,12 @@ class Agent:
                     float(getattr(getattr(r.interpret, "spec", None), "stop_timeout", 5.0))
                 )
         budget = self.timing.shutdown_budget(stop_timeouts)
-        log.info("stopping", budget=round(budget, 1))
+        log.info(
+            "agent_stopping",
+            msg=f"stopping: workloads, leases, session within {budget:.1f}s",
+            budget=round(budget, 1),
+            deadline=wall_iso(boottime() + budget),
+        )
         # systemd: deactivating from here on (no watchdog); TimeoutStopSec bounds the rest.
         sdnotify.stopping(self.supervisor.failure or "stopping: workloads, leases, session")
         sup = self.supervisor
@@ -445,7 +460,11 @@ class Agent:
                 clean = await asyncio.wait_for(self.controller.shutdown(), budget)
             except TimeoutError:
                 clean = False
-                log.error("workloads did not stop within the shutdown budget", budget=budget)
+                log.error(
+                    "shutdown_budget_exceeded",
+                    msg=f"workloads did not stop within the shutdown budget ({budget:.1f}s)",
+                    budget=budget,
+                )
         if self.leases is not None:
             await sup.cancel("leases")
             await self.leases.stop(release_budget=self.timing.release_budget)
@@ -464,7 +483,10 @@ class Agent:
             # Otherwise the session simply lapses (a contender waits a ttl, the fence kills
             # whatever is left at the deadline): slower, never overlapping.
             if not clean:
-                log.error("a workload may still run: letting the session lapse, not closing it")
+                log.error(
+                    "session_left_to_lapse",
+                    msg="a workload may still run: letting the session lapse, not closing it",
+                )
             await self.session.close(write=clean)
         if self.fence is not None:
             await sup.cancel("fence")
@@ -480,8 +502,6 @@ class Agent:
     async def run(self) -> int:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        metrics.AGENT_INFO.info({"version": __version__, "site": cfg.site, "node": cfg.node})
-        metrics.UPTIME.set_function(lambda: time.monotonic() - self.started_mono)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
@@ -489,7 +509,10 @@ class Agent:
         health: HealthServer | None = None
         if cfg.health.listen:
             health = HealthServer(
-                cfg.health.listen, liveness=self.liveness, readiness=self.readiness
+                cfg.health.listen,
+                liveness=self.liveness,
+                readiness=self.readiness,
+                registry=metrics.registry_for(self),
             )
             await health.start()
         try:
@@ -508,17 +531,27 @@ class Agent:
                 await self.shutdown()
                 raise StartupError(str(exc))
             if exc is not None:
-                log.error("startup failed", error=repr(exc))
+                log.error("startup_failed", msg=f"startup failed: {exc!r}", error=repr(exc))
                 await self.shutdown()
                 return 1
             code = await self.supervisor.run(self.stop_event)
             await self.shutdown()
-            log.info("agent stopped", exit_code=code, reason=self.supervisor.failure or "signal")
+            log.info(
+                "agent_stopped",
+                msg=f"agent stopped (exit {code})",
+                exit_code=code,
+                reason=self.supervisor.failure or "signal",
+            )
             return code
         finally:
             if health is not None:
                 await health.stop()
 
     def _request_stop(self, sig: signal.Signals) -> None:
-        log.info("stop requested", signal=sig.name, pid=os.getpid())
+        log.info(
+            "stop_requested",
+            msg=f"stop requested by {sig.name}",
+            signal=sig.name,
+            pid=os.getpid(),
+        )
         self.stop_event.set()

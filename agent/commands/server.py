@@ -29,6 +29,7 @@ from nats.js.errors import Error as JsError
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from agent import app_metrics
 from agent.application import Application
 from agent.commands import marks
 from agent.commands.decoder import DecodeError, decode_request
@@ -127,7 +128,7 @@ class CommandServer:
         self._agent_sub = await self.nc.subscribe(self.agent_subject, cb=self._on_agent_msg)
         log.info(
             "command_plane_serving",
-            message=f"command plane serving {self.agent_subject}",
+            msg=f"command plane serving {self.agent_subject}",
             subject=self.agent_subject,
         )
 
@@ -176,6 +177,7 @@ class CommandServer:
                 await self._respond(msg, Reply.failure(request.message, agent=self.agent_id))
                 return
             if len(self._tasks) >= self.max_in_flight:
+                self._refuse(msg, "busy", "busy: too many commands in flight", verb=verb[:64])
                 await self._respond(msg, Reply.failure("busy: too many commands in flight"))
                 return
             task = asyncio.create_task(self._serve(msg, request), name=f"cmd {verb}")
@@ -184,7 +186,7 @@ class CommandServer:
         except Exception as exc:  # a bug here must not kill the subscription
             log.exception(
                 "command_receive_failed",
-                message="command receive failed",
+                msg="command receive failed",
                 subject=msg.subject,
                 error=repr(exc),
             )
@@ -197,7 +199,7 @@ class CommandServer:
             suppressed, self._limiter.suppressed = self._limiter.suppressed, 0
             log.warning(
                 "command_refused",
-                message=f"command refused: {message}",
+                msg=f"command refused: {message}",
                 subject=msg.subject[:200],
                 size=len(msg.data),
                 code=code,
@@ -214,9 +216,7 @@ class CommandServer:
         except (NatsError, JsError, OSError) as exc:
             reply = Reply.failure(f"mesh error: {exc or type(exc).__name__}")
         except Exception as exc:
-            log.exception(
-                "command_failed", message="command handler failed", verb=request.verb.value
-            )
+            log.exception("command_failed", msg="command handler failed", verb=request.verb.value)
             reply = Reply.failure(f"internal error: {type(exc).__name__}: {exc}")
         fields = {
             k: v
@@ -232,7 +232,7 @@ class CommandServer:
             routine = request.verb in (Verb.PING, Verb.LOGS)
             (log.debug if routine else log.info)(
                 "command_served",
-                message=f"{request.verb.value} served",
+                msg=f"{request.verb.value} served",
                 verb=request.verb.value,
                 by=request.by,
                 **fields,
@@ -240,6 +240,7 @@ class CommandServer:
         await self._respond(msg, reply)
 
     async def _respond(self, msg: Msg, reply: Reply) -> None:
+        app_metrics.command(msg.subject, reply.ok)
         if not msg.reply:
             return  # a bare publish: nobody to tell, nothing to do
         body = reply.model_copy(update={"agent": self.agent_id})
