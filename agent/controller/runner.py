@@ -130,6 +130,8 @@ class AppRunner:
         self.lease_name: str | None = None
         self.consistent = True
         self.run_token: int | None = None
+        self.pid: int | None = None
+        """The running workload's main pid, as last observed (for status)."""
         self.failures = 0
         self.crash_base = 0
         self.healthy_since: float | None = None
@@ -331,7 +333,10 @@ class AppRunner:
         if isinstance(obs, Outcome):
             return Observation(WorkloadState.FAILED, obs.message, reason="unreachable")
         if obs.state is WorkloadState.RUNNING and obs.pids and self.run_token is not None:
+            self.pid = obs.pids[0]
             self.p.remember(self.name, self.run_token, obs.pids[0], self._stop_timeout())
+        elif obs.state is not WorkloadState.RUNNING:
+            self.pid = None
         return obs
 
     def _count_failures(self, obs: Observation | None, now: float) -> None:
@@ -421,16 +426,17 @@ class AppRunner:
             detail=plan.sentence,
             lease_token=s.lease.token,
             partitioned=plan.partitioned,
-            pid=self.report.pid if running else None,
+            pid=self.pid if self.run_token is not None else None,
             enforced=not self.consistent
             or (self.interpret is not None and self.interpret.enforces_deadline),
         )
-        key = (report.state, report.token, report.partitioned, report.lease_token)
+        key = (report.state, report.token, report.partitioned, report.lease_token, report.pid)
         old = (
             self.report.state,
             self.report.token,
             self.report.partitioned,
             self.report.lease_token,
+            self.report.pid,
         )
         self.report = report
         if key != old:
@@ -481,10 +487,7 @@ class AppRunner:
         if self.health is not None:
             self.health.started(ctx)
         obs = await interpret.observe()
-        pid = obs.pids[0] if obs.pids else None
-        self.report = InstanceReport(
-            self.name, self.report.state, token, self.report.detail, token, False, pid
-        )
+        self.pid = pid = obs.pids[0] if obs.pids else None
         p.remember(self.name, token, pid, self._stop_timeout())
         return True
 

@@ -170,7 +170,14 @@ async def test_planned_failover(deployed: Cli) -> None:
         return d is not None and app(d, "ledger")["holder"] == f"{target}/n1"
 
     await eventually(moved, timeout=30, interval=0.3, what=f"failover to {target}")
-    await _view_shows(cli.url, "app.ledger", f"{target}/n1", app(await cli.status(), "ledger"))
+    doc = await cli.status()
+    await _view_shows(cli.url, "app.ledger", f"{target}/n1", app(doc, "ledger"))
+
+    async def pid_shown() -> bool:
+        live = running(await cli.status(), "ledger")
+        return len(live) == 1 and isinstance(live[0].get("pid"), int)
+
+    await eventually(pid_shown, timeout=10, what="the running instance's pid in status")
 
 
 async def _view_shows(url: str, key: str, holder: str, ledger: dict[str, Any]) -> None:
