@@ -58,7 +58,11 @@ def app_doc(name: str) -> bytes:
 
 @pytest.fixture
 async def client(nats_cluster: NatsCluster) -> AsyncIterator[Client]:
-    await make_mesh(nats_cluster.urls, nats_cluster.stores)
+    async def created() -> bool:  # JetStream may still be electing its meta leader
+        await make_mesh(nats_cluster.urls, nats_cluster.stores)
+        return True
+
+    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
     nc = await nats.connect(servers=nats_cluster.urls)
     yield nc
     await nc.close()
