@@ -171,7 +171,12 @@ async def test_a_fenced_application_never_starts_at_boot(
     With the fence written first and only the marker checked, that bug could not fail it.
     """
     js = client.jetstream(timeout=10)
-    await make_mesh(nats_cluster.urls, nats_cluster.stores)
+
+    async def created() -> bool:  # JetStream may still be electing its meta leader
+        await make_mesh(nats_cluster.urls, nats_cluster.stores)
+        return True
+
+    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
     state = await js.key_value(STATE_BUCKET)
     marker = tmp_path / "fenced.pids"
     await state.put("app.ledger", app_doc("ledger", marker))
