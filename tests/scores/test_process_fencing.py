@@ -162,9 +162,13 @@ async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Pa
         )
         assert usage
         assert topology.fence.proc is not None and topology.fence.proc.returncode is None
-        seen = await eventually(
-            lambda: _dead_at_deadline(interpret), timeout=10, what="killed at the deadline"
-        )
+        fence = topology.fence.proc
+
+        async def dead_at_deadline() -> bool:
+            assert fence.returncode is None, f"the fence died of the full disk ({fence.returncode})"
+            return await _dead_at_deadline(interpret)
+
+        seen = await eventually(dead_at_deadline, timeout=10, what="killed at the deadline")
         assert seen and boottime() >= deadline
         assert not alive(grandchild), "a grandchild outlived the deadline on a full disk"
         assert topology.fence.proc.returncode is None, "the fence died of the full disk"
