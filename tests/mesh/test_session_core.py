@@ -43,14 +43,31 @@ async def last_record(nc: Client) -> tuple[str, SessionState]:
 
 
 async def test_renewals_extend_validity_from_their_send_time(nc: Client) -> None:
+    """Validity runs from when a write was sent, never from when its answer came back.
+
+    Every answer here comes back ``SLOW`` after the write landed: counted from the answer,
+    validity would reach ``SLOW`` past what the store can vouch for. (With instant local
+    answers, send and answer times coincide and that bug could not fail this test.)"""
+    slow = 0.3
     c = core(nc)
+    store = c.stores["solo"]
+    real_cas = store.cas
+
+    async def slow_answer(*args: Any, **kwargs: Any) -> int:
+        seq = await real_cas(*args, **kwargs)
+        await asyncio.sleep(slow)  # the answer is slow to come back; the write has landed
+        return seq
+
+    store.cas = slow_answer  # type: ignore[method-assign]
     before = boottime()
     assert await c.open("solo")
     first = c.view().stores["solo"]
-    assert first.live and before + TTL - 0.1 <= first.fresh_until <= boottime() + TTL - 0.1
+    assert first.live and before + TTL - 0.1 <= first.fresh_until
+    assert first.fresh_until <= boottime() - slow + TTL - 0.1, "counted from the answer"
     assert await c.renew("solo")
-    assert c.view().stores["solo"].fresh_until > first.fresh_until
-    assert c.view().stores["solo"].seq > first.seq
+    renewed = c.view().stores["solo"]
+    assert renewed.fresh_until > first.fresh_until and renewed.seq > first.seq
+    assert renewed.fresh_until <= boottime() - slow + TTL - 0.1, "counted from the answer"
 
 
 async def test_a_foreign_write_ends_the_epoch_and_a_new_one_opens(nc: Client) -> None:
