@@ -96,14 +96,6 @@ def running_now(history_file: Path) -> list[history.Instance]:
     return [i for i in insts if now - i.last_ns < SLACK_NS]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="scores/probes.py LocalExecProbe passes user=/group=/extra_groups= to "
-    "asyncio.create_subprocess_exec, which uvloop (the agent's loop) refuses even when None: "
-    "every exec probe fails in a real agent ('given up with a passing probe'). Remove this "
-    "marker with the fix.",
-)
 async def test_a_failing_probe_moves_the_app_and_it_stays_away_while_it_fails(
     client: Client, agents: dict[str, AgentProcess], tmp_path: Path
 ) -> None:
