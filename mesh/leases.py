@@ -167,6 +167,14 @@ class LeaseManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._view = session.view()
+        """The session view every deadline is computed from (``_fresh``)."""
+        self._processed = self._view
+        """The last view ``_session_changed`` acted on (drops, wake-ups, callbacks)."""
+        self._deadlines: dict[str, float] = {}
+        """name -> deadline under the current view and claims (cleared when either moves)."""
+        self._held_now: dict[str, int] | None = None
+        self._held_until = NEG_INF
+        """``held()`` is cached until the earliest deadline, or until something changes."""
         self._anchors: dict[str, str] = {}
         self.tenures: deque[Tenure] = deque(maxlen=history)
         self.on_acquired: list[Callable[[str, int, float], None]] = []
@@ -336,9 +344,43 @@ class LeaseManager:
         return True
 
     def held(self) -> dict[str, int]:
-        """Leases held now: name -> fencing token (term)."""
+        """Leases held now: name -> fencing token (term). Every runner asks on every step,
+        so the answer is cached until its earliest deadline or the next change: read it,
+        never modify it."""
+        self._fresh()
         now = self.clock()
-        return {n: h.term for n, h in self._held.items() if self.deadline(n) > now}
+        cached = self._held_now
+        if cached is not None and now < self._held_until:
+            return cached
+        out: dict[str, int] = {}
+        until = float("inf")
+        for n, h in self._held.items():
+            d = self.deadline(n)
+            if d > now:
+                out[n] = h.term
+                until = min(until, d)
+        self._held_now, self._held_until = out, until
+        return out
+
+    def _fresh(self) -> SessionView:
+        """Use the session's newest view. The session thread's notifications queue behind
+        whatever the main loop is busy with (a start storm of hundreds of workloads); a
+        deadline computed from a view that old would make a lease look expired although
+        its renewals landed, and every workload would be stopped (issue 17). The view is
+        a snapshot published by the session thread: reading it is one attribute load."""
+        view = self.session.view()
+        if view is not self._view:
+            self._view = view
+            self._invalidate()
+        return view
+
+    def _invalidate(self, name: str | None = None) -> None:
+        """The view, or ``name``'s claims, changed: deadlines must be computed again."""
+        if name is None:
+            self._deadlines.clear()
+        else:
+            self._deadlines.pop(name, None)
+        self._held_now = None
 
     def open_tenures(self) -> list[Tenure]:
         """Leases held now as tenures ending at their current deadline (if not renewed)."""
@@ -349,7 +391,13 @@ class LeaseManager:
 
     def deadline(self, name: str) -> float:
         held = self._held.get(name)
-        return self._view.deadline(held.support()) if held is not None else NEG_INF
+        if held is None:
+            return NEG_INF
+        self._fresh()
+        at = self._deadlines.get(name)
+        if at is None:
+            at = self._deadlines[name] = self._view.deadline(held.support())
+        return at
 
     def follows_session(self, name: str) -> bool:
         """True when the session's anchored deadline never exceeds this lease's deadline,
@@ -428,11 +476,15 @@ class LeaseManager:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._session_changed, view)
+                loop.call_soon_threadsafe(self._session_changed)
 
-    def _session_changed(self, view: SessionView) -> None:
-        old = self._view
-        self._view = view
+    def _session_changed(self) -> None:
+        """Act on the session's newest view (notifications that queued up while the loop
+        was busy collapse into one)."""
+        old, view = self._processed, self._fresh()
+        if view is old:
+            return
+        self._processed = view
         epochs_changed = {b: s.epoch for b, s in view.stores.items()} != {
             b: s.epoch for b, s in old.stores.items()
         }
@@ -483,7 +535,7 @@ class LeaseManager:
                     self._drop(name, "validity ran out without a quorum of renewals", "session")
 
     def _me(self, now: float) -> Me:
-        view = self._view
+        view = self._fresh()
         return Me(
             agent=self.agent,
             site=self.site,
@@ -518,8 +570,11 @@ class LeaseManager:
             if held is None:
                 self._adopt(want, d)
             else:
-                for b in set(held.claims) - d.support:
+                gone = set(held.claims) - d.support
+                for b in gone:
                     del held.claims[b]
+                if gone:
+                    self._invalidate(want.name)
                 if d.writes:
                     self._spawn(want.name, self._claim(want, d, repair=True))
             self._update_anchors()
@@ -552,7 +607,7 @@ class LeaseManager:
     # --- writes ------------------------------------------------------------------------------
 
     def _records(self, term: int, stores: list[str]) -> dict[str, ClaimRecord] | None:
-        view = self._view
+        view = self._fresh()
         records = {}
         for b in stores:
             epoch = view.epoch(b)
@@ -576,6 +631,7 @@ class LeaseManager:
         if repair:
             if held is not None and held.term == d.term and landed:
                 held.claims.update(landed)
+                self._invalidate(want.name)
                 log.info("lease claim repaired", lease=want.name, stores=sorted(landed))
                 self._update_anchors()
             return
@@ -637,6 +693,7 @@ class LeaseManager:
 
     def _gain(self, want: _Want, held: _Held) -> None:
         self._held[want.name] = held
+        self._invalidate(want.name)
         deadline = self.deadline(want.name)
         metrics.ACQUISITIONS.inc()
         metrics.LEASES_HELD.inc()
@@ -649,6 +706,7 @@ class LeaseManager:
         held = self._held.pop(name, None)
         if held is None:
             return
+        self._invalidate(name)
         self._dropped[name] = max(held.term, self._dropped.get(name, 0))
         end = min(self.clock(), self._view.deadline(held.support()))
         self.tenures.append(Tenure(name, held.term, held.start, max(held.start, end), why))
