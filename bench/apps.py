@@ -9,8 +9,9 @@ events of the proc connector, ``tests/harness/procevents.py``), so overlaps are 
 over the whole history, not sampled. Measured per ttl:
 
 * ``start``: from the moment ``apply`` is run to every application running exactly once;
-* ``session losses``: "validity ran out" / "session lost in one store" lines in the agents'
-  logs from the apply to the end of the idle window (must be 0);
+* ``session losses``: "session validity ran out" / "session lost in one store" lines in
+  the agents' logs from the apply to the end of the idle window (must be 0), and ``lease
+  losses``: "lease lost" lines (a lease dropped by its holder; must be 0 too);
 * ``idle``: CPU (% of one core) and RSS of each agent plus its fence over ``--idle``
   seconds, from /proc (the workloads excluded; the nats-servers shown apart);
 * ``status``: wall time of ``harmony-agent status -o json`` (a new CLI process) with N
@@ -62,7 +63,10 @@ SITES = ("site-a", "site-b", "site-c")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 WORKLOAD = rb"sleep\x00100000\.(\d+)\x00"
-LOSS_LINES = ("validity ran out", "session lost in one store")
+SESSION_LOSSES = ("session validity ran out", "session lost in one store")
+"""The session thread's own lines: the session (not one lease) lapsed or lost a store."""
+LEASE_LOSSES = ("lease lost",)
+"""Any held lease lost (its deadline ran out, or its claim was overwritten)."""
 RENEWALS = "$KV.*.sess.*.*.live"
 """Renewals in every lease store (filtered to ``$KV.harmony-leases-...``)."""
 
@@ -142,6 +146,8 @@ class World:
         self.renewals: list[tuple[float, str, int, int]] = []
         """(time, subject, payload bytes, header bytes) of every renewal seen."""
         self._nc: Any = None
+        self.victim: AgentProcess | None = None
+        """The agent the failover kills (its death is expected)."""
 
     async def start(self) -> None:
         self.procs.start()
@@ -198,8 +204,16 @@ class World:
         )
         return time.monotonic() - started, done
 
-    def session_losses(self) -> int:
-        return sum(a.log(1 << 30).count(p) for a in self.agents for p in LOSS_LINES)
+    def dead(self, *, spare: AgentProcess | None = None) -> list[str]:
+        """Agents that exited on their own (with the last line of their log)."""
+        return [
+            f"{a.agent_id} exited: {a.log(600).strip().splitlines()[-1:]}"
+            for a in self.agents
+            if a is not spare and not a.running()
+        ]
+
+    def count(self, lines: tuple[str, ...]) -> int:
+        return sum(a.log(1 << 30).count(p) for a in self.agents for p in lines)
 
     def renewal_sample(self, since: float) -> dict[str, Any]:
         seen = [r for r in self.renewals if r[0] >= since]
@@ -222,6 +236,8 @@ async def until_all_running(
     started = time.monotonic()
     moved = replaced or {}
     while time.monotonic() - started < timeout:
+        if world.dead(spare=world.victim):
+            raise RuntimeError("; ".join(world.dead(spare=world.victim)))
         running = world.procs.running()
         ok = len(running) == n and all(len(p) == 1 for p in running.values())
         if ok and all(not (set(running[a]) & pids) for a, pids in moved.items()):
@@ -283,7 +299,7 @@ async def one_ttl(n: int, ttl: float, idle: float) -> dict[str, Any]:
             await world.start()
             path = Path(tmp) / "apps.yaml"
             path.write_text(apps_yaml(n))
-            losses_before = world.session_losses()
+            losses_before = world.count(SESSION_LOSSES), world.count(LEASE_LOSSES)
             t0 = time.monotonic()
             apply_s, done = world.cli("apply", "-f", str(path))
             assert done.returncode == 0, done.stderr
@@ -298,7 +314,8 @@ async def one_ttl(n: int, ttl: float, idle: float) -> dict[str, Any]:
             since = time.monotonic()
             idle_res = await idle_cost(world, idle)
             renewal = world.renewal_sample(since)
-            start["session_losses"] = world.session_losses() - losses_before
+            start["session_losses"] = world.count(SESSION_LOSSES) - losses_before[0]
+            start["lease_losses"] = world.count(LEASE_LOSSES) - losses_before[1]
             print(f"  ttl {ttl:g}: idle {json.dumps(idle_res)}", flush=True)
             print(f"  ttl {ttl:g}: renewal {json.dumps(renewal)}", flush=True)
             status_s, status = world.cli("status", "-o", "json")
@@ -309,7 +326,7 @@ async def one_ttl(n: int, ttl: float, idle: float) -> dict[str, Any]:
             for a in world.agents:
                 assert a.proc is not None
                 counts[a.agent_id] = len(children(fence_of(a.proc.pid) or 0))
-            victim = max(world.agents, key=lambda a: counts[a.agent_id])
+            victim = world.victim = max(world.agents, key=lambda a: counts[a.agent_id])
             assert victim.proc is not None
             mine = set(children(fence_of(victim.proc.pid) or 0))
             replaced = {a: set(p) for a, p in world.procs.running().items() if set(p) & mine}
@@ -355,6 +372,7 @@ def verdicts(r: dict[str, Any]) -> dict[str, bool]:
     return {
         "all running <= 60 s": r["start"]["seconds"] is not None and r["start"]["seconds"] <= 60,
         "0 session losses": r["start"]["session_losses"] == 0,
+        "0 lease losses": r["start"]["lease_losses"] == 0,
         "idle cpu <= 5 %": max(a["cpu_pct"] for a in agents) <= 5.0,
         "rss <= 150 MB": max(a["rss_mb"] for a in agents) <= 150.0,
         "failover <= ttl + 2 s": fo["last_exec_s"] is not None and fo["last_exec_s"] <= ttl + 2,
@@ -392,6 +410,7 @@ async def main() -> int:
                 r["apps"],
                 r["start"]["seconds"],
                 r["start"]["session_losses"],
+                r["start"]["lease_losses"],
                 max(a["cpu_pct"] for a in agents),
                 max(a["rss_mb"] for a in agents),
                 r["failover"]["apps"],
@@ -402,7 +421,7 @@ async def main() -> int:
             ]
         )
     headers = [
-        "ttl", "apps", "all running s", "session losses", "idle cpu % (max agent)",
+        "ttl", "apps", "all running s", "session losses", "lease losses", "idle cpu % (max agent)",
         "rss MB (agent+fence)", "failover apps", "failover s", "overlaps", "status -o json s", "ok",
     ]  # fmt: skip
     print("\n" + table(headers, rows))
