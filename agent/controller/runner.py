@@ -150,7 +150,7 @@ class AppRunner:
 
     async def run(self) -> None:
         while not self.done:
-            timeout = self.p.timing.control_interval
+            timeout = self._backstop()
             if self.retry_at is not None:
                 timeout = min(timeout, max(0.0, self.retry_at - self.p.clock()))
             with contextlib.suppress(TimeoutError):
@@ -163,6 +163,18 @@ class AppRunner:
                     raise
                 except Exception as exc:
                     log.exception("controller step failed", app=self.name, error=repr(exc))
+
+    def _backstop(self) -> float:
+        """How long to sleep when nothing wakes us. Every input of an AbsoluteConsistency
+        decision wakes the runner (the lease's callbacks, the Application and marks, the
+        workload's own events when its Interpret reports changes, health verdicts), so
+        then the cycle is only a safety net. A polled Interpret, or SplitBrainAllowed (a
+        peer's liveness has no event), keeps the control interval."""
+        timing = self.p.timing
+        interpret = self.interpret
+        if self.consistent and interpret is not None and interpret.reports_changes:
+            return timing.idle_backstop
+        return timing.control_interval
 
     # --- one cycle ---------------------------------------------------------------------------
 
