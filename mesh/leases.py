@@ -107,9 +107,21 @@ class _Held:
     start: float
     claims: dict[str, tuple[int, str]] = field(default_factory=dict)
     """store -> (sequence of our claim, the epoch it names)."""
+    _key: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)
 
     def support(self) -> dict[str, str]:
         return {b: epoch for b, (_, epoch) in self.claims.items()}
+
+    def key(self) -> tuple[tuple[str, str], ...]:
+        """The support as a hashable value: leases claimed with the same epochs share
+        their deadline (usually all of them), so it is computed once per view."""
+        if self._key is None:
+            self._key = tuple(sorted(self.support().items()))
+        return self._key
+
+    def changed(self) -> None:
+        """``claims`` was modified."""
+        self._key = None
 
 
 class LeaseManager:
@@ -170,8 +182,10 @@ class LeaseManager:
         """The session view every deadline is computed from (``_fresh``)."""
         self._processed = self._view
         """The last view ``_session_changed`` acted on (drops, wake-ups, callbacks)."""
-        self._deadlines: dict[str, float] = {}
-        """name -> deadline under the current view and claims (cleared when either moves)."""
+        self._deadlines: dict[tuple[tuple[str, str], ...], float] = {}
+        """support -> deadline under the current view (cleared when the view moves)."""
+        self._follows: dict[tuple[tuple[str, str], ...], bool] = {}
+        """support -> ``follows_session`` under the current view."""
         self._held_now: dict[str, int] | None = None
         self._held_until = NEG_INF
         """``held()`` is cached until the earliest deadline, or until something changes."""
@@ -378,8 +392,11 @@ class LeaseManager:
         """The view, or ``name``'s claims, changed: deadlines must be computed again."""
         if name is None:
             self._deadlines.clear()
+            self._follows.clear()
         else:
-            self._deadlines.pop(name, None)
+            held = self._held.get(name)
+            if held is not None:
+                held.changed()
         self._held_now = None
 
     def open_tenures(self) -> list[Tenure]:
@@ -394,9 +411,10 @@ class LeaseManager:
         if held is None:
             return NEG_INF
         self._fresh()
-        at = self._deadlines.get(name)
+        key = held.key()
+        at = self._deadlines.get(key)
         if at is None:
-            at = self._deadlines[name] = self._view.deadline(held.support())
+            at = self._deadlines[key] = self._view.deadline(dict(key))
         return at
 
     def follows_session(self, name: str) -> bool:
@@ -405,9 +423,15 @@ class LeaseManager:
         held = self._held.get(name)
         if held is None:
             return False
-        support = held.support()
-        anchors = {s.store: s.anchor for s in self._view.stores.values() if s.anchor}
-        return bool(anchors) and all(support.get(b) == e for b, e in anchors.items())
+        view = self._fresh()
+        key = held.key()
+        follows = self._follows.get(key)
+        if follows is None:
+            support = dict(key)
+            anchors = {s.store: s.anchor for s in view.stores.values() if s.anchor}
+            follows = bool(anchors) and all(support.get(b) == e for b, e in anchors.items())
+            self._follows[key] = follows
+        return follows
 
     def agent_alive(self, agent: str) -> bool:
         """``agent``'s session was seen renewing within a ttl in some store we watch."""
