@@ -230,6 +230,12 @@ class Decision:
     support: frozenset[str] = frozenset()
     target: str | None = None
     retry_at: float | None = None
+    """WAIT: the earliest instant the decision may change if nothing is written."""
+    timer_at: float | None = None
+    """``retry_at`` without the holders' renewal deadlines: those are the same for every
+    lease of a holder, so the lease manager watches them per holder (``holders``)."""
+    holders: frozenset[str] = frozenset()
+    """WAIT: the live holders whose session, left unrenewed for a ttl, changes this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +307,7 @@ def decide(
             Action.WAIT,
             f"free in {len(free)} of {n} stores; deferring {at - now:.2f}s to better-ranked sites",
             retry_at=at,
+            timer_at=at,
         )
 
     holders: dict[str, dict[str, Verdict]] = {}
@@ -310,6 +317,7 @@ def decide(
     retry = [
         v.since for v in verdicts.values() if v.kind in (Kind.FREE, Kind.UNKNOWN) and v.since > now
     ]
+    timers = list(retry)
     for holder, vs in sorted(holders.items(), key=lambda kv: -len(kv[1])):
         stale = {b: v for b, v in vs.items() if now >= v.since + v.ttl}
         if stale and len(free) + len(stale) >= q:
@@ -329,6 +337,8 @@ def decide(
         Action.WAIT,
         f"held by {who} of {n} stores, free in {len(free)}{tail}",
         retry_at=min(retry, default=None),
+        timer_at=min(timers, default=None),
+        holders=frozenset(holders),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -172,6 +173,15 @@ class LeaseManager:
         self._decisions: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._timers: dict[str, float] = {}
+        """name -> when to decide it again; ``_heap`` orders them (stale entries skipped)."""
+        self._heap: list[tuple[float, str]] = []
+        self._waiting: dict[str, set[str]] = {}
+        """holder -> leases waiting for its session to go a ttl without renewal."""
+        self._waits_on: dict[str, frozenset[str]] = {}
+        self._stale_seen: dict[tuple[str, str], int] = {}
+        """(store, holder) -> the session sequence whose staleness we already announced."""
+        self._backstop = max(10.0, 3 * self.ttl)
+        """A waiting lease is decided again at least this often, whatever else happens."""
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._limit = asyncio.Semaphore(max_in_flight)
@@ -246,8 +256,8 @@ class LeaseManager:
                 log.info("lease store watched", store=store, quarantined=recreated)
                 if recreated:  # decide again when the quarantine ends
                     for name in self._wants:
-                        self._timers[name] = min(
-                            self._timers.get(name, float("inf")), cache.quarantine_until
+                        self._set_timer(
+                            name, min(self._timers.get(name, float("inf")), cache.quarantine_until)
                         )
                 self._dirty.update(self._wants)
                 self._wake.set()
@@ -321,6 +331,7 @@ class LeaseManager:
         if want is not None:
             self._by_family.pop(want.family, None)
             self._timers.pop(name, None)
+            self._wait_on(name, frozenset())
         held = self._held.get(name)
         if held is None or want is None:
             if held is not None:
@@ -540,8 +551,10 @@ class LeaseManager:
         while True:
             self._wake.clear()
             now = self.clock()
-            for name, at in list(self._timers.items()):
-                if at <= now:
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                at, name = heapq.heappop(heap)
+                if self._timers.get(name) == at:
                     del self._timers[name]
                     self._dirty.add(name)
             dirty, self._dirty = self._dirty, set()
@@ -549,14 +562,62 @@ class LeaseManager:
                 want = self._wants.get(name)
                 if want is not None and name not in self._in_flight:
                     self._step(want, now)
-            due = [*self._timers.values(), *(self.deadline(n) for n in self._held)]
-            timeout = max(0.0, min(due) - self.clock()) if due else None
+            while heap and self._timers.get(heap[0][1]) != heap[0][0]:
+                heapq.heappop(heap)  # overwritten or cancelled
+            self.held()  # the earliest deadline of a held lease: _held_until
+            stale_at = self._check_stale(self.clock())  # after the steps: new waiters too
+            due = min(heap[0][0] if heap else float("inf"), self._held_until, stale_at)
+            timeout = max(0.0, due - self.clock()) if due < float("inf") else None
+            if self._dirty:
+                timeout = 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             now = self.clock()
             for name in list(self._held):
                 if self.deadline(name) <= now:
                     self._drop(name, "validity ran out without a quorum of renewals", "session")
+
+    def _set_timer(self, name: str, at: float) -> None:
+        self._timers[name] = at
+        heapq.heappush(self._heap, (at, name))
+
+    def _wait_on(self, name: str, holders: frozenset[str]) -> None:
+        """``name`` now waits for these holders' sessions to go stale (and no others)."""
+        old = self._waits_on.get(name, frozenset())
+        if old == holders:
+            return
+        for agent in old - holders:
+            waiting = self._waiting.get(agent)
+            if waiting is not None:
+                waiting.discard(name)
+                if not waiting:
+                    del self._waiting[agent]
+        for agent in holders - old:
+            self._waiting.setdefault(agent, set()).add(name)
+        if holders:
+            self._waits_on[name] = holders
+        else:
+            self._waits_on.pop(name, None)
+
+    def _check_stale(self, now: float) -> float:
+        """Wake the leases waiting on a holder whose session, in some store, just went a
+        full ttl without renewal (when ``decide`` may expire it); return when the next one
+        may. One check per holder and store instead of a timer per lease: a renewal moves
+        every lease's wait at once, and 1,000 per-lease timers re-decided each lease
+        once per ttl for nothing while the holder was healthy (issue 17)."""
+        next_at = float("inf")
+        for agent, names in self._waiting.items():
+            for b, cache in self.caches.items():
+                sess = cache.sessions.get(agent)
+                if sess is None or not sess.alive:
+                    continue
+                at = sess.since + max(sess.ttl, self.ttl)
+                if now < at:
+                    next_at = min(next_at, at)
+                elif self._stale_seen.get((b, agent)) != sess.seq:
+                    self._stale_seen[(b, agent)] = sess.seq
+                    self._dirty.update(names)
+        return next_at
 
     def _me(self, now: float) -> Me:
         view = self._fresh()
@@ -608,8 +669,11 @@ class LeaseManager:
             self._spawn(want.name, self._claim(want, d, repair=False))
         elif d.action is Action.EXPIRE and d.target is not None:
             self._spawn(want.name, self._expire(want, d))
-        elif d.action is Action.WAIT and d.retry_at is not None:
-            self._timers[want.name] = d.retry_at
+        elif d.action is Action.WAIT:
+            at = d.timer_at
+            backstop = now + self._backstop
+            self._set_timer(want.name, backstop if at is None else min(at, backstop))
+        self._wait_on(want.name, d.holders if d.action is Action.WAIT else frozenset())
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         self._in_flight.add(name)
@@ -669,7 +733,7 @@ class LeaseManager:
         elif landed:
             log.info("lost the race for a lease", lease=want.name, landed=sorted(landed))
             await self._undo(want, d.term, landed)
-            self._timers[want.name] = now + random.uniform(0.05, 0.05 + self.step * 2)
+            self._set_timer(want.name, now + random.uniform(0.05, 0.05 + self.step * 2))
 
     async def _undo(self, want: _Want, term: int, landed: dict[str, tuple[int, str]]) -> None:
         until = self.clock() + self.ttl

@@ -63,6 +63,16 @@ def test_rank_defers_a_new_lease_from_when_we_started_wanting_it() -> None:
 def test_a_live_holder_is_never_preempted() -> None:
     d = run(held_by("site-a/n1"))
     assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + TTL
+    # The wait for the holder's renewals is the holder's, watched once for all its leases.
+    assert d.holders == {"site-a/n1"} and d.timer_at is None
+
+
+def test_a_waits_own_timers_are_kept_apart_from_the_holders() -> None:
+    fams = held_by("site-a/n1")
+    fams["c"] = FamilyObs("c", False, 0, NOW, usable_at=NOW + 1.7)  # quarantined
+    d = run(fams)
+    assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + TTL
+    assert d.timer_at == NOW + 1.7 and d.holders == {"site-a/n1"}
 
 
 def test_a_holder_stale_in_a_quorum_is_expired_there_only() -> None:
