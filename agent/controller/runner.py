@@ -128,6 +128,8 @@ class AppRunner:
         self.lease_name: str | None = None
         self.consistent = True
         self.run_token: int | None = None
+        self._told: Interpret | None = None
+        """The Interpret last told to follow the session (its fence needs no updates)."""
         self.failures = 0
         self.crash_base = 0
         self.healthy_since: float | None = None
@@ -455,6 +457,7 @@ class AppRunner:
             return False
         deadline = self.deadline() if bound else None
         ctx = RunContext(self.name, p.site, p.node, token, p.state_dir, deadline)
+        self._told = None
         self.crash_base, self.failures, self.healthy_since = 0, 0, None
         outcome = await self._bounded(interpret.promote(ctx), "start")
         if not isinstance(outcome, Outcome) or not outcome.ok:
@@ -468,6 +471,8 @@ class AppRunner:
         self.start_failed = None
         self.backoff = 0.5
         self.run_token = token
+        if deadline is not None and deadline.follows_session:
+            self._told = interpret
         if self.health is not None:
             self.health.started(ctx)
         obs = await interpret.observe()
@@ -479,10 +484,17 @@ class AppRunner:
         return True
 
     def apply_deadline(self) -> None:
-        """The lease's validity moved: tell the Interpret (cheap; the fence follows the
-        session by itself when it can, so this only matters for fixed deadlines)."""
-        if self.interpret is not None and self.run_token is not None:
-            self.interpret.set_deadline(self.deadline())
+        """The lease's validity moved: tell the Interpret. Called for every running
+        workload on every renewal: when the Interpret already follows the session (its
+        fence reads the renewals itself) and the lease still does, there is nothing to do."""
+        interpret, name = self.interpret, self.lease_name
+        if interpret is None or self.run_token is None:
+            return
+        if self._told is interpret and name is not None and self.p.leases.follows_session(name):
+            return
+        deadline = self.deadline()
+        self._told = interpret if deadline is not None and deadline.follows_session else None
+        interpret.set_deadline(deadline)
 
     async def _stop_workload(self) -> bool:
         """Stop (demote) the local workload; True if something was running.
