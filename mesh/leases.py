@@ -130,7 +130,8 @@ class LeaseManager:
 
     Callbacks run on the event loop and must not block: ``on_acquired(name, term,
     deadline)``, ``on_lost(name, term, why)`` (stop the workload now), ``on_renewed()``
-    (deadlines moved: ``deadline(name)`` has the new values).
+    (deadlines moved: ``deadline(name)`` has the new values), ``on_observed(name)`` (a
+    claim of a wanted lease was written: ``holder_of(name)`` may have changed).
     """
 
     def __init__(
@@ -180,7 +181,7 @@ class LeaseManager:
         self._waits_on: dict[str, frozenset[str]] = {}
         self._stale_seen: dict[tuple[str, str], int] = {}
         """(store, holder) -> the session sequence whose staleness we already announced."""
-        self._backstop = max(10.0, 3 * self.ttl)
+        self._backstop = max(30.0, 3 * self.ttl)
         """A waiting lease is decided again at least this often, whatever else happens."""
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -204,6 +205,8 @@ class LeaseManager:
         self.on_acquired: list[Callable[[str, int, float], None]] = []
         self.on_lost: list[Callable[[str, int, str], None]] = []
         self.on_renewed: list[Callable[[], None]] = []
+        self.on_observed: list[Callable[[str], None]] = []
+        """A claim of a wanted lease was written in some store (its holder may differ)."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -500,7 +503,10 @@ class LeaseManager:
     def _on_change(self, store: str, change: Change) -> None:
         family, agent = self.caches[store].apply(change.key, change.revision, change.value)
         if family is not None and family in self._by_family:
-            self._touch(self._by_family[family])
+            name = self._by_family[family]
+            self._touch(name)
+            for cb in self.on_observed:
+                cb(name)
         if agent is not None:
             for fam in self.caches[store].claimed_by.get(agent, ()):
                 name = self._by_family.get(fam)
