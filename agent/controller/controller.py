@@ -306,6 +306,11 @@ class Controller:
         self._wake(name.split("@", 1)[0])
         self._held_changed_soon()
 
+    def lease_observed(self, name: str) -> None:
+        """A claim of ``name`` was written somewhere: the runner's idea of its holder may
+        be stale (AbsoluteConsistency runners are not polled)."""
+        self._wake(name.split("@", 1)[0])
+
     def renewed(self) -> None:
         """The session moved: refresh the deadline of every running CP workload."""
         for runner in self.runners.values():
