@@ -58,7 +58,7 @@ class Timing:
         """Backstop cycle of an application woken by every input it decides on (an
         AbsoluteConsistency Process): only a safety net, so a thousand idle applications
         cost nothing (issue 17)."""
-        return max(10.0, self.ttl)
+        return max(30.0, 3 * self.ttl)
 
     @property
     def cooldown(self) -> float:
