@@ -509,9 +509,9 @@ class LeaseManager:
                 cb(name)
         if agent is not None:
             for fam in self.caches[store].claimed_by.get(agent, ()):
-                name = self._by_family.get(fam)
-                if name is not None:
-                    self._touch(name)
+                touched = self._by_family.get(fam)
+                if touched is not None:
+                    self._touch(touched)
 
     def _session_threadsafe(self, view: SessionView) -> None:
         loop = self._loop
