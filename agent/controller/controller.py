@@ -24,7 +24,7 @@ import structlog
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
-from agent.application import Application, Trait
+from agent.application import Application, Strategy, Trait
 from agent.commands.models import Reply
 from agent.controller.events import EventPublisher
 from agent.controller.model import PeerInstance
@@ -377,8 +377,6 @@ class Controller:
 
     @staticmethod
     def _consistent(app: Application) -> bool:
-        from agent.application import Strategy
-
         return app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
 
     # --- planned failover (command plane) ----------------------------------------------------
