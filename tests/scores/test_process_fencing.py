@@ -177,3 +177,24 @@ async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Pa
 async def _dead_at_deadline(interpret: Any) -> bool:
     seen = await interpret.observe()
     return bool(seen.reason == "deadline")
+
+
+async def test_a_killed_fence_kills_its_workload_with_the_agent_paused(tmp_path: Path) -> None:
+    """Only the kernel can end the workload here: the agent is paused (its killpg cannot
+    run) and the fence is SIGKILLed (no clean-up). The parent-death signal, set by
+    ``setpriv`` or the fallback ``preexec_fn``, must do it."""
+    async with owner(tmp_path) as (agent_pid, info):
+        os.kill(agent_pid, signal.SIGSTOP)
+        try:
+            os.kill(info["fence"], signal.SIGKILL)
+            await eventually(
+                lambda: not alive(info["pid"]),
+                timeout=10,
+                what="the workload to die with its fence (PR_SET_PDEATHSIG)",
+            )
+            assert _state(agent_pid) == "T", "the agent was not paused, so it proves nothing"
+        finally:
+            os.kill(agent_pid, signal.SIGCONT)
+        await eventually(
+            lambda: not alive(info["child"]), timeout=10, what="the agent's killpg of the rest"
+        )
