@@ -63,7 +63,7 @@ def spawn(wid: str, log: Path, mode: str, deadline: float | None = None) -> byte
 
 def events(out: IO[bytes], count: int) -> list[dict[str, Any]]:
     """The next ``count`` started / spawn-failed / exited events, in order."""
-    got = []
+    got: list[dict[str, Any]] = []
     while len(got) < count:
         line = out.readline()
         assert line, "the fence exited"
@@ -107,18 +107,19 @@ def test_a_batch_of_spawns_does_not_delay_a_kill_that_falls_due(tmp_path: Path) 
     that covers the fence's reaction (ttl/10, 0.2 s at ttl 2), not after the batch."""
     n = 600
     with fence() as (proc, session):
-        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None
         os.write(session, f"{boottime() + 60!r}\n".encode())
         deadline = boottime() + 0.1
-        proc.stdin.write(spawn("due", tmp_path / "due.log", "fixed", deadline))
-        proc.stdin.flush()
-        first = events(proc.stdout, 1)[0]
+        stdin.write(spawn("due", tmp_path / "due.log", "fixed", deadline))
+        stdin.flush()
+        first = events(stdout, 1)[0]
         assert first["ev"] == "started", first
         got: list[dict[str, Any]] = []
-        reader = threading.Thread(target=lambda: got.extend(events(proc.stdout, n + 1)))
+        reader = threading.Thread(target=lambda: got.extend(events(stdout, n + 1)))
         reader.start()
         batch = b"".join(spawn(f"w{i}", tmp_path / f"w{i}.log", "follow") for i in range(n))
-        writer = threading.Thread(target=lambda: (proc.stdin.write(batch), proc.stdin.flush()))
+        writer = threading.Thread(target=lambda: (stdin.write(batch), stdin.flush()))
         writer.start()
         while not _dead(first["pid"]):
             time.sleep(0.002)
