@@ -15,6 +15,7 @@ workload's runner past the instant it must have stopped).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,15 +438,39 @@ class AppRunner:
 
     async def _bounded(self, call: Awaitable[T], what: str) -> T | Outcome:
         """An Interpret call, bounded by the command timeout and, under a held
-        AbsoluteConsistency lease, by its deadline (``Outcome.failed`` when it ran out)."""
-        timeout = self.p.timing.command_timeout
+        AbsoluteConsistency lease, by its deadline (``Outcome.failed`` when it ran out).
+
+        The lease's deadline is followed as renewals move it: bounding by its value at the
+        call made every start of a storm "time out" after ttl - margin, although the lease
+        stayed valid throughout (issue 17). Losing the lease ends the wait at once."""
+        p = self.p
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ends = started + p.timing.command_timeout
         name = self.lease_name
-        if self.consistent and name is not None and name in self.p.leases.held():
-            timeout = min(timeout, self.p.leases.deadline(name) - self.p.clock())
-        try:
-            return await asyncio.wait_for(call, max(0.05, timeout))
-        except TimeoutError:
-            return Outcome.failed(f"{what} did not finish within {max(0.05, timeout):.1f}s")
+        lease_end = float("-inf")
+        if self.consistent and name is not None and name in p.leases.held():
+            lease_end = p.leases.deadline(name)
+            ends = min(ends, started + lease_end - p.clock())
+        task = asyncio.ensure_future(call)
+        while True:
+            if lease_end > float("-inf") and name is not None:
+                if name not in p.leases.held():
+                    break
+                moved = p.leases.deadline(name) - lease_end
+                if moved > 0:  # renewed meanwhile: the bound moves with it
+                    lease_end += moved
+                    ends = min(started + p.timing.command_timeout, ends + moved)
+            timeout = ends - loop.time()
+            if timeout <= 0:
+                break
+            done, _ = await asyncio.wait({task}, timeout=max(0.05, timeout))
+            if done:
+                return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return Outcome.failed(f"{what} did not finish within {loop.time() - started:.1f}s")
 
     def deadline(self) -> Deadline | None:
         """Until when the running workload may run (None: no deadline)."""
