@@ -147,11 +147,9 @@ class ProcHistory:
                 ts,
             )
             with self._lock:
-                old = self._lives.pop(pid, None)
-                if old is not None:  # exec'd again without exiting: close the earlier one
-                    old.end_ns = ts
-                    self._done.append(old)
-                self._lives[pid] = life
+                # Exec'd again without exiting (a launcher such as ``setpriv`` that execs
+                # the workload, read late): the same process, alive since the first exec.
+                self._lives.setdefault(pid, life)
         elif what == PROC_EVENT_EXIT:
             with self._lock:
                 life = self._lives.pop(pid, None)
