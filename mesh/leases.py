@@ -33,9 +33,16 @@ from nats.js.errors import NotFoundError
 from mesh import metrics
 from mesh.clock import Clock, boottime, wall_ms
 from mesh.election import Action, Decision, Held, Me, decide
-from mesh.names import lease_claim_key, lease_family, slot_claim_key, slot_family, store_bucket
+from mesh.names import (
+    expiry_key,
+    lease_claim_key,
+    lease_family,
+    slot_claim_key,
+    slot_family,
+    store_bucket,
+)
 from mesh.observe import StoreCache
-from mesh.records import ClaimRecord, ClaimState
+from mesh.records import ClaimRecord, ClaimState, ExpiryRecord
 from mesh.session import SessionView
 from mesh.watch import Change, KvWatch
 from mesh.writer import Writer
@@ -180,6 +187,8 @@ class LeaseManager:
         """holder -> leases waiting for its session to go a ttl without renewal."""
         self._waits_on: dict[str, frozenset[str]] = {}
         self._stale_seen: dict[tuple[str, str], int] = {}
+        self._expiring: dict[tuple[str, str, int], asyncio.Future[None]] = {}
+        """(holder, store, sequence) -> the expiry write in flight (one for all leases)."""
         """(store, holder) -> the session sequence whose staleness we already announced."""
         self._backstop = max(30.0, 3 * self.ttl)
         """A waiting lease is decided again at least this often, whatever else happens."""
@@ -753,19 +762,49 @@ class LeaseManager:
         )
 
     async def _expire(self, want: _Want, d: Decision) -> None:
-        assert d.target is not None
+        """Expire ``d.target``'s session where ``d`` says. Every lease of a dead holder
+        decides the same expiry at the same instant: one write per store and sequence is
+        made, the other leases wait for it (hundreds of identical compare-and-sets, all
+        but one conflicting, were most of a mass takeover). A landed expiry is applied to
+        our cache at once, so the waiting leases decide again on it, not on the old state."""
+        target = d.target
+        assert target is not None
         writes: dict[str, tuple[int, str]] = {}
+        waits: list[asyncio.Future[None]] = []
+        mine: list[tuple[str, int, str]] = []
+        loop = asyncio.get_running_loop()
         for b, seq in d.writes.items():
-            obs = self.caches[b].session(d.target)
-            writes[b] = (seq, obs.epoch if obs is not None and obs.epoch else "")
-        results = await self.writer.expire(d.target, writes)
+            pending = self._expiring.get((target, b, seq))
+            if pending is not None:
+                waits.append(pending)
+                continue
+            obs = self.caches[b].session(target)
+            epoch = obs.epoch if obs is not None and obs.epoch else ""
+            writes[b] = (seq, epoch)
+            mine.append((b, seq, epoch))
+            self._expiring[(target, b, seq)] = loop.create_future()
+        try:
+            results = await self.writer.expire(target, writes) if writes else {}
+        finally:
+            for b, seq, _ in mine:
+                done = self._expiring.pop((target, b, seq), None)
+                if done is not None and not done.done():
+                    done.set_result(None)
+        site, node = target.split("/", 1)
+        key = expiry_key(site, node, self.site, self.node)
+        for b, _, epoch in mine:
+            r = results.get(b)
+            if r is not None and r.seq is not None:
+                self._on_change(b, Change(key, r.seq, ExpiryRecord(epoch).encode()))
         ok = sorted(b for b, r in results.items() if r.ok)
         if ok:
             metrics.SESSION_EXPIRIES.inc()
-            log.info("session expired", session=d.target, stores=ok, why=d.why)
+            log.info("session expired", session=target, stores=ok, why=d.why)
         for b, r in results.items():
             if r.conflict:
-                await self._refresh(b, f"sess.{d.target.replace('/', '.')}.>")
+                await self._refresh(b, f"sess.{target.replace('/', '.')}.>")
+        if waits:
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
 
     async def _refresh(self, store: str, family: str) -> None:
         """A CAS conflict means our watch is behind: read the family's newest entry now."""
