@@ -258,13 +258,17 @@ def decide(
     dropped: int = 0,
     want_since: float = NEG_INF,
     floor: int = 0,
+    new_step: float | None = None,
 ) -> Decision:
     """One decision for one wanted lease. Pure: same inputs, same answer.
 
     ``n`` is the number of stores of the mesh (quorum is a majority of ``n``, whatever is
     observed); ``dropped`` is the highest term we already stopped holding (never adopted
     again); ``want_since`` is when we started wanting it (a lease free from the start goes
-    by rank from then); ``floor`` is the lowest term a new holding may use.
+    by rank from then); ``floor`` is the lowest term a new holding may use; ``new_step``
+    (default ``step``) is the rank step of a lease nobody ever claimed in any store we see:
+    a new application, where every agent learns of it at once but not every agent gets to
+    it at once (an ``apply`` of a thousand), and waiting costs no running workload.
     """
     q = quorum(n)
     win = me.ttl if window is None else window
@@ -291,7 +295,8 @@ def decide(
         times = sorted(
             max(v.since if v.kind is Kind.FREE else NEG_INF, want_since) for v in free.values()
         )
-        at = times[q - 1] + rank * step
+        fresh = all(f.ready and not f.claims for f in families.values())
+        at = times[q - 1] + rank * (new_step if fresh and new_step is not None else step)
         reasons = sorted({v.why for v in free.values() if v.kind is Kind.FREE})
         if now >= at:
             top = max((f.max_term for f in families.values() if f.ready), default=0)

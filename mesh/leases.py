@@ -148,6 +148,7 @@ class LeaseManager:
         stores: list[str],
         *,
         step: float = 0.1,
+        new_step: float | None = None,
         window: float | None = None,
         cas_timeout: float = 2.0,
         watch_heartbeat: float = 1.0,
@@ -165,6 +166,9 @@ class LeaseManager:
         self.stores = list(stores)
         self.step = step
         self.ttl = session.view().ttl
+        self.new_step = max(step, self.ttl / 2) if new_step is None else new_step
+        """Rank step of a lease never claimed (a new application): placement order is
+        kept even when a better-ranked agent is seconds behind in a mass ``apply``."""
         self.window = self.ttl if window is None else window
         self.clock = clock
         self.writer = Writer(nc, stores, self.site, self.node, cas_timeout=cas_timeout, clock=clock)
@@ -658,6 +662,7 @@ class LeaseManager:
             dropped=self._dropped.get(want.name, 0),
             want_since=want.since,
             floor=wall_ms(),
+            new_step=self.new_step,
         )
 
     def _step(self, want: _Want, now: float) -> None:

@@ -60,6 +60,18 @@ def test_rank_defers_a_new_lease_from_when_we_started_wanting_it() -> None:
     assert d.action is Action.WAIT and d.retry_at == NOW - 0.1 + 0.5
 
 
+def test_a_lease_nobody_ever_claimed_goes_by_the_longer_new_step() -> None:
+    """A new application: the better-ranked site may be seconds behind in a mass apply."""
+    d = run(empty(since=NOW - 100), rank=1, step=0.25, new_step=1.0, want_since=NOW - 0.5)
+    assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + 1.0
+    released = {
+        s: FamilyObs(s, True, 3, NOW - 100, (claim("site-a/n1", 3, state=ClaimState.RELEASED),))
+        for s in STORES
+    }
+    d = run(released, rank=1, step=0.25, new_step=1.0, want_since=NOW - 0.5)
+    assert d.action is Action.ACQUIRE, "a lease held before goes by the failover step"
+
+
 def test_a_live_holder_is_never_preempted() -> None:
     d = run(held_by("site-a/n1"))
     assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + TTL
