@@ -831,8 +831,12 @@ class LeaseManager:
 
     def _gain(self, want: _Want, held: _Held) -> None:
         self._held[want.name] = held
-        self._invalidate(want.name)
+        held.changed()
         deadline = self.deadline(want.name)
+        cached = self._held_now  # kept up to date, not recomputed: gains come in hundreds
+        if cached is not None and deadline > self.clock():
+            cached[want.name] = held.term
+            self._held_until = min(self._held_until, deadline)
         metrics.ACQUISITIONS.inc()
         metrics.LEASES_HELD.inc()
         log.info("lease acquired", lease=want.name, term=held.term, stores=sorted(held.claims))
@@ -844,7 +848,8 @@ class LeaseManager:
         held = self._held.pop(name, None)
         if held is None:
             return
-        self._invalidate(name)
+        if self._held_now is not None:
+            self._held_now.pop(name, None)
         self._dropped[name] = max(held.term, self._dropped.get(name, 0))
         end = min(self.clock(), self._view.deadline(held.support()))
         self.tenures.append(Tenure(name, held.term, held.start, max(held.start, end), why))
