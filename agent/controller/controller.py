@@ -105,6 +105,7 @@ class Controller:
         self._failed = asyncio.Event()
         self.on_held_changed: list[Any] = []
         self._held_seen: frozenset[str] = frozenset()
+        self._held_check_due = False
 
     # --- Ports for the runners -----------------------------------------------------------------
 
@@ -318,6 +319,14 @@ class Controller:
                 runner.apply_deadline()
 
     def _held_changed_soon(self) -> None:
+        """Once per loop iteration, however many leases were gained or lost in it (a mass
+        takeover gains hundreds at once: one comparison and one callback, not one each)."""
+        if not self._held_check_due:
+            self._held_check_due = True
+            asyncio.get_running_loop().call_soon(self._held_changed)
+
+    def _held_changed(self) -> None:
+        self._held_check_due = False
         held = frozenset(self.leases.held())
         if held == self._held_seen or self.stopping:
             return
