@@ -372,7 +372,8 @@ class Controller:
         items = [
             r.report.as_dict()
             for name, r in self.runners.items()
-            if name in self.desired
+            if not r.consistent  # cheap first: most applications are AbsoluteConsistency
+            and name in self.desired
             and not self._consistent(self.desired[name])
             and self.site in self.desired[name].spec.placement.sites
         ]
