@@ -152,7 +152,7 @@ class LeaseManager:
         window: float | None = None,
         cas_timeout: float = 2.0,
         watch_heartbeat: float = 1.0,
-        max_in_flight: int = 64,
+        max_in_flight: int = 512,
         history: int = 10_000,
         clock: Clock = boottime,
         recreate: Callable[[str], Awaitable[None]] | None = None,
