@@ -121,6 +121,8 @@ class Verdict:
     term: int = 0
     session_seq: int = 0
     ttl: float = 0.0
+    to_us: bool = False
+    """FREE because its holder handed it over to us: taken at once, whatever our rank."""
 
 
 def _claim_state(c: ClaimObs, f: FamilyObs, ttl: float) -> tuple[str, float, str]:
@@ -192,7 +194,9 @@ def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdic
     if rec is not None and rec.state is ClaimState.HANDOVER:
         # Checked before ownership: our own handover to someone else binds us too.
         if rec.to in (me.agent, me.site):
-            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, max(NEG_INF, until))
+            return Verdict(
+                Kind.FREE, f"handed over to us by {holder}", f.seq, max(NEG_INF, until), to_us=True
+            )
         return Verdict(
             Kind.FREE,
             f"handed over to {rec.to}, not taken",
@@ -297,6 +301,8 @@ def decide(
         )
         fresh = all(f.ready and not f.claims for f in families.values())
         at = times[q - 1] + rank * (new_step if fresh and new_step is not None else step)
+        if any(v.to_us for v in free.values()):
+            at = times[q - 1]  # the holder chose us: no better-ranked site to wait for
         reasons = sorted({v.why for v in free.values() if v.kind is Kind.FREE})
         if now >= at:
             top = max((f.max_term for f in families.values() if f.ready), default=0)

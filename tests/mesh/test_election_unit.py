@@ -142,6 +142,8 @@ def test_a_handover_is_ours_at_once_and_everyone_elses_after_the_window() -> Non
         fams[s] = FamilyObs(s, True, 11, f.since, (c,), f.sessions)
     d = run(fams, rank=2, step=1.0)
     assert d.action is Action.ACQUIRE and d.term == 8
+    # Even just after we started wanting it: the holder chose us, rank does not matter.
+    assert run(fams, rank=2, step=1.0, want_since=NOW).action is Action.ACQUIRE
     other = Me("site-c/n1", "site-c", {s: "ec" for s in STORES}, True, TTL)
     assert run(fams, me=other).action is Action.WAIT
     assert run(fams, me=other, now=NOW + TTL).action is Action.ACQUIRE
