@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -259,25 +260,34 @@ async def main() -> int:
     parser.add_argument("--scenario", default="crash,cut,led-cut,bystander,planned")
     parser.add_argument("--svg", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--fresh", action="store_true", help="start --out afresh (default: update its runs)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/app_failover.py needs root (network namespaces)", file=sys.stderr)
         return 2
     ttls = [float(t) for t in args.ttl.split(",") if t]
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "targets": {
+    results: dict[str, Any] = {"runs": {}}
+    if args.out.exists() and not args.fresh:  # runs of other scenarios or ttls are kept
+        with contextlib.suppress(ValueError):
+            results = json.loads(args.out.read_text())
+    results.update(
+        machine=machine(),
+        targets={
             "led-cut takeover": "p50 <= ttl + 1 s, p99 <= ttl + 2 s",
             "bystander interruptions": 0,
             "overlaps": 0,
         },
-        "runs": {},
-    }
+    )
+    results.setdefault("runs", {})
     rows = []
     for ttl in ttls:
         for scenario in [s for s in args.scenario.split(",") if s]:
             print(f"{scenario}: {args.runs} runs, ttl {ttl:g}s", flush=True)
+            load_before = os.getloadavg()
             res = await run_scenario(scenario, args.runs, ttl)
+            res["loadavg"] = {"before": load_before, "after": os.getloadavg()}
             results["runs"][f"{scenario}@{ttl:g}"] = res
             s = res["summary"]
             rows.append(

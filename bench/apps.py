@@ -397,7 +397,9 @@ async def main() -> int:
     print(f"10 applications: renewal {json.dumps(small)}", flush=True)
     for ttl in ttls:
         print(f"{args.apps} applications, ttl {ttl:g}s", flush=True)
+        load_before = os.getloadavg()
         results.append(await one_ttl(args.apps, ttl, args.idle))
+        results[-1]["loadavg"] = {"before": load_before, "after": os.getloadavg()}
     rows = []
     failed: list[str] = []
     for r in results:
