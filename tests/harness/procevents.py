@@ -152,10 +152,10 @@ class ProcHistory:
                 self._lives.setdefault(pid, life)
         elif what == PROC_EVENT_EXIT:
             with self._lock:
-                life = self._lives.pop(pid, None)
-                if life is not None:
-                    life.end_ns = ts
-                    self._done.append(life)
+                ended = self._lives.pop(pid, None)
+                if ended is not None:
+                    ended.end_ns = ts
+                    self._done.append(ended)
 
     def running(self) -> dict[str, list[int]]:
         """Application -> pids of its live processes, as the events tell."""
