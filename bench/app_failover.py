@@ -77,6 +77,17 @@ async def _wait(seconds: float) -> None:
     await eventually(lambda: time.monotonic() >= until, timeout=seconds + 5, interval=0.1)
 
 
+async def _force(stage: fo.Stage, site: str) -> list[str] | None:
+    """Every leader onto ``site``; None when JetStream would not move one within a minute
+    (seen once in 20 cut-and-heal cycles: the meta leader step-down request kept timing
+    out). Such a run is reported as skipped, not counted: its premise does not hold."""
+    try:
+        return await stage.force_leaders(site, timeout=60)
+    except AssertionError as exc:
+        print(f"  could not move every leader onto {site}: {exc}", flush=True)
+        return None
+
+
 async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
     first = await stage.one_running(APP, timeout=120)
     holder = stage.agent_of(first)
@@ -88,7 +99,10 @@ async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
         await eventually(holder.ready, timeout=60, what="restarted agent ready")
     elif scenario in ("cut", "led-cut"):
         if scenario == "led-cut":
-            row["moved"] = await stage.force_leaders(first.site)
+            moved = await _force(stage, first.site)
+            if moved is None:
+                return {"from": first.site, "skipped": "the leaders could not be moved"}
+            row["moved"] = moved
         stage.sites.cut(first.site)
         cut_ns = time.monotonic_ns()
         second = await stage.one_running(APP, not_site=first.site, timeout=90)
@@ -97,7 +111,10 @@ async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
         await eventually(holder.ready, timeout=90, what="cut agent ready after heal")
     elif scenario == "bystander":
         bystander = next(s for s in SITES if s != first.site)
-        row["moved"] = await stage.force_leaders(bystander)
+        moved = await _force(stage, bystander)
+        if moved is None:
+            return {"from": first.site, "skipped": "the leaders could not be moved"}
+        row["moved"] = moved
         stage.sites.cut(bystander)
         await _wait(2 * ttl + 5)
         stage.sites.heal(bystander)
@@ -133,8 +150,11 @@ async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    skipped = [r for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     out: dict[str, Any] = {
         "runs": len(rows),
+        "skipped": len(skipped),
         "overlaps": sum(r.get("overlaps", 0) for r in rows),
     }
     for field in ("gap", "takeover", "command_to_running", "max_pause"):
@@ -153,10 +173,11 @@ async def run_scenario(scenario: str, runs: int, ttl: float) -> dict[str, Any]:
         stage = await _mesh(Path(tmp), ttl)
         try:
             await stage.put(fo.application(APP, stage.history))
-            rows = []
-            for i in range(runs):
+            rows: list[dict[str, Any]] = []
+            while len([r for r in rows if "skipped" not in r]) < runs and len(rows) < 2 * runs:
                 row = await _one(stage, scenario, ttl)
                 rows.append(row)
+                i = len(rows) - 1
                 print(f"  ttl {ttl:g} {scenario} #{i + 1}: {json.dumps(row)}", flush=True)
             return {"summary": _summary(rows), "rows": rows}
         finally:
