@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -168,7 +169,27 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def run_scenario(scenario: str, runs: int, ttl: float) -> dict[str, Any]:
+def _slow(row: dict[str, Any], ttl: float) -> bool:
+    """A run worth keeping the logs of: an interruption, an overlap, a takeover or crash
+    gap beyond ttl + 3 s."""
+    late = row.get("takeover", row.get("gap")) or 0.0
+    return bool(row.get("interruptions") or row.get("overlaps")) or late > ttl + 3
+
+
+def _keep(stage: fo.Stage, into: Path) -> None:
+    """Copy every agent's log, the nats-server logs and the tick history into ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copy(stage.history, into / "history.txt")
+    for agent in stage.agents.values():
+        shutil.copy(agent.log_path, into / f"{agent.site}-{agent.node}.log")
+    for site in stage.sites.sites.values():
+        if site.nats is not None and (site.nats.workdir / "nats.log").exists():
+            shutil.copy(site.nats.workdir / "nats.log", into / f"{site.name}-nats.log")
+
+
+async def run_scenario(
+    scenario: str, runs: int, ttl: float, keep: Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{scenario}-") as tmp:
         stage = await _mesh(Path(tmp), ttl)
         try:
@@ -179,6 +200,10 @@ async def run_scenario(scenario: str, runs: int, ttl: float) -> dict[str, Any]:
                 rows.append(row)
                 i = len(rows) - 1
                 print(f"  ttl {ttl:g} {scenario} #{i + 1}: {json.dumps(row)}", flush=True)
+                if keep is not None and _slow(row, ttl):
+                    kept = keep / f"{scenario}-ttl{ttl:g}-run{i + 1}"
+                    await asyncio.to_thread(_keep, stage, kept)
+                    row["kept"] = str(kept)
             return {"summary": _summary(rows), "rows": rows}
         finally:
             await stage.close()
@@ -282,6 +307,9 @@ async def main() -> int:
     parser.add_argument("--svg", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--keep", type=Path, default=None, help="copy the logs of slow or faulty runs here"
+    )
+    parser.add_argument(
         "--fresh", action="store_true", help="start --out afresh (default: update its runs)"
     )
     args = parser.parse_args()
@@ -307,7 +335,7 @@ async def main() -> int:
         for scenario in [s for s in args.scenario.split(",") if s]:
             print(f"{scenario}: {args.runs} runs, ttl {ttl:g}s", flush=True)
             load_before = os.getloadavg()
-            res = await run_scenario(scenario, args.runs, ttl)
+            res = await run_scenario(scenario, args.runs, ttl, args.keep)
             res["loadavg"] = {"before": load_before, "after": os.getloadavg()}
             results["runs"][f"{scenario}@{ttl:g}"] = res
             s = res["summary"]
