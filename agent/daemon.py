@@ -300,6 +300,7 @@ class Agent:
         leases.on_acquired.append(ctl.lease_changed)
         leases.on_lost.append(ctl.lease_changed)
         leases.on_renewed.append(ctl.renewed)
+        leases.on_observed.append(ctl.lease_observed)
         await self._retry("controller", ctl.start)
         sup.spawn("controller", ctl.run())
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.commands.marks import Mark, parse_mark
 from mesh.names import STATE_BUCKET, STORE_PREFIX, TRUST_BUCKET
-from mesh.records import ClaimState, parse_claim, parse_key, parse_session
+from mesh.records import ClaimRecord, ClaimState, parse_claim, parse_key, parse_session
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -202,6 +202,9 @@ class MeshSnapshot:
 
     reports: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """app -> agent -> its instance report (``inst.<app>.<site>.<node>``)."""
+    slots: dict[str, list[LeaseView]] = field(default_factory=dict)
+    """app -> its stateless slots (by site), indexed once: a scan of every lease for each
+    application was O(applications^2)."""
 
     def sites(self) -> list[str]:
         names = {a.site for a in self.agents.values()} | set(self.trust) | set(self.drains)
@@ -213,10 +216,7 @@ class MeshSnapshot:
         return self.leases.get(f"app.{app}")
 
     def slots_of(self, app: str) -> list[LeaseView]:
-        return sorted(
-            (v for v in self.leases.values() if v.app == app and v.site is not None),
-            key=lambda v: v.site or "",
-        )
+        return sorted(self.slots.get(app, ()), key=lambda v: v.site or "")
 
     def instances_of(self, app: str, now: datetime) -> list[Instance]:
         out: list[Instance] = []
@@ -345,25 +345,32 @@ def _store_entries(snap: MeshSnapshot, stores: dict[str, dict[str, tuple[str, Ra
                     )
             elif parts.kind in ("lease", "slot"):
                 families.setdefault(parts.family, []).append((store, raw.revision, key, raw))
+    bad: list[tuple[str, str]] = []
     for family, claims in families.items():
-        _family(snap, family, claims, n)
-    for store, keys in stores.items():
-        for key, raw in keys.values():
-            if parse_key(key).kind in ("lease", "slot") and parse_claim(raw.value) is None:
-                snap.problems.append(f"{STORE_PREFIX}{store} {key}: not a lease claim")
+        _family(snap, family, claims, n, bad)
+    for store, key in sorted(bad):
+        snap.problems.append(f"{STORE_PREFIX}{store} {key}: not a lease claim")
 
 
 def _family(
-    snap: MeshSnapshot, family: str, claims: list[tuple[str, int, str, Raw]], n: int
+    snap: MeshSnapshot,
+    family: str,
+    claims: list[tuple[str, int, str, Raw]],
+    n: int,
+    bad: list[tuple[str, str]],
 ) -> None:
     latest: dict[str, tuple[int, str, Raw]] = {}
+    records: dict[tuple[str, str], ClaimRecord | None] = {}
     for store, seq, key, raw in claims:
+        rec = records[(store, key)] = parse_claim(raw.value, key, raw.revision)
+        if rec is None:
+            bad.append((store, key))
         if store not in latest or seq > latest[store][0]:
             latest[store] = (seq, key, raw)
     votes: dict[tuple[str, int, str], int] = {}
     newest: dict[tuple[str, int, str], Raw] = {}
-    for _, key, raw in latest.values():
-        rec = parse_claim(raw.value, key, raw.revision)
+    for store, (_, key, raw) in latest.items():
+        rec = records[(store, key)]
         if rec is None:
             continue
         who = parse_key(key).agent
@@ -382,7 +389,7 @@ def _family(
     (who, term, state), count = max(votes.items(), key=lambda kv: (kv[1], kv[0][1]))
     handover = state.split(":", 1)[1] if state.startswith("handover:") else None
     held = state == ClaimState.HELD.value and count >= n // 2 + 1
-    snap.leases[label] = LeaseView(
+    view = snap.leases[label] = LeaseView(
         key=label,
         app=app,
         site=site,
@@ -392,6 +399,8 @@ def _family(
         token=term,
         written=newest[(who, term, state)].written,
     )
+    if site is not None:
+        snap.slots.setdefault(app, []).append(view)
 
 
 def _trust_entry(snap: MeshSnapshot, key: str, raw: Raw) -> None:

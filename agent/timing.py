@@ -54,6 +54,13 @@ class Timing:
         return min(1.0, self.ttl / 3)
 
     @property
+    def idle_backstop(self) -> float:
+        """Backstop cycle of an application woken by every input it decides on (an
+        AbsoluteConsistency Process): only a safety net, so a thousand idle applications
+        cost nothing (issue 17)."""
+        return max(30.0, 3 * self.ttl)
+
+    @property
     def cooldown(self) -> float:
         """A site that gave an application up stays out of the race this long."""
         return max(10.0, 5 * self.ttl)

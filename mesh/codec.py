@@ -34,6 +34,8 @@ _seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
 
 
 def _too_deep(raw: bytes, limit: int) -> bool:
+    if raw.count(b"{") + raw.count(b"[") <= limit:
+        return False  # cannot nest deeper than it opens: no byte-by-byte scan (hot path)
     depth = 0
     in_string = escaped = False
     for byte in raw:

@@ -121,6 +121,8 @@ class Verdict:
     term: int = 0
     session_seq: int = 0
     ttl: float = 0.0
+    to_us: bool = False
+    """FREE because its holder handed it over to us: taken at once, whatever our rank."""
 
 
 def _claim_state(c: ClaimObs, f: FamilyObs, ttl: float) -> tuple[str, float, str]:
@@ -192,7 +194,9 @@ def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdic
     if rec is not None and rec.state is ClaimState.HANDOVER:
         # Checked before ownership: our own handover to someone else binds us too.
         if rec.to in (me.agent, me.site):
-            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, max(NEG_INF, until))
+            return Verdict(
+                Kind.FREE, f"handed over to us by {holder}", f.seq, max(NEG_INF, until), to_us=True
+            )
         return Verdict(
             Kind.FREE,
             f"handed over to {rec.to}, not taken",
@@ -230,6 +234,12 @@ class Decision:
     support: frozenset[str] = frozenset()
     target: str | None = None
     retry_at: float | None = None
+    """WAIT: the earliest instant the decision may change if nothing is written."""
+    timer_at: float | None = None
+    """``retry_at`` without the holders' renewal deadlines: those are the same for every
+    lease of a holder, so the lease manager watches them per holder (``holders``)."""
+    holders: frozenset[str] = frozenset()
+    """WAIT: the live holders whose session, left unrenewed for a ttl, changes this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,13 +262,17 @@ def decide(
     dropped: int = 0,
     want_since: float = NEG_INF,
     floor: int = 0,
+    new_step: float | None = None,
 ) -> Decision:
     """One decision for one wanted lease. Pure: same inputs, same answer.
 
     ``n`` is the number of stores of the mesh (quorum is a majority of ``n``, whatever is
     observed); ``dropped`` is the highest term we already stopped holding (never adopted
     again); ``want_since`` is when we started wanting it (a lease free from the start goes
-    by rank from then); ``floor`` is the lowest term a new holding may use.
+    by rank from then); ``floor`` is the lowest term a new holding may use; ``new_step``
+    (default ``step``) is the rank step of a lease nobody ever claimed in any store we see:
+    a new application, where every agent learns of it at once but not every agent gets to
+    it at once (an ``apply`` of a thousand), and waiting costs no running workload.
     """
     q = quorum(n)
     win = me.ttl if window is None else window
@@ -285,7 +299,10 @@ def decide(
         times = sorted(
             max(v.since if v.kind is Kind.FREE else NEG_INF, want_since) for v in free.values()
         )
-        at = times[q - 1] + rank * step
+        fresh = all(f.ready and not f.claims for f in families.values())
+        at = times[q - 1] + rank * (new_step if fresh and new_step is not None else step)
+        if any(v.to_us for v in free.values()):
+            at = times[q - 1]  # the holder chose us: no better-ranked site to wait for
         reasons = sorted({v.why for v in free.values() if v.kind is Kind.FREE})
         if now >= at:
             top = max((f.max_term for f in families.values() if f.ready), default=0)
@@ -301,6 +318,7 @@ def decide(
             Action.WAIT,
             f"free in {len(free)} of {n} stores; deferring {at - now:.2f}s to better-ranked sites",
             retry_at=at,
+            timer_at=at,
         )
 
     holders: dict[str, dict[str, Verdict]] = {}
@@ -310,6 +328,7 @@ def decide(
     retry = [
         v.since for v in verdicts.values() if v.kind in (Kind.FREE, Kind.UNKNOWN) and v.since > now
     ]
+    timers = list(retry)
     for holder, vs in sorted(holders.items(), key=lambda kv: -len(kv[1])):
         stale = {b: v for b, v in vs.items() if now >= v.since + v.ttl}
         if stale and len(free) + len(stale) >= q:
@@ -329,6 +348,8 @@ def decide(
         Action.WAIT,
         f"held by {who} of {n} stores, free in {len(free)}{tail}",
         retry_at=min(retry, default=None),
+        timer_at=min(timers, default=None),
+        holders=frozenset(holders),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,9 +33,16 @@ from nats.js.errors import NotFoundError
 from mesh import metrics
 from mesh.clock import Clock, boottime, wall_iso, wall_ms
 from mesh.election import Action, Decision, Held, Me, decide
-from mesh.names import lease_claim_key, lease_family, slot_claim_key, slot_family, store_bucket
+from mesh.names import (
+    expiry_key,
+    lease_claim_key,
+    lease_family,
+    slot_claim_key,
+    slot_family,
+    store_bucket,
+)
 from mesh.observe import StoreCache
-from mesh.records import ClaimRecord, ClaimState
+from mesh.records import ClaimRecord, ClaimState, ExpiryRecord
 from mesh.session import SessionView
 from mesh.watch import Change, KvWatch
 from mesh.writer import Writer
@@ -107,9 +115,21 @@ class _Held:
     start: float
     claims: dict[str, tuple[int, str]] = field(default_factory=dict)
     """store -> (sequence of our claim, the epoch it names)."""
+    _key: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)
 
     def support(self) -> dict[str, str]:
         return {b: epoch for b, (_, epoch) in self.claims.items()}
+
+    def key(self) -> tuple[tuple[str, str], ...]:
+        """The support as a hashable value: leases claimed with the same epochs share
+        their deadline (usually all of them), so it is computed once per view."""
+        if self._key is None:
+            self._key = tuple(sorted(self.support().items()))
+        return self._key
+
+    def changed(self) -> None:
+        """``claims`` was modified."""
+        self._key = None
 
 
 class LeaseManager:
@@ -117,7 +137,8 @@ class LeaseManager:
 
     Callbacks run on the event loop and must not block: ``on_acquired(name, term,
     deadline)``, ``on_lost(name, term, why)`` (stop the workload now), ``on_renewed()``
-    (deadlines moved: ``deadline(name)`` has the new values).
+    (deadlines moved: ``deadline(name)`` has the new values), ``on_observed(name)`` (a
+    claim of a wanted lease was written: ``holder_of(name)`` may have changed).
     """
 
     def __init__(
@@ -127,10 +148,11 @@ class LeaseManager:
         stores: list[str],
         *,
         step: float = 0.1,
+        new_step: float | None = None,
         window: float | None = None,
         cas_timeout: float = 2.0,
         watch_heartbeat: float = 1.0,
-        max_in_flight: int = 64,
+        max_in_flight: int = 512,
         history: int = 10_000,
         clock: Clock = boottime,
         recreate: Callable[[str], Awaitable[None]] | None = None,
@@ -144,6 +166,9 @@ class LeaseManager:
         self.stores = list(stores)
         self.step = step
         self.ttl = session.view().ttl
+        self.new_step = max(step, self.ttl / 2) if new_step is None else new_step
+        """Rank step of a lease never claimed (a new application): placement order is
+        kept even when a better-ranked agent is seconds behind in a mass ``apply``."""
         self.window = self.ttl if window is None else window
         self.clock = clock
         self.writer = Writer(nc, stores, self.site, self.node, cas_timeout=cas_timeout, clock=clock)
@@ -160,6 +185,17 @@ class LeaseManager:
         self._decisions: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._timers: dict[str, float] = {}
+        """name -> when to decide it again; ``_heap`` orders them (stale entries skipped)."""
+        self._heap: list[tuple[float, str]] = []
+        self._waiting: dict[str, set[str]] = {}
+        """holder -> leases waiting for its session to go a ttl without renewal."""
+        self._waits_on: dict[str, frozenset[str]] = {}
+        self._stale_seen: dict[tuple[str, str], int] = {}
+        self._expiring: dict[tuple[str, str, int], asyncio.Future[None]] = {}
+        """(holder, store, sequence) -> the expiry write in flight (one for all leases)."""
+        """(store, holder) -> the session sequence whose staleness we already announced."""
+        self._backstop = max(30.0, 3 * self.ttl)
+        """A waiting lease is decided again at least this often, whatever else happens."""
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._limit = asyncio.Semaphore(max_in_flight)
@@ -167,11 +203,23 @@ class LeaseManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._view = session.view()
+        """The session view every deadline is computed from (``_fresh``)."""
+        self._processed = self._view
+        """The last view ``_session_changed`` acted on (drops, wake-ups, callbacks)."""
+        self._deadlines: dict[tuple[tuple[str, str], ...], float] = {}
+        """support -> deadline under the current view (cleared when the view moves)."""
+        self._follows: dict[tuple[tuple[str, str], ...], bool] = {}
+        """support -> ``follows_session`` under the current view."""
+        self._held_now: dict[str, int] | None = None
+        self._held_until = NEG_INF
+        """``held()`` is cached until the earliest deadline, or until something changes."""
         self._anchors: dict[str, str] = {}
         self.tenures: deque[Tenure] = deque(maxlen=history)
         self.on_acquired: list[Callable[[str, int, float], None]] = []
         self.on_lost: list[Callable[[str, int, str], None]] = []
         self.on_renewed: list[Callable[[], None]] = []
+        self.on_observed: list[Callable[[str], None]] = []
+        """A claim of a wanted lease was written in some store (its holder may differ)."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -230,8 +278,8 @@ class LeaseManager:
                 )
                 if recreated:  # decide again when the quarantine ends
                     for name in self._wants:
-                        self._timers[name] = min(
-                            self._timers.get(name, float("inf")), cache.quarantine_until
+                        self._set_timer(
+                            name, min(self._timers.get(name, float("inf")), cache.quarantine_until)
                         )
                 self._dirty.update(self._wants)
                 self._wake.set()
@@ -318,6 +366,7 @@ class LeaseManager:
         if want is not None:
             self._by_family.pop(want.family, None)
             self._timers.pop(name, None)
+            self._wait_on(name, frozenset())
         held = self._held.get(name)
         if held is None or want is None:
             if held is not None:
@@ -366,9 +415,46 @@ class LeaseManager:
         return True
 
     def held(self) -> dict[str, int]:
-        """Leases held now: name -> fencing token (term)."""
+        """Leases held now: name -> fencing token (term). Every runner asks on every step,
+        so the answer is cached until its earliest deadline or the next change: read it,
+        never modify it."""
+        self._fresh()
         now = self.clock()
-        return {n: h.term for n, h in self._held.items() if self.deadline(n) > now}
+        cached = self._held_now
+        if cached is not None and now < self._held_until:
+            return cached
+        out: dict[str, int] = {}
+        until = float("inf")
+        for n, h in self._held.items():
+            d = self.deadline(n)
+            if d > now:
+                out[n] = h.term
+                until = min(until, d)
+        self._held_now, self._held_until = out, until
+        return out
+
+    def _fresh(self) -> SessionView:
+        """Use the session's newest view. The session thread's notifications queue behind
+        whatever the main loop is busy with (a start storm of hundreds of workloads); a
+        deadline computed from a view that old would make a lease look expired although
+        its renewals landed, and every workload would be stopped (issue 17). The view is
+        a snapshot published by the session thread: reading it is one attribute load."""
+        view = self.session.view()
+        if view is not self._view:
+            self._view = view
+            self._invalidate()
+        return view
+
+    def _invalidate(self, name: str | None = None) -> None:
+        """The view, or ``name``'s claims, changed: deadlines must be computed again."""
+        if name is None:
+            self._deadlines.clear()
+            self._follows.clear()
+        else:
+            held = self._held.get(name)
+            if held is not None:
+                held.changed()
+        self._held_now = None
 
     def open_tenures(self) -> list[Tenure]:
         """Leases held now as tenures ending at their current deadline (if not renewed)."""
@@ -379,7 +465,14 @@ class LeaseManager:
 
     def deadline(self, name: str) -> float:
         held = self._held.get(name)
-        return self._view.deadline(held.support()) if held is not None else NEG_INF
+        if held is None:
+            return NEG_INF
+        self._fresh()
+        key = held.key()
+        at = self._deadlines.get(key)
+        if at is None:
+            at = self._deadlines[key] = self._view.deadline(dict(key))
+        return at
 
     def follows_session(self, name: str) -> bool:
         """True when the session's anchored deadline never exceeds this lease's deadline,
@@ -387,9 +480,15 @@ class LeaseManager:
         held = self._held.get(name)
         if held is None:
             return False
-        support = held.support()
-        anchors = {s.store: s.anchor for s in self._view.stores.values() if s.anchor}
-        return bool(anchors) and all(support.get(b) == e for b, e in anchors.items())
+        view = self._fresh()
+        key = held.key()
+        follows = self._follows.get(key)
+        if follows is None:
+            support = dict(key)
+            anchors = {s.store: s.anchor for s in view.stores.values() if s.anchor}
+            follows = bool(anchors) and all(support.get(b) == e for b, e in anchors.items())
+            self._follows[key] = follows
+        return follows
 
     def agent_alive(self, agent: str) -> bool:
         """``agent``'s session was seen renewing within a ttl in some store we watch."""
@@ -447,22 +546,29 @@ class LeaseManager:
     def _on_change(self, store: str, change: Change) -> None:
         family, agent = self.caches[store].apply(change.key, change.revision, change.value)
         if family is not None and family in self._by_family:
-            self._touch(self._by_family[family])
+            name = self._by_family[family]
+            self._touch(name)
+            for cb in self.on_observed:
+                cb(name)
         if agent is not None:
             for fam in self.caches[store].claimed_by.get(agent, ()):
-                name = self._by_family.get(fam)
-                if name is not None:
-                    self._touch(name)
+                touched = self._by_family.get(fam)
+                if touched is not None:
+                    self._touch(touched)
 
     def _session_threadsafe(self, view: SessionView) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._session_changed, view)
+                loop.call_soon_threadsafe(self._session_changed)
 
-    def _session_changed(self, view: SessionView) -> None:
-        old = self._view
-        self._view = view
+    def _session_changed(self) -> None:
+        """Act on the session's newest view (notifications that queued up while the loop
+        was busy collapse into one)."""
+        old, view = self._processed, self._fresh()
+        if view is old:
+            return
+        self._processed = view
         epochs_changed = {b: s.epoch for b, s in view.stores.items()} != {
             b: s.epoch for b, s in old.stores.items()
         }
@@ -494,8 +600,10 @@ class LeaseManager:
         while True:
             self._wake.clear()
             now = self.clock()
-            for name, at in list(self._timers.items()):
-                if at <= now:
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                at, name = heapq.heappop(heap)
+                if self._timers.get(name) == at:
                     del self._timers[name]
                     self._dirty.add(name)
             dirty, self._dirty = self._dirty, set()
@@ -503,8 +611,14 @@ class LeaseManager:
                 want = self._wants.get(name)
                 if want is not None and name not in self._in_flight:
                     self._step(want, now)
-            due = [*self._timers.values(), *(self.deadline(n) for n in self._held)]
-            timeout = max(0.0, min(due) - self.clock()) if due else None
+            while heap and self._timers.get(heap[0][1]) != heap[0][0]:
+                heapq.heappop(heap)  # overwritten or cancelled
+            self.held()  # the earliest deadline of a held lease: _held_until
+            stale_at = self._check_stale(self.clock())  # after the steps: new waiters too
+            due = min(heap[0][0] if heap else float("inf"), self._held_until, stale_at)
+            timeout = max(0.0, due - self.clock()) if due < float("inf") else None
+            if self._dirty:
+                timeout = 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             now = self.clock()
@@ -512,8 +626,50 @@ class LeaseManager:
                 if self.deadline(name) <= now:
                     self._drop(name, "validity ran out without a quorum of renewals", "session")
 
+    def _set_timer(self, name: str, at: float) -> None:
+        self._timers[name] = at
+        heapq.heappush(self._heap, (at, name))
+
+    def _wait_on(self, name: str, holders: frozenset[str]) -> None:
+        """``name`` now waits for these holders' sessions to go stale (and no others)."""
+        old = self._waits_on.get(name, frozenset())
+        if old == holders:
+            return
+        for agent in old - holders:
+            waiting = self._waiting.get(agent)
+            if waiting is not None:
+                waiting.discard(name)
+                if not waiting:
+                    del self._waiting[agent]
+        for agent in holders - old:
+            self._waiting.setdefault(agent, set()).add(name)
+        if holders:
+            self._waits_on[name] = holders
+        else:
+            self._waits_on.pop(name, None)
+
+    def _check_stale(self, now: float) -> float:
+        """Wake the leases waiting on a holder whose session, in some store, just went a
+        full ttl without renewal (when ``decide`` may expire it); return when the next one
+        may. One check per holder and store instead of a timer per lease: a renewal moves
+        every lease's wait at once, and 1,000 per-lease timers re-decided each lease
+        once per ttl for nothing while the holder was healthy (issue 17)."""
+        next_at = float("inf")
+        for agent, names in self._waiting.items():
+            for b, cache in self.caches.items():
+                sess = cache.sessions.get(agent)
+                if sess is None or not sess.alive:
+                    continue
+                at = sess.since + max(sess.ttl, self.ttl)
+                if now < at:
+                    next_at = min(next_at, at)
+                elif self._stale_seen.get((b, agent)) != sess.seq:
+                    self._stale_seen[(b, agent)] = sess.seq
+                    self._dirty.update(names)
+        return next_at
+
     def _me(self, now: float) -> Me:
-        view = self._view
+        view = self._fresh()
         return Me(
             agent=self.agent,
             site=self.site,
@@ -536,6 +692,7 @@ class LeaseManager:
             dropped=self._dropped.get(want.name, 0),
             want_since=want.since,
             floor=wall_ms(),
+            new_step=self.new_step,
         )
 
     def _step(self, want: _Want, now: float) -> None:
@@ -553,8 +710,11 @@ class LeaseManager:
             if held is None:
                 self._adopt(want, d)
             else:
-                for b in set(held.claims) - d.support:
+                gone = set(held.claims) - d.support
+                for b in gone:
                     del held.claims[b]
+                if gone:
+                    self._invalidate(want.name)
                 if d.writes:
                     self._spawn(want.name, self._claim(want, d, repair=True))
             self._update_anchors()
@@ -564,8 +724,11 @@ class LeaseManager:
             self._spawn(want.name, self._claim(want, d, repair=False))
         elif d.action is Action.EXPIRE and d.target is not None:
             self._spawn(want.name, self._expire(want, d))
-        elif d.action is Action.WAIT and d.retry_at is not None:
-            self._timers[want.name] = d.retry_at
+        elif d.action is Action.WAIT:
+            at = d.timer_at
+            backstop = now + self._backstop
+            self._set_timer(want.name, backstop if at is None else min(at, backstop))
+        self._wait_on(want.name, d.holders if d.action is Action.WAIT else frozenset())
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         self._in_flight.add(name)
@@ -592,7 +755,7 @@ class LeaseManager:
     # --- writes ------------------------------------------------------------------------------
 
     def _records(self, term: int, stores: list[str]) -> dict[str, ClaimRecord] | None:
-        view = self._view
+        view = self._fresh()
         records = {}
         for b in stores:
             epoch = view.epoch(b)
@@ -616,6 +779,7 @@ class LeaseManager:
         if repair:
             if held is not None and held.term == d.term and landed:
                 held.claims.update(landed)
+                self._invalidate(want.name)
                 log.info(
                     "lease_claim_repaired",
                     msg=f"claim of lease {want.name} repaired in {', '.join(sorted(landed))}",
@@ -639,7 +803,7 @@ class LeaseManager:
                 landed=sorted(landed),
             )
             await self._undo(want, d.term, landed)
-            self._timers[want.name] = now + random.uniform(0.05, 0.05 + self.step * 2)
+            self._set_timer(want.name, now + random.uniform(0.05, 0.05 + self.step * 2))
 
     async def _undo(self, want: _Want, term: int, landed: dict[str, tuple[int, str]]) -> None:
         until = self.clock() + self.ttl
@@ -653,24 +817,54 @@ class LeaseManager:
         )
 
     async def _expire(self, want: _Want, d: Decision) -> None:
-        assert d.target is not None
+        """Expire ``d.target``'s session where ``d`` says. Every lease of a dead holder
+        decides the same expiry at the same instant: one write per store and sequence is
+        made, the other leases wait for it (hundreds of identical compare-and-sets, all
+        but one conflicting, were most of a mass takeover). A landed expiry is applied to
+        our cache at once, so the waiting leases decide again on it, not on the old state."""
+        target = d.target
+        assert target is not None
         writes: dict[str, tuple[int, str]] = {}
+        waits: list[asyncio.Future[None]] = []
+        mine: list[tuple[str, int, str]] = []
+        loop = asyncio.get_running_loop()
         for b, seq in d.writes.items():
-            obs = self.caches[b].session(d.target)
-            writes[b] = (seq, obs.epoch if obs is not None and obs.epoch else "")
-        results = await self.writer.expire(d.target, writes)
+            pending = self._expiring.get((target, b, seq))
+            if pending is not None:
+                waits.append(pending)
+                continue
+            obs = self.caches[b].session(target)
+            epoch = obs.epoch if obs is not None and obs.epoch else ""
+            writes[b] = (seq, epoch)
+            mine.append((b, seq, epoch))
+            self._expiring[(target, b, seq)] = loop.create_future()
+        try:
+            results = await self.writer.expire(target, writes) if writes else {}
+        finally:
+            for b, seq, _ in mine:
+                done = self._expiring.pop((target, b, seq), None)
+                if done is not None and not done.done():
+                    done.set_result(None)
+        site, node = target.split("/", 1)
+        key = expiry_key(site, node, self.site, self.node)
+        for b, _, epoch in mine:
+            r = results.get(b)
+            if r is not None and r.seq is not None:
+                self._on_change(b, Change(key, r.seq, ExpiryRecord(epoch).encode()))
         ok = sorted(b for b, r in results.items() if r.ok)
         if ok:
             metrics.SESSION_EXPIRIES.inc()
             log.info(
                 "peer_session_expired",
-                msg=f"expired the session of {d.target} in {', '.join(ok)}: {d.why}",
-                session=d.target,
+                msg=f"expired the session of {target} in {', '.join(ok)}: {d.why}",
+                session=target,
                 stores=ok,
             )
         for b, r in results.items():
             if r.conflict:
-                await self._refresh(b, f"sess.{d.target.replace('/', '.')}.>")
+                await self._refresh(b, f"sess.{target.replace('/', '.')}.>")
+        if waits:
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
 
     async def _refresh(self, store: str, family: str) -> None:
         """A CAS conflict means our watch is behind: read the family's newest entry now."""
@@ -692,7 +886,12 @@ class LeaseManager:
 
     def _gain(self, want: _Want, held: _Held) -> None:
         self._held[want.name] = held
+        held.changed()
         deadline = self.deadline(want.name)
+        cached = self._held_now  # kept up to date, not recomputed: gains come in hundreds
+        if cached is not None and deadline > self.clock():
+            cached[want.name] = held.term
+            self._held_until = min(self._held_until, deadline)
         metrics.ACQUISITIONS.inc()
         metrics.LEASES_HELD.inc()
         log.info(
@@ -711,6 +910,8 @@ class LeaseManager:
         held = self._held.pop(name, None)
         if held is None:
             return
+        if self._held_now is not None:
+            self._held_now.pop(name, None)
         self._dropped[name] = max(held.term, self._dropped.get(name, 0))
         end = min(self.clock(), self._view.deadline(held.support()))
         self.tenures.append(Tenure(name, held.term, held.start, max(held.start, end), why))

@@ -30,6 +30,11 @@ class _Session:
 
     live_since: float = NEG_INF
 
+    def state(self) -> tuple[str | None, bool, float, str | None]:
+        """What a decision reads of this session besides *when* it was last renewed."""
+        newest = max(self.expiries.values(), default=(0, ""))
+        return self.epoch, self.alive, self.ttl, newest[1] if newest[0] > self.live_seq else None
+
     def obs(self) -> SessionObs:
         newest = max(self.expiries.values(), default=(0, ""))
         expired = newest[1] if newest[0] > self.live_seq else None
@@ -81,14 +86,21 @@ class StoreCache:
         return self.ready and now >= self.quarantine_until
 
     def apply(self, key: str, seq: int, value: bytes | None) -> tuple[str | None, str | None]:
-        """Record one entry. Returns (lease family touched, agent whose session changed)."""
+        """Record one entry. Returns (lease family touched, agent whose session changed).
+
+        A plain renewal (same epoch, still alive, no expiry) returns no agent: it only moves
+        *since*, which can only postpone an expiry, and every decision waiting on it already
+        has a timer at the old *since* + ttl, when it looks again. Re-deciding every lease of
+        an agent on each of its renewals cost O(leases) per renewal (issue 17)."""
         if seq <= self._seen.get(key, 0):
             return None, None  # redelivered
         self._seen[key] = seq
         parts = parse_key(key)
         now = self.clock()
         if parts.kind in ("session", "expiry"):
+            known = parts.agent in self.sessions
             sess = self.sessions.setdefault(parts.agent, _Session())
+            before = sess.state()
             if parts.kind == "session":
                 rec = parse_session(value, key, seq) if value else None
                 sess.live_seq = seq
@@ -102,7 +114,8 @@ class StoreCache:
                     sess.expiries[parts.by] = (seq, exp.epoch)
             if seq > sess.seq:
                 sess.seq, sess.since = seq, now
-            return None, parts.agent
+            material = not known or parts.kind == "expiry" or sess.state() != before
+            return None, parts.agent if material else None
         if parts.kind in ("lease", "slot"):
             fam = self.families.setdefault(parts.family, _Family())
             record = parse_claim(value, key, seq) if value else None

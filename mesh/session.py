@@ -56,6 +56,8 @@ from mesh.stores import Entry, Store, StoreError, quorum_deadline
 log = structlog.get_logger("mesh.session")
 
 NEG_INF = float("-inf")
+COALESCE = 0.05
+"""Renewals landing this close together are published as one view (``_changed_soon``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,7 @@ class SessionCore:
         self._sent: dict[str, dict[int, float]] = {name: {} for name in stores}
         self._own_epochs: set[str] = set()
         self._closed = False
+        self._flush: asyncio.TimerHandle | None = None
         self.on_change: list[Callable[[SessionView], None]] = []
 
     @property
@@ -169,6 +172,19 @@ class SessionCore:
                     msg=f"session callback failed: {exc!r}",
                     error=repr(exc),
                 )
+
+    def _changed_soon(self) -> None:
+        """A renewal landed: publish once for the round. Every store is renewed at the
+        same instant and answers within milliseconds, and each view publication walks
+        every held lease and running workload of the agent; an extension published
+        ``COALESCE`` later only shortens the slack (ttl - margin - ttl/3) by that much.
+        Losses are published at once (``_changed``)."""
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(COALESCE, self._flushed)
+
+    def _flushed(self) -> None:
+        self._flush = None
+        self._changed()
 
     def anchor(self, store: str, epoch: str) -> None:
         if store in self._state:
@@ -363,7 +379,7 @@ class SessionCore:
                 if not ok:
                     pause = 0.25
                 if self._state[name] != before:
-                    self._changed()
+                    self._changed_soon()
             await asyncio.sleep(max(0.0, pause - (self.clock() - started)))
 
     async def close(self) -> None:

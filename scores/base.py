@@ -111,6 +111,9 @@ class Interpret(ABC):
     """
 
     enforces_deadline: ClassVar[bool] = False
+    reports_changes: ClassVar[bool] = False
+    """``watch`` reports every change of ``observe()`` (Process: exits come as events), so
+    the agent need not poll it; the others are observed every control interval."""
 
     @abstractmethod
     async def apply(self, ctx: RunContext) -> Outcome:

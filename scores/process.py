@@ -73,6 +73,7 @@ def _how(code: int | None) -> str:
 
 class ProcessInterpret(Interpret):
     enforces_deadline: ClassVar[bool] = True
+    reports_changes: ClassVar[bool] = True
 
     def __init__(self, spec: ProcessSpec, runtime: ProcessRuntime) -> None:
         self.spec = spec

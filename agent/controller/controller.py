@@ -24,7 +24,7 @@ import structlog
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
-from agent.application import Application, Trait
+from agent.application import Application, Strategy, Trait
 from agent.commands.models import Reply
 from agent.controller.events import EventPublisher
 from agent.controller.model import PeerInstance
@@ -105,6 +105,7 @@ class Controller:
         self._failed = asyncio.Event()
         self.on_held_changed: list[Any] = []
         self._held_seen: frozenset[str] = frozenset()
+        self._held_check_due = False
 
     # --- Ports for the runners -----------------------------------------------------------------
 
@@ -327,6 +328,11 @@ class Controller:
         self._wake(name.split("@", 1)[0])
         self._held_changed_soon()
 
+    def lease_observed(self, name: str) -> None:
+        """A claim of ``name`` was written somewhere: the runner's idea of its holder may
+        be stale (AbsoluteConsistency runners are not polled)."""
+        self._wake(name.split("@", 1)[0])
+
     def renewed(self) -> None:
         """The session moved: refresh the deadline of every running CP workload."""
         for runner in self.runners.values():
@@ -334,6 +340,14 @@ class Controller:
                 runner.apply_deadline()
 
     def _held_changed_soon(self) -> None:
+        """Once per loop iteration, however many leases were gained or lost in it (a mass
+        takeover gains hundreds at once: one comparison and one callback, not one each)."""
+        if not self._held_check_due:
+            self._held_check_due = True
+            asyncio.get_running_loop().call_soon(self._held_changed)
+
+    def _held_changed(self) -> None:
+        self._held_check_due = False
         held = frozenset(self.leases.held())
         if held == self._held_seen or self.stopping:
             return
@@ -384,7 +398,8 @@ class Controller:
         items = [
             r.report.as_dict()
             for name, r in self.runners.items()
-            if name in self.desired
+            if not r.consistent  # cheap first: most applications are AbsoluteConsistency
+            and name in self.desired
             and not self._consistent(self.desired[name])
             and self.site in self.desired[name].spec.placement.sites
         ]
@@ -398,8 +413,6 @@ class Controller:
 
     @staticmethod
     def _consistent(app: Application) -> bool:
-        from agent.application import Strategy
-
         return app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
 
     # --- planned failover (command plane) ----------------------------------------------------

@@ -50,22 +50,23 @@ class PeerTable:
         self.ttl = ttl
         self.clock = clock
         self.alive = alive
-        self._reports: dict[tuple[str, str], _Report] = {}
-        """(app, agent) -> the newest report or gossip."""
+        self._reports: dict[str, dict[str, _Report]] = {}
+        """app -> agent -> the newest report or gossip (by app: every runner asks for its
+        own application on every step, and a scan of every report was O(applications))."""
         self._gossip_seen: dict[str, float] = {}
 
     def feed_report(self, app: str, agent: str, value: bytes | None) -> bool:
         """An ``inst.*`` key changed; True if it concerns another agent."""
         if agent == self.me:
             return False
-        key = (app, agent)
         data = codec.load_object(value, kind="instance", key=f"inst.{app}.{agent}")
         inst = parse_instance(agent, agent.split("/", 1)[0], data) if data is not None else None
-        old = self._reports.get(key)
+        reports = self._reports.setdefault(app, {})
+        old = reports.get(agent)
         if inst is None:
-            self._reports.pop(key, None)
+            reports.pop(agent, None)
         elif old is None or not old.gossip or self.clock() - old.seen >= self.ttl:
-            self._reports[key] = _Report(inst, self.clock(), False)
+            reports[agent] = _Report(inst, self.clock(), False)
         return True
 
     def feed_gossip(self, value: bytes) -> tuple[str | None, set[str]]:
@@ -86,7 +87,7 @@ class PeerTable:
                 continue
             inst = parse_instance(agent, site, item)
             if inst is not None:
-                self._reports[(item["app"], agent)] = _Report(inst, now, True)
+                self._reports.setdefault(item["app"], {})[agent] = _Report(inst, now, True)
                 apps.add(item["app"])
         return agent, apps
 
@@ -104,9 +105,9 @@ class PeerTable:
         now = self.clock()
         return tuple(
             r.instance
-            for (a, _), r in self._reports.items()
-            if a == app and (site is None or r.instance.site == site) and self._live(r, now)
+            for r in self._reports.get(app, {}).values()
+            if (site is None or r.instance.site == site) and self._live(r, now)
         )
 
     def apps_of(self, agent: str) -> set[str]:
-        return {app for (app, a) in self._reports if a == agent}
+        return {app for app, reports in self._reports.items() if agent in reports}

@@ -132,6 +132,8 @@ class AppRunner:
         self.run_token: int | None = None
         self.pid: int | None = None
         """The running workload's main pid, as last observed (for status)."""
+        self._told: Interpret | None = None
+        """The Interpret last told to follow the session (its fence needs no updates)."""
         self.failures = 0
         self.crash_base = 0
         self.healthy_since: float | None = None
@@ -154,11 +156,16 @@ class AppRunner:
 
     async def run(self) -> None:
         while not self.done:
-            timeout = self.p.timing.control_interval
+            timeout = self._backstop()
             if self.retry_at is not None:
                 timeout = min(timeout, max(0.0, self.retry_at - self.p.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
+            # A timer that sets the event, not wait_for: wait_for costs a task per wait,
+            # and a thousand runners wait all the time.
+            timer = asyncio.get_running_loop().call_later(timeout, self.wake.set)
+            try:
+                await self.wake.wait()
+            finally:
+                timer.cancel()
             self.wake.clear()
             async with self.lock:
                 try:
@@ -172,6 +179,18 @@ class AppRunner:
                         app=self.name,
                         error=repr(exc),
                     )
+
+    def _backstop(self) -> float:
+        """How long to sleep when nothing wakes us. Every input of an AbsoluteConsistency
+        decision wakes the runner (the lease's callbacks, the Application and marks, the
+        workload's own events when its Interpret reports changes, health verdicts), so
+        then the cycle is only a safety net. A polled Interpret, or SplitBrainAllowed (a
+        peer's liveness has no event), keeps the control interval."""
+        timing = self.p.timing
+        interpret = self.interpret
+        if self.consistent and interpret is not None and interpret.reports_changes:
+            return timing.idle_backstop
+        return timing.control_interval
 
     # --- one cycle ---------------------------------------------------------------------------
 
@@ -447,15 +466,39 @@ class AppRunner:
 
     async def _bounded(self, call: Awaitable[T], what: str) -> T | Outcome:
         """An Interpret call, bounded by the command timeout and, under a held
-        AbsoluteConsistency lease, by its deadline (``Outcome.failed`` when it ran out)."""
-        timeout = self.p.timing.command_timeout
+        AbsoluteConsistency lease, by its deadline (``Outcome.failed`` when it ran out).
+
+        The lease's deadline is followed as renewals move it: bounding by its value at the
+        call made every start of a storm "time out" after ttl - margin, although the lease
+        stayed valid throughout (issue 17). Losing the lease ends the wait at once."""
+        p = self.p
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ends = started + p.timing.command_timeout
         name = self.lease_name
-        if self.consistent and name is not None and name in self.p.leases.held():
-            timeout = min(timeout, self.p.leases.deadline(name) - self.p.clock())
-        try:
-            return await asyncio.wait_for(call, max(0.05, timeout))
-        except TimeoutError:
-            return Outcome.failed(f"{what} did not finish within {max(0.05, timeout):.1f}s")
+        lease_end = float("-inf")
+        if self.consistent and name is not None and name in p.leases.held():
+            lease_end = p.leases.deadline(name)
+            ends = min(ends, started + lease_end - p.clock())
+        task = asyncio.ensure_future(call)
+        while True:
+            if lease_end > float("-inf") and name is not None:
+                if name not in p.leases.held():
+                    break
+                moved = p.leases.deadline(name) - lease_end
+                if moved > 0:  # renewed meanwhile: the bound moves with it
+                    lease_end += moved
+                    ends = min(started + p.timing.command_timeout, ends + moved)
+            timeout = ends - loop.time()
+            if timeout <= 0:
+                break
+            done, _ = await asyncio.wait({task}, timeout=max(0.05, timeout))
+            if done:
+                return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return Outcome.failed(f"{what} did not finish within {loop.time() - started:.1f}s")
 
     def deadline(self) -> Deadline | None:
         """Until when the running workload may run (None: no deadline)."""
@@ -471,6 +514,7 @@ class AppRunner:
             return False
         deadline = self.deadline() if bound else None
         ctx = RunContext(self.name, p.site, p.node, token, p.state_dir, deadline)
+        self._told = None
         self.crash_base, self.failures, self.healthy_since = 0, 0, None
         outcome = await self._bounded(interpret.promote(ctx), "start")
         if not isinstance(outcome, Outcome) or not outcome.ok:
@@ -484,6 +528,8 @@ class AppRunner:
         self.start_failed = None
         self.backoff = 0.5
         self.run_token = token
+        if deadline is not None and deadline.follows_session:
+            self._told = interpret
         if self.health is not None:
             self.health.started(ctx)
         obs = await interpret.observe()
@@ -492,10 +538,17 @@ class AppRunner:
         return True
 
     def apply_deadline(self) -> None:
-        """The lease's validity moved: tell the Interpret (cheap; the fence follows the
-        session by itself when it can, so this only matters for fixed deadlines)."""
-        if self.interpret is not None and self.run_token is not None:
-            self.interpret.set_deadline(self.deadline())
+        """The lease's validity moved: tell the Interpret. Called for every running
+        workload on every renewal: when the Interpret already follows the session (its
+        fence reads the renewals itself) and the lease still does, there is nothing to do."""
+        interpret, name = self.interpret, self.lease_name
+        if interpret is None or self.run_token is None:
+            return
+        if self._told is interpret and name is not None and self.p.leases.follows_session(name):
+            return
+        deadline = self.deadline()
+        self._told = interpret if deadline is not None and deadline.follows_session else None
+        interpret.set_deadline(deadline)
 
     async def _stop_workload(self) -> bool:
         """Stop (demote) the local workload; True if something was running.

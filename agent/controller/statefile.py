@@ -83,15 +83,20 @@ class StateFile:
                     out[app] = Recorded(**entry)
         return fence, out
 
-    def save(self) -> None:
-        """Write the file now (0600 from the first byte, replaced atomically)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        body = {
+    def _body(self) -> dict[str, object]:
+        return {
             "fence": list(self.fence) if self.fence else None,
             "apps": {k: asdict(v) for k, v in self.entries.items()},
         }
+
+    def save(self, body: dict[str, object] | None = None) -> None:
+        """Write the file now (0600 from the first byte, replaced atomically). ``body`` is
+        taken on the event loop when this runs in a thread: the loop keeps changing
+        ``entries`` meanwhile (a start storm), and iterating them here would race."""
+        body = self._body() if body is None else body
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "w") as fh:
             json.dump(body, fh)
             fh.flush()
@@ -121,7 +126,7 @@ class StateFile:
             await self._dirty.wait()
             self._dirty.clear()
             try:
-                await asyncio.to_thread(self.save)
+                await asyncio.to_thread(self.save, self._body())
             except OSError as exc:
                 log.error(
                     "statefile_write_failed",

@@ -76,10 +76,12 @@ class FakeInterpret(Interpret):
         self.restarts = 0
         self.ctx: RunContext | None = None
         self.deadlines: list[Deadline | None] = []
+        self.released = asyncio.Event()
+        """Set to let a hanging ``apply`` return."""
 
     async def apply(self, ctx: RunContext) -> Outcome:
         if self.hang:
-            await asyncio.Event().wait()
+            await self.released.wait()
         self.ctx = ctx
         self.state = WorkloadState.RUNNING
         self.log.append(f"apply {ctx.fencing_token}")
@@ -249,6 +251,32 @@ async def test_an_interpret_call_is_bounded_by_the_lease_deadline(tmp_path: Path
     except TimeoutError:
         pytest.fail("a hung start held the runner past the lease deadline")
     assert runner.start_failed is not None and "did not finish within 0.2s" in runner.start_failed
+
+
+async def test_a_slow_start_under_a_renewed_lease_is_not_cut_short(tmp_path: Path) -> None:
+    """The bound follows the lease as renewals move it: a start storm takes longer than
+    one ttl - margin, and the lease stays valid all along (issue 17)."""
+    ports = FakePorts(tmp_path, timing=Timing(2.0, 0.2, command_timeout=2.0))
+    ports.apps["ledger"] = application()
+    runner = AppRunner("ledger", ports)
+    interpret = FakeInterpret([], hang=True)
+    runner.interpret = interpret
+    runner.score = ports.apps["ledger"].spec.score
+    await runner.step()
+    ports.leases.grant("ledger", 3, ttl=100)
+    ports.leases.valid_until = ports.now + 0.2
+
+    async def renew_then_finish() -> None:
+        for _ in range(5):  # 0.5 s of renewals, each moving the lease 0.2 s on
+            await asyncio.sleep(0.1)
+            ports.leases.valid_until += 0.2
+        interpret.hang = False
+        interpret.released.set()
+
+    helper = asyncio.create_task(renew_then_finish())
+    await asyncio.wait_for(runner.step(), 5)
+    await helper
+    assert runner.start_failed is None and interpret.log == ["apply 3"]
 
 
 async def test_shutdown_stops_then_releases(world: Any) -> None:

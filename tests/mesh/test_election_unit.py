@@ -60,9 +60,31 @@ def test_rank_defers_a_new_lease_from_when_we_started_wanting_it() -> None:
     assert d.action is Action.WAIT and d.retry_at == NOW - 0.1 + 0.5
 
 
+def test_a_lease_nobody_ever_claimed_goes_by_the_longer_new_step() -> None:
+    """A new application: the better-ranked site may be seconds behind in a mass apply."""
+    d = run(empty(since=NOW - 100), rank=1, step=0.25, new_step=1.0, want_since=NOW - 0.5)
+    assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + 1.0
+    released = {
+        s: FamilyObs(s, True, 3, NOW - 100, (claim("site-a/n1", 3, state=ClaimState.RELEASED),))
+        for s in STORES
+    }
+    d = run(released, rank=1, step=0.25, new_step=1.0, want_since=NOW - 0.5)
+    assert d.action is Action.ACQUIRE, "a lease held before goes by the failover step"
+
+
 def test_a_live_holder_is_never_preempted() -> None:
     d = run(held_by("site-a/n1"))
     assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + TTL
+    # The wait for the holder's renewals is the holder's, watched once for all its leases.
+    assert d.holders == {"site-a/n1"} and d.timer_at is None
+
+
+def test_a_waits_own_timers_are_kept_apart_from_the_holders() -> None:
+    fams = held_by("site-a/n1")
+    fams["c"] = FamilyObs("c", False, 0, NOW, usable_at=NOW + 1.7)  # quarantined
+    d = run(fams)
+    assert d.action is Action.WAIT and d.retry_at == NOW - 0.5 + TTL
+    assert d.timer_at == NOW + 1.7 and d.holders == {"site-a/n1"}
 
 
 def test_a_holder_stale_in_a_quorum_is_expired_there_only() -> None:
@@ -120,6 +142,8 @@ def test_a_handover_is_ours_at_once_and_everyone_elses_after_the_window() -> Non
         fams[s] = FamilyObs(s, True, 11, f.since, (c,), f.sessions)
     d = run(fams, rank=2, step=1.0)
     assert d.action is Action.ACQUIRE and d.term == 8
+    # Even just after we started wanting it: the holder chose us, rank does not matter.
+    assert run(fams, rank=2, step=1.0, want_since=NOW).action is Action.ACQUIRE
     other = Me("site-c/n1", "site-c", {s: "ec" for s in STORES}, True, TTL)
     assert run(fams, me=other).action is Action.WAIT
     assert run(fams, me=other, now=NOW + TTL).action is Action.ACQUIRE

@@ -299,3 +299,24 @@ async def test_a_fence_resumed_past_the_deadline_starts_nothing(tmp_path: Path) 
     info = json.loads(line)
     assert not info["ok"] and not info["pids"], f"started after its deadline passed: {info}"
     assert "deadline already passed" in info["detail"], info
+
+
+async def test_a_killed_fence_kills_its_workload_with_the_agent_paused(tmp_path: Path) -> None:
+    """Only the kernel can end the workload here: the agent is paused (its killpg cannot
+    run) and the fence is SIGKILLed (no clean-up). The parent-death signal, set by
+    ``setpriv`` or the fallback ``preexec_fn``, must do it."""
+    async with owner(tmp_path) as (agent_pid, info):
+        os.kill(agent_pid, signal.SIGSTOP)
+        try:
+            os.kill(info["fence"], signal.SIGKILL)
+            await eventually(
+                lambda: not alive(info["pid"]),
+                timeout=10,
+                what="the workload to die with its fence (PR_SET_PDEATHSIG)",
+            )
+            assert _state(agent_pid) == "T", "the agent was not paused, so it proves nothing"
+        finally:
+            os.kill(agent_pid, signal.SIGCONT)
+        await eventually(
+            lambda: not alive(info["child"]), timeout=10, what="the agent's killpg of the rest"
+        )
