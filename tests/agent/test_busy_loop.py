@@ -101,15 +101,6 @@ async def agent(tmp_path: Path, nats_cluster: NatsCluster) -> AsyncIterator[Agen
         await asyncio.wait_for(task, timeout=60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="mesh/leases.py: the session thread's views are queued to the main loop "
-    "(call_soon_threadsafe) and LeaseManager._session_changed judges each queued view against "
-    "the current clock, so after a busy spell the oldest view has expired and every lease is "
-    "dropped ('validity ran out without a quorum of renewals') although the session never "
-    "lapsed. Remove this marker with the fix (judge the session's current view).",
-)
 async def test_a_busy_main_loop_loses_no_session_and_no_lease(
     agent: Agent, client: Client, tmp_path: Path
 ) -> None:
