@@ -13,6 +13,9 @@ here; the runner only carries plans out. The rules, in order:
    failed start is retried after its backoff;
 4. no valid lease: AbsoluteConsistency stops (the fence already killed it at the deadline),
    SplitBrainAllowed keeps serving, partitioned, until it learns of a duplicate.
+
+A replicated Score (a primary where the lease is, replicas elsewhere) follows rule 1, then
+its own rules in ``roles.py`` instead of 2-4.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from agent.controller.model import (
     Run,
     Snapshot,
 )
+from agent.controller.roles import decide_roles
 
 
 def preferred(
@@ -125,6 +129,9 @@ def decide(name: str, s: Snapshot) -> Plan:
     if s.failures >= s.max_failures:
         why = f"failed {s.failures} times in a row (max {s.max_failures}), letting another site try"
         return _off(name, s, InstanceState.FAILED, why, Event.GAVE_UP, give_up=True)
+
+    if s.roles is not None:
+        return decide_roles(name, s, s.roles)
 
     valid = lease.valid(s.now)
 

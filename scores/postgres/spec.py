@@ -142,9 +142,6 @@ class PostgresSpec(Score):
     ``/usr/lib/postgresql/*/bin``."""
     os_user: str = Field(default="postgres", pattern=OS_USER)
     synchronous: bool = False
-    max_lag_on_failover: int = Field(default=1024 * 1024, ge=0)
-    """Bytes: a replica further behind than this is not a promotion candidate (read by the
-    controller, as Patroni's ``maximum_lag_on_failover``)."""
     replication_user: str = Field(default="replicator", pattern=IDENTIFIER)
     replication_password_file: str | None = None
     """Without ``tls``: a file on every database host holding the replication user's password

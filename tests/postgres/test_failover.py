@@ -1,0 +1,160 @@
+"""Replicated PostgreSQL under real agents on three netns sites: no acknowledged write lost.
+
+A client writes increasing ids through the libpq multi-host string
+(``target_session_attrs=read-write``) with ``synchronous: true`` and records each
+acknowledged id; a probe writes to every site's server directly and records when each
+accepted. Through the faults, every acknowledged id must be on the final primary and no two
+sites' accepting windows may overlap; every former primary must come back as a replica of
+the new one, on its timeline, without a manual step.
+
+``make test`` runs the scenario once; ``make soak`` (``HARMONY_SOAK_RUNS=25``) five times.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import tests.failover.conftest as fo
+from tests.failover.conftest import Stage, mesh_ready, precreate_r3
+from tests.harness.netns import Sites
+from tests.postgres.client import Writer, missing_ids
+from tests.postgres.conftest import postgres_skip_reason
+from tests.postgres.mesh import APP, SITES, PgMesh, Probe, make_certs, pg_application
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(900)]
+
+TTL = float(os.environ.get("HARMONY_PG_TTL", "3"))
+SOAK = int(os.environ.get("HARMONY_SOAK_RUNS", "1"))
+RUNS = max(1, SOAK // 5)
+"""``make test`` sets HARMONY_SOAK_RUNS=5: once; ``make soak`` (25): five times."""
+
+
+@pytest.fixture
+def pg_base(require_netns: None) -> Iterator[Path]:
+    reason = postgres_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    base = Path(tempfile.mkdtemp(prefix="hpg", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        if not os.environ.get("HARMONY_KEEP_PG"):
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def pg(
+    netns_sites: Sites, tmp_path: Path, pg_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[PgMesh]:
+    """Three netns sites with an agent each (``tests/failover``'s stage, ttl ``TTL``)."""
+    monkeypatch.setattr(fo, "TTL", TTL)
+    stage = Stage(netns_sites, tmp_path, tmp_path / "history.txt")
+    await mesh_ready(netns_sites)
+    await precreate_r3(netns_sites)
+    make_certs(pg_base, [netns_sites[s].data_ip for s in SITES])
+    mesh = PgMesh(stage, pg_base)
+    try:
+        mesh.start_agents()
+        await stage.all_ready()
+        yield mesh
+    finally:
+        for agent in mesh.agents.values():
+            if agent.running():
+                agent.signal(signal.SIGCONT)
+        await stage.close()
+        for site in SITES:  # the agents are gone; their databases are not
+            mesh.kill_postgres(site)
+
+
+async def _up(pg: PgMesh, **app: object) -> tuple[str, int]:
+    await pg.stage.put(pg_application(pg.base, pg.stage, **app))  # type: ignore[arg-type]
+    first = await pg.primary(timeout=120)
+    for site in SITES:
+        if site != first[0]:
+            await pg.replica_of(site, 1, timeout=120)
+    return first
+
+
+async def _rejoined(pg: PgMesh, old: str, new: str) -> None:
+    timeline = await pg.timeline(new)
+    await pg.replica_of(old, timeline, timeout=90)
+
+
+async def _check(pg: PgMesh, writer: Writer, probe: Probe) -> None:
+    await writer.stop()
+    await probe.stop()
+    final, _ = await pg.primary(timeout=30)
+    assert writer.acks, writer.last_error
+    lost = await missing_ids(pg.dsn(final), writer.acked_ids)
+    assert lost == [], f"acknowledged ids missing on {final}: {lost[:20]}"
+    assert probe.overlaps() == [], probe.describe()
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+async def test_no_acknowledged_write_is_lost_through_faults(pg: PgMesh, run: int) -> None:
+    primary, token = await _up(pg)
+    writer = Writer(pg.multihost(), interval=0.02)
+    await writer.prepare()
+    probe = Probe(pg)
+    await probe.prepare()
+    writer.start(max_seconds=900)
+    probe.start()
+    await writer.wait_for_acks(20)
+    faults = 0
+
+    # 1-2: kill -9 of the primary's agent and its postgres; the agent comes back and the
+    # former primary rejoins the new one (pg_rewind).
+    old = primary
+    pg.kill_agent(old)
+    pg.kill_postgres(old)
+    primary, token2 = await pg.primary(not_site=old, timeout=60)
+    assert token2 > token
+    await writer.wait_for_acks(20)
+    pg.restart(old)
+    await _rejoined(pg, old, primary)
+    faults += 2
+
+    # 3-4: cut the primary's site; heal: the old primary rejoins.
+    old, token = primary, token2
+    pg.stage.sites.cut(old)
+    primary, token2 = await pg.primary(not_site=old, timeout=60)
+    assert token2 > token
+    await writer.wait_for_acks(20)
+    pg.stage.sites.heal(old)
+    await _rejoined(pg, old, primary)
+    faults += 2
+
+    # 5-6: SIGSTOP of the primary's agent (its postgres keeps running until the watchdog
+    # fences it at the lease deadline); SIGCONT: demoted and rejoined.
+    old, token = primary, token2
+    pg.agents[old].signal(signal.SIGSTOP)
+    primary, token2 = await pg.primary(not_site=old, timeout=60)
+    assert token2 > token
+    await writer.wait_for_acks(20)
+    pg.agents[old].signal(signal.SIGCONT)
+    await _rejoined(pg, old, primary)
+    faults += 2
+
+    # 7: planned failover to another site.
+    old, token = primary, token2
+    target = next(s for s in SITES if s != old)
+    reply = await pg.stage.command(f"harmony.cmd.app.{APP}.failover", {"to": target})
+    assert reply["ok"], reply
+    primary, token2 = await pg.primary(not_site=old, timeout=30)
+    assert primary == target and token2 > token
+    await writer.wait_for_acks(20)
+    await _rejoined(pg, old, primary)
+    faults += 1
+
+    await _check(pg, writer, probe)
+    assert faults >= 7
+    print(f"{len(writer.acks)} acknowledged writes; windows: {probe.describe()}")
