@@ -60,6 +60,10 @@ def parse_time(text: object) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
+def _number(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _json(raw: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(raw)
@@ -79,6 +83,14 @@ class Instance:
     detail: str
     stale: bool
     """The reporting agent is not healthy: this may no longer be true."""
+    role: str | None = None
+    """Replicated Scores: ``primary`` or ``replica`` (None: no data, or not replicated)."""
+    timeline: int | None = None
+    lag_bytes: int | None = None
+    position: int | None = None
+    replication_detail: str | None = None
+    error: str | None = None
+    """The last start or role change failed with this."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,9 @@ class MeshSnapshot:
             agent = self.agents.get(agent_id)
             state = item.get("state")
             token = item.get("token")
+            rep = item.get("replication")
+            rep = rep if isinstance(rep, dict) else {}
+            error = item.get("error")
             out.append(
                 Instance(
                     app=app,
@@ -228,6 +243,12 @@ class MeshSnapshot:
                     token=token if isinstance(token, int) else None,
                     detail=str(item.get("detail") or ""),
                     stale=agent is None or not agent.healthy(now),
+                    role=rep["role"] if rep.get("role") in ("primary", "replica") else None,
+                    timeline=_number(rep.get("timeline")),
+                    lag_bytes=_number(rep.get("lag_bytes")),
+                    position=_number(rep.get("position")),
+                    replication_detail=str(rep["detail"]) if rep.get("detail") else None,
+                    error=error if isinstance(error, str) and error else None,
                 )
             )
         return out

@@ -73,6 +73,12 @@ def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
                         "token": i.token,
                         "detail": i.detail,
                         "stale": i.stale,
+                        "role": i.role,
+                        "timeline": i.timeline,
+                        "lag_bytes": i.lag_bytes,
+                        "position": i.position,
+                        "replication_detail": i.replication_detail,
+                        "error": i.error,
                     }
                     for i in snap.instances_of(name, now)
                 ],

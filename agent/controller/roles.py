@@ -209,6 +209,16 @@ def _holder(name: str, s: Snapshot, r: Roles) -> Plan:
             deadline=True,
             sync_standbys=sync,
         )
+    if not me.has_data and s.workload.token == token:
+        return Plan(
+            state=InstanceState.RUNNING,
+            sentence=(
+                f"{name}: holding lease token {token}; cannot read the state of the primary "
+                f"started on {s.agent} with it; keeping it"
+            ),
+            want=True,
+            deadline=True,
+        )
     if not me.has_data:  # H3
         donors = [p for p in r.peers if p.live and p.has_data]
         if donors:

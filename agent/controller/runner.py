@@ -121,6 +121,8 @@ class InstanceReport:
     replication: dict[str, Any] | None = None
     """Replicated Scores: role, running, position, timeline, lag_bytes, detail, host, port,
     name (what a synchronous primary lists), answered (the last poll answered)."""
+    error: str | None = None
+    """The last start or role change failed with this (cleared by the next success)."""
 
     def as_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -135,6 +137,8 @@ class InstanceReport:
         }
         if self.replication is not None:
             body["replication"] = self.replication
+        if self.error is not None:
+            body["error"] = self.error
         return body
 
 
@@ -203,6 +207,8 @@ class AppRunner:
         self.answering = False
         self.sync_applied: tuple[str, ...] | None = None
         self.reported_at = float("-inf")
+        self.written = self.report
+        """The last report handed to the mesh (the one a position change is compared with)."""
 
     # --- the actor --------------------------------------------------------------------------
 
@@ -493,6 +499,8 @@ class AppRunner:
             or (plan.run is Run.KEEP and (plan.release is not Release.NONE or plan.sync_standbys))
         ):
             changed = await self._carry_roles(plan, s)
+            if plan.run in ROLE_ACTIONS and self.start_failed is not None:  # it failed
+                plan = dataclasses.replace(plan, state=InstanceState.FAILED)
         elif plan.run is Run.START and s.lease.token is not None:
             changed = await self._start(s.lease.token, plan.deadline)
         elif plan.release is not Release.NONE:
@@ -548,6 +556,7 @@ class AppRunner:
             enforced=not self.consistent
             or (self.interpret is not None and self.interpret.enforces_deadline),
             replication=self._replication_report() if s.roles is not None else None,
+            error=self.start_failed,
         )
         self._set_report(report)
 
@@ -558,16 +567,17 @@ class AppRunner:
         """Keep ``report`` (gossip reads it) and write it to the mesh when something a
         reader acts on changed; replication positions at most every ttl/3."""
         old = self.report
-        key = (report.state, report.token, report.partitioned, report.lease_token)
-        before = (old.state, old.token, old.partitioned, old.lease_token)
+        key = (report.state, report.token, report.partitioned, report.lease_token, report.error)
+        before = (old.state, old.token, old.partitioned, old.lease_token, old.error)
         new_rep, old_rep = report.replication or {}, old.replication or {}
         changed = key != before or (report.replication is None) != (old.replication is None)
         changed = changed or any(new_rep.get(f) != old_rep.get(f) for f in URGENT_REPLICATION)
         now = self.p.clock()
-        slow = new_rep != old_rep and now - self.reported_at >= self.p.timing.ttl / 3
+        moved = new_rep != (self.written.replication or {})
+        slow = moved and now - self.reported_at >= self.p.timing.ttl / 3
         self.report = report
         if urgent or changed or slow:
-            self.reported_at = now
+            self.reported_at, self.written = now, report
             self.p.report(report, urgent=urgent or (changed and report.replication is not None))
 
     def _stop_timeout(self) -> float:
@@ -648,7 +658,13 @@ class AppRunner:
         elif plan.run is Run.POLL and token is not None:
             await self.p.poll(self.name, token)
         if plan.release is not Release.NONE and self.lease_name is not None:
-            await self.p.leases.release(self.lease_name, to=plan.handover_to)
+            # Only a local instance known to be a replica keeps running; anything else (a
+            # primary, or a state we could not read) is stopped before the lease goes.
+            local = self.local
+            replica = local is not None and local.has_data and local.role is Role.REPLICA
+            keep = replica and self.run_token is None
+            stop = None if keep else self._halt
+            await self.p.leases.release(self.lease_name, to=plan.handover_to, stop=stop)
             changed = True
         return changed
 
@@ -657,17 +673,18 @@ class AppRunner:
         # Counted as ours from here on, so that renewals move the deadline during the call
         # (a promotion may take longer than one renewal interval).
         self.run_token = token
-        self.crash_base, self.failures, self.healthy_since = 0, 0, None
         call = interpret.start_primary(ctx) if run is Run.START_PRIMARY else interpret.promote(ctx)
         outcome = await self._role_call(call, run.value)
         if not outcome.ok:
             self.run_token = None
             self._role_failed(outcome.message)
             return False
+        self.crash_base, self.failures, self.healthy_since = 0, 0, None
         self._role_done()
         self.following = None
         if self.health is not None:
             self.health.started(ctx)
+        await self._refresh_local()
         return outcome.changed or True
 
     async def _become_replica(self, interpret: ReplicatedInterpret, plan: Plan) -> bool:
@@ -693,7 +710,17 @@ class AppRunner:
             self.following, self.pointed = (target.agent, target.token), None
         elif target is not None:
             self.following, self.pointed = None, target.agent
+        await self._refresh_local()
         return outcome.changed
+
+    async def _refresh_local(self) -> None:
+        """After a role change, report the new role at once (a promoted primary is what
+        the replicas wait for), not one cycle later."""
+        interpret = self.interpret
+        if isinstance(interpret, ReplicatedInterpret):
+            status = await self._bounded(interpret.status(), "status")
+            if isinstance(status, ReplicationStatus):
+                self.local = status
 
     def _primary_info(self, target: Replica | None) -> PrimaryInfo | None:
         """What the Interpret follows; ``extra["pending"]``: not writable yet (the lease
@@ -715,6 +742,8 @@ class AppRunner:
             return Outcome.failed(f"{what} did not finish within {bound:g}s")
 
     def _role_failed(self, message: str) -> None:
+        """Counted like crashes: ``max_failures`` in a row give the application up here,
+        so that another site gets to try."""
         self.failures += 1
         self.start_failed = message
         self.backoff_until = self.p.clock() + self.backoff

@@ -137,6 +137,7 @@ class PostgresInterpret(ReplicatedInterpret):
         self._layout: Layout | None = None
         self._advertise: str | None = None
         self._bin: str | None = None
+        self._bin_wanted: str | None = spec.bin_dir
         self._role: Role | None = None
         self._deadline: float | None = None  # CLOCK_BOOTTIME, ours
         self._sync_names: tuple[str, ...] = ()
@@ -183,6 +184,7 @@ class PostgresInterpret(ReplicatedInterpret):
             listen=site.listen or self.spec.listen,
         )
         self._advertise = site.advertise or self.spec.advertise
+        self._bin_wanted = site.bin_dir or self.spec.bin_dir
 
     @property
     def layout(self) -> Layout:
@@ -325,13 +327,13 @@ class PostgresInterpret(ReplicatedInterpret):
             detail = f"not running ({role} data on timeline {timeline} at least at "
             detail += f"{_lsn(position)}): {why}"
             return ReplicationStatus(role, position, timeline, None, detail, running=False)
-        except PgError as exc:
+        except PgError as exc:  # unknown state: claims neither data nor a role
             role = self._role or Role.REPLICA
-            return ReplicationStatus(role, None, None, None, _msg(exc), running=False)
+            return ReplicationStatus(role, None, None, None, _msg(exc), False, False)
         except Exception as exc:  # never raise out of the Interpret
             log.exception("status failed")
             role = self._role or Role.REPLICA
-            return ReplicationStatus(role, None, None, None, repr(exc), running=False)
+            return ReplicationStatus(role, None, None, None, repr(exc), False, False)
 
     # ---------------------------------------------------------------- Interpret
     async def stop(self) -> Outcome:
@@ -410,7 +412,7 @@ class PostgresInterpret(ReplicatedInterpret):
     async def _bin_dir(self) -> str:
         if self._bin is None:
             res = await self._host.run(
-                ["sh", "-c", _FIND_BIN, "sh", self.spec.bin_dir or ""],
+                ["sh", "-c", _FIND_BIN, "sh", self._bin_wanted or ""],
                 timeout=20,
                 env={"NEEDED": " ".join(NEEDED_BINARIES)},
             )
@@ -705,14 +707,7 @@ class PostgresInterpret(ReplicatedInterpret):
         await self._clean_auto_conf()
         marker = 'touch -- "$1"' if standby else 'rm -f -- "$1"'
         await self._host.sh(marker, layout.standby_signal)
-        res = await self._host.run(
-            ["python3", "-I", layout.watchdog, "check-port", layout.listen, str(layout.port)],
-            timeout=15,
-        )
-        if res.returncode == 3:
-            raise PgError("port-in-use", res.stdout.strip() + f" on {self._host.where}")
-        if not res.ok:
-            raise PgError("bad-listen", (res.stdout.strip() or res.summary()))
+        await self._check_port()
         deadline = None if standby else self._deadline
         if deadline is not None:
             self._check_deadline()
@@ -772,9 +767,25 @@ class PostgresInterpret(ReplicatedInterpret):
         code = watchdog.get("returncode")
         return PgError("crashed", f"postgres exited with {code} while starting: {last}")
 
+    async def _check_port(self) -> None:
+        layout = self.layout
+        res = await self._host.run(
+            ["python3", "-I", layout.watchdog, "check-port", layout.listen, str(layout.port)],
+            timeout=15,
+        )
+        if res.returncode == 3:
+            raise PgError("port-in-use", res.stdout.strip() + f" on {self._host.where}")
+        if not res.ok:
+            raise PgError("bad-listen", (res.stdout.strip() or res.summary()))
+
     async def _stop(self) -> bool:
         """Fast shutdown, then immediate, then SIGKILL of the group; True if it ran."""
-        state = await self._inspect()
+        try:
+            state = await self._inspect()
+        except PgError:
+            if self._watched is None:
+                return False  # a directory we refuse to use runs nothing we started
+            raise
         if not state.running:
             return False
         pg_ctl = await self._tool("pg_ctl")
@@ -846,6 +857,7 @@ class PostgresInterpret(ReplicatedInterpret):
         self._role = Role.PRIMARY
         messages = []
         if not state.exists:
+            await self._check_port()  # before creating anything that could not start
             await self._initdb()
             messages.append("initialised a new cluster (data checksums on)")
         if state.running and not await self._supervised(state):
@@ -1034,12 +1046,17 @@ SELECT pg_promote(true, {wait});
             return await self._become_replica(primary)
         layout = self.layout
         stopped = await self._stop()
-        state = await self._inspect()
+        try:
+            state = await self._inspect()
+        except PgError as exc:
+            if self._watched is not None:
+                raise
+            return Outcome.done(f"nothing of ours runs here ({_msg(exc)})", changed=False)
         if state.exists:
             await self._host.sh('touch -- "$1"', layout.standby_signal)
         self._role = Role.REPLICA
         self._deadline = None
-        with contextlib.suppress(PgError):
+        with contextlib.suppress(PgError, OSError):  # (nothing to clear where nothing ran)
             await self._set_deadline_file(None)
         return Outcome.done(
             "stopped; it will rejoin as a replica of the next primary", changed=stopped

@@ -114,11 +114,12 @@ class PostgresSite(_Strict):
     advertise: str | None = None
     data_dir: str | None = None
     run_dir: str | None = None
+    bin_dir: str | None = None
 
-    @field_validator("data_dir", "run_dir")
+    @field_validator("data_dir", "run_dir", "bin_dir")
     @classmethod
     def _paths(cls, value: str | None) -> str | None:
-        return _absolute(value, "data_dir and run_dir")
+        return _absolute(value, "data_dir, run_dir and bin_dir")
 
 
 class PostgresSpec(Score):

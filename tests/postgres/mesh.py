@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
 import psycopg
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError
 
+from mesh.names import STATE_BUCKET, instance_key
 from mesh.trust import SiteCA, cert_pem
 from tests.failover.conftest import Stage
 from tests.harness.agents import AgentProcess
@@ -96,6 +100,7 @@ class PgMesh:
     stage: Stage
     base: Path
     agents: dict[str, AgentProcess] = field(default_factory=dict)
+    _readers: dict[str, Client] = field(default_factory=dict)
 
     # --- addresses ---------------------------------------------------------------------
 
@@ -137,20 +142,89 @@ class PgMesh:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
 
+    def kill_site(self, site: str) -> None:
+        """kill -9 of everything the site runs: agent, postgres, nats-server."""
+        self.kill_agent(site)
+        self.kill_postgres(site)
+        node = self.stage.sites[site].nats
+        assert node is not None
+        node.kill()
+
+    def restart_site(self, site: str) -> None:
+        node = self.stage.sites[site].nats
+        assert node is not None
+        node.start()
+        self.restart(site)
+
+    async def stop_wal_receiver(self, site: str) -> int:
+        """SIGSTOP the replica's WAL receiver (it lags from now on); its pid."""
+        async with await psycopg.AsyncConnection.connect(self.dsn(site), autocommit=True) as c:
+            cur = await c.execute("SELECT pid FROM pg_stat_wal_receiver")
+            row = await cur.fetchone()
+        assert row is not None, f"{site} is not streaming"
+        os.kill(int(row[0]), signal.SIGSTOP)
+        return int(row[0])
+
+    async def fill(self, site: str, size: int) -> None:
+        """Write about ``size`` bytes of WAL on the primary at ``site``."""
+        async with await psycopg.AsyncConnection.connect(self.dsn(site), autocommit=True) as c:
+            await c.execute("CREATE TABLE IF NOT EXISTS harmony_test.filler (pad text)")
+            await c.execute("ALTER TABLE harmony_test.filler ALTER pad SET STORAGE EXTERNAL")
+            await c.execute(  # uncompressed: every byte goes to the WAL
+                "INSERT INTO harmony_test.filler SELECT repeat(md5(g::text), 64) "
+                f"FROM generate_series(1, {size // 2048 + 1}) g"
+            )
+
+    async def lags(self, site: str, primary: str, size: int) -> None:
+        """The mesh saw ``site`` more than ``size`` bytes behind ``primary``."""
+
+        async def probe() -> bool:
+            behind, top = await self.role(site), await self.role(primary)
+            pos, end = behind.get("position"), top.get("position")
+            return isinstance(pos, int) and isinstance(end, int) and end - pos > size
+
+        await eventually(probe, timeout=30, interval=0.25, what=f"{site} to lag")
+
     # --- what the mesh says ----------------------------------------------------------------
+
+    async def report(self, site: str) -> dict[str, Any] | None:
+        """The site's instance report, read through whichever site's server answers (the
+        test's shared connection may be on a site that is cut off)."""
+        key = instance_key(APP, site, "n1")
+        last: Exception | None = None
+        for via in SITES:
+            try:
+                nc = self._readers.get(via)
+                if nc is None or nc.is_closed:
+                    nc = await nats.connect(self.stage.sites[via].url, connect_timeout=1)
+                    self._readers[via] = nc
+                kv = await nc.jetstream(timeout=1).key_value(STATE_BUCKET)
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                return None
+            except Exception as exc:  # unreachable, no JetStream leader there: next site
+                last = exc
+                continue
+            data: dict[str, Any] = json.loads(entry.value or b"{}")
+            return data
+        raise AssertionError(f"no site's server answered: {last!r}")
+
+    async def close(self) -> None:
+        for nc in self._readers.values():
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     async def reports(self) -> dict[str, dict[str, Any]]:
         out = {}
-        for site, agent in self.agents.items():
-            report = await self.stage.instance(agent, APP)
+        for site in self.agents:
+            report = await self.report(site)
             if report is not None:
                 out[site] = report
         return out
 
     async def role(self, site: str) -> dict[str, Any]:
         """The ``replication`` block of the site's report (empty while none)."""
-        report = await self.stage.instance(self.agents[site], APP)
-        rep = (report or {}).get("replication")
+        rep = (await self.report(site) or {}).get("replication")
         return rep if isinstance(rep, dict) else {}
 
     async def server_role(self, site: str) -> tuple[bool, int, int] | None:

@@ -12,8 +12,10 @@ the new one, on its timeline, without a manual step.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 import tests.failover.conftest as fo
 from tests.failover.conftest import Stage, mesh_ready, precreate_r3
 from tests.harness.netns import Sites
+from tests.harness.wait import eventually
 from tests.postgres.client import Writer, missing_ids
 from tests.postgres.conftest import postgres_skip_reason
 from tests.postgres.mesh import APP, SITES, PgMesh, Probe, make_certs, pg_application
@@ -70,6 +73,7 @@ async def pg(
         for agent in mesh.agents.values():
             if agent.running():
                 agent.signal(signal.SIGCONT)
+        await mesh.close()
         await stage.close()
         for site in SITES:  # the agents are gone; their databases are not
             mesh.kill_postgres(site)
@@ -155,6 +159,83 @@ async def test_no_acknowledged_write_is_lost_through_faults(pg: PgMesh, run: int
     await _rejoined(pg, old, primary)
     faults += 1
 
+    # 8-9: one replica lags (its WAL receiver stopped, 2 MiB more written: beyond
+    # maximum_lag_on_failover) when the primary's whole site dies (agent, postgres and
+    # nats-server): the up-to-date replica is promoted, never the lagging one; the site
+    # comes back and rejoins.
+    old, token = primary, token2
+    lagging, current = (s for s in SITES if s != old)
+    receiver = await pg.stop_wal_receiver(lagging)
+    await pg.fill(old, 2 * 1024 * 1024)
+    await pg.lags(lagging, old, 2 * 1024 * 1024)
+    pg.kill_site(old)
+    primary, token2 = await pg.primary(not_site=old, timeout=60)
+    assert primary == current, f"{primary} promoted while {current} was up to date"
+    assert token2 > token
+    os.kill(receiver, signal.SIGCONT)
+    await writer.wait_for_acks(20)
+    pg.restart_site(old)
+    await _rejoined(pg, old, primary)
+    await _rejoined(pg, lagging, primary)
+    faults += 2
+
+    # 10: planned failover back to where the primary was.
+    old, token = primary, token2
+    reply = await pg.stage.command(f"harmony.cmd.app.{APP}.failover", {"to": lagging})
+    assert reply["ok"], reply
+    primary, token2 = await pg.primary(not_site=old, timeout=30)
+    assert primary == lagging and token2 > token
+    await writer.wait_for_acks(20)
+    faults += 1
+
     await _check(pg, writer, probe)
-    assert faults >= 7
+    assert faults >= 10
     print(f"{len(writer.acks)} acknowledged writes; windows: {probe.describe()}")
+
+
+async def test_bad_input_is_a_clear_error_and_the_application_runs_where_it_can(
+    pg: PgMesh,
+) -> None:
+    """site-a's data directory belongs to someone else, site-b's port is taken, site-c has
+    no PostgreSQL binaries: each says so in status, nothing is deleted, and once site-b's
+    port is free again the application is placed there."""
+    owned = pg.base / "site-a-foreign"
+    owned.mkdir(mode=0o700)
+    (owned / "PG_VERSION").write_text("15\n")
+    (owned / "precious").write_text("do not delete\n")
+    os.chown(owned, 0, 0)
+    squatter = pg.stage.sites.spawn(
+        "site-b",
+        [
+            sys.executable,
+            "-c",
+            "import socket, time\ns = socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.bind(('0.0.0.0', 5432)); s.listen(1); time.sleep(600)",
+        ],
+    )
+    app = pg_application(pg.base, pg.stage)
+    app["spec"]["score"]["sites"]["site-a"]["data_dir"] = str(owned)
+    app["spec"]["score"]["sites"]["site-c"]["bin_dir"] = "/nonexistent/bin"
+    await pg.stage.put(app)
+
+    errors = {"site-a": "data-dir-owned", "site-b": "port-in-use", "site-c": "missing-binaries"}
+
+    async def said() -> bool:
+        reports = await pg.reports()
+        return all(site in reports and errors[site] in json.dumps(reports[site]) for site in errors)
+
+    await eventually(said, timeout=90, interval=0.5, what="each site's error in its report")
+    reports = await pg.reports()
+    assert all(r["state"] in ("failed", "stopped") for r in reports.values()), reports
+    assert sorted(p.name for p in owned.iterdir()) == ["PG_VERSION", "precious"]
+    assert squatter.poll() is None, "the squatter was left alone"
+
+    squatter.kill()
+    squatter.wait()
+    site, _ = await pg.primary(timeout=120)
+    assert site == "site-b"
+    reports = await pg.reports()
+    for site in ("site-a", "site-c"):  # still failing, and still saying why
+        assert errors[site] in reports[site].get("error", ""), reports[site]
+    assert (owned / "precious").read_text() == "do not delete\n"
