@@ -12,10 +12,12 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -59,10 +61,24 @@ DEFAULT_MAXIMUM_LAG = 1024 * 1024
 class Failover(_Strict):
     strategy: Strategy = Strategy.ABSOLUTE_CONSISTENCY
     reconcile: Reconcile = Reconcile.KEEP_NEWEST
-    maximum_lag_on_failover: ByteSize = Field(default=ByteSize(DEFAULT_MAXIMUM_LAG), ge=0)
+    maximum_lag_on_failover: ByteSize | None = Field(default=None, ge=0)
     """Replicated Scores only (Patroni's setting of the same name): a replica further behind
     the last position the mesh saw of this application's data than this many bytes is never
-    promoted. ``1048576`` or ``"1MiB"``; ``0``: only a replica that has everything."""
+    promoted. ``1048576`` or ``"1MiB"``; ``0``: only a replica that has everything. Unset:
+    1 MiB (``max_lag``). Left out of the stored document while unset, so Applications that
+    do not use it are stored exactly as before."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("maximum_lag_on_failover") is None:
+            data.pop("maximum_lag_on_failover", None)
+        return data
+
+    @property
+    def max_lag(self) -> int:
+        lag = self.maximum_lag_on_failover
+        return DEFAULT_MAXIMUM_LAG if lag is None else int(lag)
 
 
 def replicated(score: object) -> bool:

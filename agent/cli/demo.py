@@ -24,6 +24,8 @@ from typing import Any
 import click
 import yaml
 
+from agent.cli.demo_postgres import postgres_failover
+
 SITES = ("site-a", "site-b", "site-c")
 TTL = "2s"
 
@@ -199,6 +201,8 @@ def demo(keep: bool) -> None:
         first = _wait("ledger to run", lambda: _holder(server, "ledger"), 60)
         _wait("inference on every site", lambda: _all_running(server, "inference"), 60)
         _cli(["status"], server)
+
+        postgres_failover(sites, server, workdir)  # the PostgreSQL act (demo_postgres.py)
 
         holder, token = first
         victim = next(s for s in sites if s.name == holder.split("/")[0])

@@ -440,7 +440,7 @@ class Controller:
                 runner.local_replica(),
                 self.peer_table.replicas(app, sites),
                 candidates,
-                int(spec.spec.failover.maximum_lag_on_failover),
+                spec.spec.failover.max_lag,
             )
             if found is None:
                 return Reply.failure(f"{app}: {problem}")

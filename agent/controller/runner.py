@@ -371,7 +371,7 @@ class AppRunner:
             ),
             following=self.following,
             pointed=self.pointed,
-            max_lag=int(app.spec.failover.maximum_lag_on_failover),
+            max_lag=app.spec.failover.max_lag,
             held_since=self.held[1] if self.held else float("-inf"),
             poll_wait=min(2.0, timing.ttl / 2),
         )

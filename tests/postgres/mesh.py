@@ -100,6 +100,8 @@ class PgMesh:
     stage: Stage
     base: Path
     agents: dict[str, AgentProcess] = field(default_factory=dict)
+    double: list[str] = field(default_factory=list)
+    """Moments two servers were seen accepting writes at once (must stay empty)."""
     _readers: dict[str, Client] = field(default_factory=dict)
 
     # --- addresses ---------------------------------------------------------------------
@@ -212,7 +214,7 @@ class PgMesh:
     async def close(self) -> None:
         for nc in self._readers.values():
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), 2)  # (a server may be cut off)
 
     async def reports(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -254,13 +256,18 @@ class PgMesh:
                 found = await self.server_role(site)
                 if found is not None and not found[0]:
                     writable.append((site, found[2]))
+            if len(writable) > 1:
+                self.double.append(f"{writable} at {boottime():.3f}")
+                raise AssertionError(f"two servers accept writes: {writable}")
             if len(writable) != 1 or writable[0][0] == not_site:
                 return None
-            site, term = writable[0]
-            rep = await self.role(site)
+            site = writable[0][0]
+            report = await self.report(site) or {}
+            rep = report.get("replication") or {}
+            token = report.get("token")
             if rep.get("role") != "primary" or not rep.get("running"):
                 return None
-            return site, term
+            return (site, token) if isinstance(token, int) else None
 
         return await eventually(probe, timeout=timeout, interval=0.2, what="one primary")
 
@@ -301,7 +308,10 @@ class Accept:
 class Probe:
     """Writes to every site's server directly, in parallel, and records each acknowledged
     write with the term that wrote it: two sites whose accepting windows overlap were both
-    primaries at once."""
+    primaries at once. The probe commits with ``synchronous_commit = local``: it measures
+    when a server accepts writes at all (fencing), not whether a replica confirmed them (with
+    synchronous replication on three sites two primaries could hardly both get a replica's
+    confirmation, which would hide a fencing failure)."""
 
     mesh: PgMesh
     interval: float = 0.05
@@ -327,7 +337,7 @@ class Probe:
 
     async def stop(self) -> None:
         self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), 30)
+        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 30)
 
     async def _run(self, site: str) -> None:
         conn: psycopg.AsyncConnection[Any] | None = None
@@ -338,6 +348,7 @@ class Probe:
                         psycopg.AsyncConnection.connect(self.mesh.dsn(site, 1), autocommit=True),
                         3,
                     )
+                    await conn.execute("SET synchronous_commit = local")
                 cur = await asyncio.wait_for(
                     conn.execute(
                         "INSERT INTO harmony_test.probe (site, token) VALUES "

@@ -12,6 +12,7 @@ the new one, on its timeline, without a manual step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,22 +97,43 @@ async def _rejoined(pg: PgMesh, old: str, new: str) -> None:
 async def _check(pg: PgMesh, writer: Writer, probe: Probe) -> None:
     await writer.stop()
     await probe.stop()
-    final, _ = await pg.primary(timeout=30)
+    final, token = await pg.primary(timeout=30)
+    found = await pg.server_role(final)
+    assert found is not None and found[2] == token, f"harmony.term on {final}: {found}"
     assert writer.acks, writer.last_error
     lost = await missing_ids(pg.dsn(final), writer.acked_ids)
     assert lost == [], f"acknowledged ids missing on {final}: {lost[:20]}"
     assert probe.overlaps() == [], probe.describe()
+    assert pg.double == []
 
 
-@pytest.mark.parametrize("run", range(RUNS))
-async def test_no_acknowledged_write_is_lost_through_faults(pg: PgMesh, run: int) -> None:
-    primary, token = await _up(pg)
+@contextlib.asynccontextmanager
+async def _writing(pg: PgMesh) -> AsyncIterator[tuple[Writer, Probe]]:
+    """The client writer (multi-host, synchronous) and the per-site probe, stopped even
+    when the test fails (no task may outlive the test's event loop)."""
     writer = Writer(pg.multihost(), interval=0.02)
     await writer.prepare()
     probe = Probe(pg)
     await probe.prepare()
     writer.start(max_seconds=900)
     probe.start()
+    try:
+        yield writer, probe
+    finally:
+        with contextlib.suppress(Exception):
+            await writer.stop()
+        with contextlib.suppress(Exception):
+            await probe.stop()
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+async def test_no_acknowledged_write_is_lost_through_faults(pg: PgMesh, run: int) -> None:
+    primary, token = await _up(pg)
+    async with _writing(pg) as (writer, probe):
+        await _faults(pg, writer, probe, primary, token)
+
+
+async def _faults(pg: PgMesh, writer: Writer, probe: Probe, primary: str, token: int) -> None:
     await writer.wait_for_acks(20)
     faults = 0
 
