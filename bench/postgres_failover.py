@@ -133,7 +133,7 @@ async def _one(pg: PgMesh, writer: Writer, scenario: str) -> dict[str, Any]:
     return row
 
 
-async def run_ttl(ttl: float, scenarios: list[str], runs: int) -> dict[str, Any]:
+async def run_ttl(ttl: float, scenarios: list[str], runs: int, keep: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     base = Path(tempfile.mkdtemp(prefix="hpg", dir="/tmp"))
     os.chmod(base, 0o755)  # the database's OS user must traverse it
@@ -181,8 +181,11 @@ async def run_ttl(ttl: float, scenarios: list[str], runs: int) -> dict[str, Any]
             for site in SITES:
                 pg.kill_postgres(site)
             pg.stage.sites.teardown()
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep:
+            print(f"  agent logs kept in {tmp}, databases in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def main() -> int:
@@ -191,6 +194,7 @@ async def main() -> int:
     parser.add_argument("--ttl", default="5,10", help="one or more ttls, comma-separated")
     parser.add_argument("--scenario", default="crash,cut,planned")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", action="store_true", help="keep agent logs and databases")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/postgres_failover.py needs root (network namespaces)", file=sys.stderr)
@@ -213,7 +217,7 @@ async def main() -> int:
     rows = []
     for ttl in [float(t) for t in args.ttl.split(",") if t]:
         print(f"ttl {ttl:g}s: {args.runs} runs of {', '.join(scenarios)}", flush=True)
-        res = await run_ttl(ttl, scenarios, args.runs)
+        res = await run_ttl(ttl, scenarios, args.runs, args.keep)
         results["runs"][f"{ttl:g}"] = res
         for scenario, s in res["summary"].items():
             target = 2.0 if scenario == "planned" else ttl + 3.0

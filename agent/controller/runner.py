@@ -685,7 +685,7 @@ class AppRunner:
         if self.health is not None:
             self.health.started(ctx)
         await self._refresh_local()
-        return outcome.changed or True
+        return True
 
     async def _become_replica(self, interpret: ReplicatedInterpret, plan: Plan) -> bool:
         target = plan.primary

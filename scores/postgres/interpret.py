@@ -969,8 +969,10 @@ COMMIT;
         self._check_deadline()
         if self._deadline is not None and self._deadline - boottime() < MIN_DEADLINE_LEFT:
             raise PgError("deadline", "too little of the lease is left to promote safely")
-        await self._prepare()
+        await self._bin_dir()
         state = await self._inspect()
+        if not (state.running and state.standby):  # a running replica needs nothing new
+            await self._prepare()
         if not state.exists:
             raise PgError("absent", "no data directory to promote: start a replica first")
         if not state.standby:
@@ -1063,8 +1065,11 @@ SELECT pg_promote(true, {wait});
         )
 
     async def _become_replica(self, primary: PrimaryInfo) -> Outcome:
-        layout = await self._prepare()
+        await self._bin_dir()
         state = await self._inspect()
+        if not (state.running and state.standby):  # re-pointing a replica needs nothing new
+            await self._prepare()
+        layout = self.layout
         settings = self._replica_settings(primary)
         if primary.extra.get("pending"):
             # The next primary, not writable yet: only a running replica is pointed to it

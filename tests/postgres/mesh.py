@@ -93,6 +93,15 @@ def make_certs(base: Path, ips: list[str]) -> None:
     (certs / "node.key").chmod(0o600)
 
 
+async def _quiet(exc: Exception) -> None:
+    """A killed or cut site's server: the reader tries the next site (no traceback spam)."""
+    del exc
+
+
+async def _quiet_event() -> None:
+    return None
+
+
 @dataclass
 class PgMesh:
     """The stage plus PostgreSQL-aware helpers."""
@@ -198,7 +207,12 @@ class PgMesh:
             try:
                 nc = self._readers.get(via)
                 if nc is None or nc.is_closed:
-                    nc = await nats.connect(self.stage.sites[via].url, connect_timeout=1)
+                    nc = await nats.connect(
+                        self.stage.sites[via].url,
+                        connect_timeout=1,
+                        error_cb=_quiet,
+                        disconnected_cb=_quiet_event,
+                    )
                     self._readers[via] = nc
                 kv = await nc.jetstream(timeout=1).key_value(STATE_BUCKET)
                 entry = await kv.get(key)
