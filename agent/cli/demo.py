@@ -148,7 +148,7 @@ def _start(workdir: Path) -> list[DemoSite]:
                 "cluster_listen": f"127.0.0.1:{site.route}",
                 "routes": [f"nats-route://127.0.0.1:{o.route}" for o in sites if o is not site],
             },
-            "mesh": {"replicas": 3},
+            "mesh": {"replicas": 3, "stores": list(SITES)},  # one lease store per site
             "lease": {"ttl": TTL},
             "health": {"listen": f"127.0.0.1:{site.health}"},
             "log": {"format": "json"},
@@ -202,8 +202,6 @@ def demo(keep: bool) -> None:
         _wait("inference on every site", lambda: _all_running(server, "inference"), 60)
         _cli(["status"], server)
 
-        postgres_failover(sites, server, workdir)  # the PostgreSQL act (demo_postgres.py)
-
         holder, token = first
         victim = next(s for s in sites if s.name == holder.split("/")[0])
         _say(f"Killing {holder} (kill -9: agent, its nats-server, its workloads)")
@@ -238,6 +236,7 @@ def demo(keep: bool) -> None:
             30,
         )
         click.secho(f"    ledger now runs on {final[0]} (token {final[1]})", fg="green")
+        postgres_failover(sites, workdir)  # the PostgreSQL act (demo_postgres.py)
         _say("Done. Stopping agents (each stops its workloads and releases its leases)")
     finally:
         _stop(sites)

@@ -576,7 +576,8 @@ class AppRunner:
         moved = new_rep != (self.written.replication or {})
         slow = moved and now - self.reported_at >= self.p.timing.ttl / 3
         self.report = report
-        if urgent or changed or slow:
+        first = self.reported_at == float("-inf")  # overwrite what a previous run left
+        if urgent or changed or slow or first:
             self.reported_at, self.written = now, report
             self.p.report(report, urgent=urgent or (changed and report.replication is not None))
 
