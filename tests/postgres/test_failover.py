@@ -31,7 +31,7 @@ from tests.postgres.client import Writer, missing_ids
 from tests.postgres.conftest import postgres_skip_reason
 from tests.postgres.mesh import APP, SITES, PgMesh, Probe, make_certs, pg_application
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(900)]
 
 TTL = float(os.environ.get("HARMONY_PG_TTL", "3"))
 SOAK = int(os.environ.get("HARMONY_SOAK_RUNS", "1"))
