@@ -27,9 +27,10 @@ Not holder:
   instance anywhere has data (the first primary of a new application);
 * F3 data, not running: start as a replica of the primary (rewinding a former primary), or
   as a standby alone until a primary is known;
-* F4 a running replica: re-point it when the primary changed; contend for the lease only as
-  a candidate: within ``maximum_lag_on_failover`` of the floor and, once no primary is live,
-  not behind another live candidate.
+* F4 a running replica: re-point it when the primary changed, and to a new holder as soon
+  as it polls (it is about to be promoted; the replica streams from it once it is
+  writable); contend for the lease only as a candidate: within ``maximum_lag_on_failover``
+  of the floor and, once no primary is live, not behind another live candidate.
 """
 
 from __future__ import annotations
