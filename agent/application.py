@@ -9,18 +9,23 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from agent.patterns import NAME_PATTERN as NAME_PATTERN  # noqa: PLC0414 (re-exported)
 from agent.patterns import SITE_PATTERN
 from agent.yaml_errors import yaml_error
+from scores.base import ReplicatedInterpret
+from scores.check import interpret_class
 from scores.health import HealthSpec
 from scores.spec import ScoreSpec
 
@@ -50,9 +55,36 @@ class Metadata(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
 
 
+DEFAULT_MAXIMUM_LAG = 1024 * 1024
+
+
 class Failover(_Strict):
     strategy: Strategy = Strategy.ABSOLUTE_CONSISTENCY
     reconcile: Reconcile = Reconcile.KEEP_NEWEST
+    maximum_lag_on_failover: ByteSize | None = Field(default=None, ge=0)
+    """Replicated Scores only (Patroni's setting of the same name): a replica further behind
+    the last position the mesh saw of this application's data than this many bytes is never
+    promoted. ``1048576`` or ``"1MiB"``; ``0``: only a replica that has everything. Unset:
+    1 MiB (``max_lag``). Left out of the stored document while unset, so Applications that
+    do not use it are stored exactly as before."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("maximum_lag_on_failover") is None:
+            data.pop("maximum_lag_on_failover", None)
+        return data
+
+    @property
+    def max_lag(self) -> int:
+        lag = self.maximum_lag_on_failover
+        return DEFAULT_MAXIMUM_LAG if lag is None else int(lag)
+
+
+def replicated(score: object) -> bool:
+    """Does this Score run a primary and replicas (its Interpret a ``ReplicatedInterpret``)?"""
+    cls = interpret_class(score)  # type: ignore[arg-type]
+    return cls is not None and issubclass(cls, ReplicatedInterpret)
 
 
 class Placement(_Strict):
@@ -86,6 +118,28 @@ class ApplicationSpec(_Strict):
                 "containers a readinessProbe (the agent reads readiness)"
             )
         return health
+
+    @model_validator(mode="after")
+    def _roles(self) -> ApplicationSpec:
+        if not replicated(self.score):
+            return self
+        kind = self.score.kind
+        if self.trait is not Trait.STATEFUL:
+            raise ValueError(
+                f"trait: score {kind} runs a primary where the lease is held and replicas "
+                "on the other sites: trait must be stateful"
+            )
+        if self.failover.strategy is not Strategy.ABSOLUTE_CONSISTENCY:
+            raise ValueError(
+                f"failover.strategy: score {kind} needs AbsoluteConsistency (SplitBrainAllowed "
+                "would let two primaries accept writes)"
+            )
+        return self
+
+    @property
+    def replicated(self) -> bool:
+        """The Score runs a primary on the lease holder and replicas on every other site."""
+        return replicated(self.score)
 
 
 class Application(_Strict):

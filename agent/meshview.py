@@ -60,6 +60,10 @@ def parse_time(text: object) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
+def _number(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _json(raw: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(raw)
@@ -83,6 +87,14 @@ class Instance:
     partitioned: bool = False
     deadline_enforced: bool | None = None
     """Whether the lease deadline holds without the agent (None: not reported)."""
+    role: str | None = None
+    """Replicated Scores: ``primary`` or ``replica`` (None: no data, or not replicated)."""
+    timeline: int | None = None
+    lag_bytes: int | None = None
+    position: int | None = None
+    replication_detail: str | None = None
+    error: str | None = None
+    """The last start or role change failed with this."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +238,9 @@ class MeshSnapshot:
             token = item.get("token")
             pid = item.get("pid")
             enforced = item.get("deadline_enforced")
+            rep = item.get("replication")
+            rep = rep if isinstance(rep, dict) else {}
+            error = item.get("error")
             out.append(
                 Instance(
                     app=app,
@@ -237,6 +252,12 @@ class MeshSnapshot:
                     pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
                     partitioned=item.get("partitioned") is True,
                     deadline_enforced=enforced if isinstance(enforced, bool) else None,
+                    role=rep["role"] if rep.get("role") in ("primary", "replica") else None,
+                    timeline=_number(rep.get("timeline")),
+                    lag_bytes=_number(rep.get("lag_bytes")),
+                    position=_number(rep.get("position")),
+                    replication_detail=str(rep["detail"]) if rep.get("detail") else None,
+                    error=error if isinstance(error, str) and error else None,
                 )
             )
         return out

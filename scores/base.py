@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -147,3 +147,116 @@ class Interpret(ABC):
     async def close(self) -> None:
         """Release resources (connections) without touching the workload."""
         return None
+
+
+# ------------------------------------------------------------------ roles (replicated Scores)
+# SPEC-v2 / issue 13: a replicated Score runs its primary where the application's lease is held
+# and a replica on every other placement site. The agent's controller decides the roles
+# (primary = the lease holder; the most up-to-date replica is the one promoted) and drives the
+# Interpret through the methods below; the Interpret only knows how to make one instance play
+# the role it is given (agent/controller/roles.py, docs/failover.md).
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+@dataclass(frozen=True)
+class PrimaryInfo:
+    """Where the current primary is: what a replica needs to follow it.
+
+    Built by the controller from the primary's ``endpoint()`` (published in its instance
+    report) and its lease; ``token`` is the primary's fencing token. ``extra["pending"]``:
+    the lease holder that is about to be promoted (not writable yet): a running replica
+    points to it without checking anything against it (a later call with the promoted
+    primary checks).
+    """
+
+    site: str
+    node: str
+    host: str
+    port: int
+    token: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicationStatus:
+    """One instance's replication state, as the controller compares candidates.
+
+    ``position`` increases monotonically along a timeline (PostgreSQL: an LSN as an int). A
+    running primary reports what it has written; a running replica what a promotion would
+    reach (the greater of what it received and what it replayed); a stopped instance a lower
+    bound read from its files (None when unknown). ``lag_bytes`` is how far a replica is
+    behind the primary it follows (0 on a primary, None when unknown). ``running`` and
+    ``has_data`` say whether the instance runs and whether it has data at all (a replica
+    that was never copied has none).
+    """
+
+    role: Role
+    position: int | None
+    timeline: int | None
+    lag_bytes: int | None
+    detail: str
+    running: bool = True
+    has_data: bool = True
+
+
+REPLICATION_EXTRA = "replication"
+"""``Observation.extra`` key: a running replicated instance's ``ReplicationStatus`` (saves
+the controller a second query per cycle)."""
+
+
+class ReplicatedInterpret(Interpret):
+    """A Score whose replicas run on every other placement site.
+
+    ``apply`` (what a non-replicated controller would call on the lease holder) means
+    ``start_primary``; ``demote()`` without an argument stops being a primary without
+    following anyone yet. Every method is idempotent and returns a value (never raises).
+    """
+
+    role_timeout: float = 600.0
+    """Longest a role change (``start_*``, ``promote``, ``demote``) may take, copies
+    included; the controller bounds each call by it (the lease deadline is the Interpret's
+    own business: ``enforces_deadline``)."""
+
+    @abstractmethod
+    async def start_primary(self, ctx: RunContext) -> Outcome:
+        """First primary (initialise) or restart as primary; never turns a replica into one."""
+
+    @abstractmethod
+    async def start_replica(self, ctx: RunContext, primary: PrimaryInfo | None) -> Outcome:
+        """Create (base backup), rejoin (rewind) or re-point a replica of ``primary``.
+
+        ``primary`` None: start the local data as a standby that follows nobody yet (it
+        replays what it has, so its position can be compared); without data, do nothing."""
+
+    @abstractmethod
+    async def promote(self, ctx: RunContext) -> Outcome:
+        """Replica -> primary, recording ``ctx.fencing_token``; honours ``ctx.deadline``."""
+
+    @abstractmethod
+    async def demote(self, primary: PrimaryInfo | None = None) -> Outcome:
+        """Primary -> replica of ``primary`` (rewind, else a fresh copy); None: stop only."""
+
+    @abstractmethod
+    async def status(self) -> ReplicationStatus: ...
+
+    @abstractmethod
+    def endpoint(self) -> dict[str, Any]:
+        """What replicas and clients need to reach this instance (host, port, ...)."""
+
+    def attach(self, ctx: RunContext) -> None:
+        """Learn app, site and paths without acting: an agent that restarted calls this
+        before ``status()`` or ``demote()`` when it has not started anything yet."""
+        del ctx
+
+    async def set_sync_standbys(self, names: Sequence[str]) -> Outcome:
+        """The replicas (``endpoint()["application_name"]``) a synchronous primary waits for;
+        called by the controller whenever the set of replicas changes."""
+        del names
+        return Outcome.done("this Score names no synchronous replicas", changed=False)
+
+    async def apply(self, ctx: RunContext) -> Outcome:
+        return await self.start_primary(ctx)

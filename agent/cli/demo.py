@@ -24,6 +24,8 @@ from typing import Any
 import click
 import yaml
 
+from agent.cli.demo_postgres import postgres_failover
+
 SITES = ("site-a", "site-b", "site-c")
 TTL = "2s"
 
@@ -146,7 +148,7 @@ def _start(workdir: Path) -> list[DemoSite]:
                 "cluster_listen": f"127.0.0.1:{site.route}",
                 "routes": [f"nats-route://127.0.0.1:{o.route}" for o in sites if o is not site],
             },
-            "mesh": {"replicas": 3},
+            "mesh": {"replicas": 3, "stores": list(SITES)},  # one lease store per site
             "lease": {"ttl": TTL},
             "health": {"listen": f"127.0.0.1:{site.health}"},
             "log": {"format": "json"},
@@ -234,6 +236,7 @@ def demo(keep: bool) -> None:
             30,
         )
         click.secho(f"    ledger now runs on {final[0]} (token {final[1]})", fg="green")
+        postgres_failover(sites, workdir)  # the PostgreSQL act (demo_postgres.py)
         _say("Done. Stopping agents (each stops its workloads and releases its leases)")
     finally:
         _stop(sites)

@@ -76,6 +76,12 @@ def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
                         "pid": i.pid,
                         "partitioned": i.partitioned,
                         "deadline_enforced": i.deadline_enforced,
+                        "role": i.role,
+                        "timeline": i.timeline,
+                        "lag_bytes": i.lag_bytes,
+                        "position": i.position,
+                        "replication_detail": i.replication_detail,
+                        "error": i.error,
                     }
                     for i in snap.instances_of(name, now)
                 ],

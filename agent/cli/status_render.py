@@ -242,6 +242,54 @@ def _applications(doc: dict[str, Any], wide: bool) -> Table:
     return table
 
 
+def human_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"
+
+
+def _replication(doc: dict[str, Any], wide: bool) -> Table | None:
+    """Role, timeline and lag of every instance of a replicated application (PostgreSQL):
+    None when no instance reports a role."""
+    cols = ["APPLICATION", "INSTANCE", "ROLE", "STATE", "TIMELINE", "LAG", "ERROR"]
+    if wide:
+        cols += ["POSITION", "DETAIL"]
+    table = Table(cols)
+    for app in doc["applications"]:
+        insts = app["instances"]
+        if not any(i.get("role") or i.get("timeline") is not None for i in insts):
+            continue
+        for i in insts:
+            role = i.get("role") or "-"
+            style = "green" if role == "primary" else ("cyan" if role == "replica" else "dim")
+            state = i["state"] + ("?" if i["stale"] else "")
+            error = i.get("error") or "-"
+            if not wide and len(error) > 60:
+                error = error[:57] + "..."
+            row: list[Text | str] = [
+                app["name"],
+                i["agent"],
+                Text.of(role, "dim" if i["stale"] else style),
+                Text.of(state, "dim" if i["stale"] else STATE_STYLE.get(i["state"], "")),
+                str(i["timeline"]) if i.get("timeline") is not None else "-",
+                "-" if role == "primary" else human_bytes(i.get("lag_bytes")),
+                Text.of(error, "red" if i.get("error") else ""),
+            ]
+            if wide:
+                position = i.get("position")
+                row += [
+                    "-" if position is None else f"{position >> 32:X}/{position & 0xFFFFFFFF:X}",
+                    i.get("replication_detail") or "-",
+                ]
+            table.add_row(*row)
+    return table if table.rows else None
+
+
 def _trust(doc: dict[str, Any], wide: bool) -> Table:
     table = Table(["TRUSTED SITE", "FINGERPRINT", "NOT AFTER"])
     for t in doc["trust"]:
@@ -330,6 +378,9 @@ def render(doc: dict[str, Any], *, wide: bool = False, full: bool = False) -> li
         parts = _summarised(doc, wide)
     else:
         parts = [_sites(doc), _agents(doc, wide), _applications(doc, wide)]
+        replication = _replication(doc, wide)
+        if replication is not None:
+            parts.append(replication)
     parts.append(_trust(doc, wide) if doc["trust"] else Text.of("no trusted site CAs in the mesh"))
     parts += [Text.of(f"! {p}", "yellow") for p in doc["problems"]]
     return parts

@@ -81,10 +81,12 @@ class MeshClient:
         self.errors: list[str] = []
         self._buckets: dict[str, KeyValue] = {}
 
-    async def bucket(self, name: str) -> KeyValue:
+    async def bucket(self, name: str, timeout: float | None = None) -> KeyValue:
         if name not in self._buckets:
             try:
-                self._buckets[name] = await self.js.key_value(name)
+                self._buckets[name] = await asyncio.wait_for(
+                    self.js.key_value(name), timeout or self.timeout
+                )
             except BucketNotFoundError:
                 raise MeshError(
                     f"mesh not initialised: bucket {name!r} does not exist "
@@ -116,9 +118,15 @@ class MeshClient:
         from agent.meshview import MeshState
 
         state = state or MeshState()
+        store_wait = min(2.0, self.timeout / 2)
         watchers = await self.follow(state)
         try:
-            await asyncio.gather(*(w.initial for w in watchers))
+            await asyncio.gather(*(w.initial for w in watchers if w.bucket in MESH_BUCKETS))
+            # A lease store lives on one site's server: a site that is down must not keep
+            # the rest of the mesh from being shown (the others answer; a quorum suffices).
+            stores = [w.initial for w in watchers if w.bucket not in MESH_BUCKETS]
+            if stores:
+                await asyncio.wait(stores, timeout=store_wait)
         finally:
             for w in watchers:
                 await w.stop()
@@ -130,17 +138,25 @@ class MeshClient:
         """Start one watch per bucket feeding ``state``; await ``.initial`` of each."""
         buckets = [*MESH_BUCKETS, *await self.store_buckets()]
         followers = []
+        store_wait = min(2.0, self.timeout / 2)  # a store on a site that is down: skip it
         for b in buckets:
             try:
-                kv = await self.bucket(b)
+                kv = await self.bucket(b, None if b in MESH_BUCKETS else store_wait)
             except MeshError:
                 if b in MESH_BUCKETS:
                     raise
                 continue  # a lease store of a site that is down: the others answer
             followers.append(BucketFollower(kv, b, state, on_change))
+        started = []
         for f in followers:
-            await f.start(self.timeout)
-        return followers
+            try:
+                await f.start(self.timeout if f.bucket in MESH_BUCKETS else store_wait)
+            except MeshError:
+                if f.bucket in MESH_BUCKETS:
+                    raise
+                continue  # a lease store of a site that is down
+            started.append(f)
+        return started
 
     async def request(self, subject: str, body: dict[str, Any], timeout: float) -> Reply:
         """Send one command; raises MeshError when nobody answers."""

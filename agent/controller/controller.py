@@ -27,8 +27,9 @@ from nats.js.kv import KeyValue
 from agent.application import Application, Strategy, Trait
 from agent.commands.models import Reply
 from agent.controller.events import EventPublisher
-from agent.controller.model import PeerInstance
+from agent.controller.model import PeerInstance, Replica
 from agent.controller.peers import PeerTable
+from agent.controller.roles import switchover_target
 from agent.controller.runner import AppRunner, InstanceReport, LeasePort
 from agent.controller.statefile import StateFile
 from agent.timing import Timing
@@ -106,6 +107,9 @@ class Controller:
         self.on_held_changed: list[Any] = []
         self._held_seen: frozenset[str] = frozenset()
         self._held_check_due = False
+        self._polls: dict[str, int] = {}
+        """Replicated applications whose new holder asks the replicas how far they reached:
+        app -> lease term (sent with the next gossip only)."""
 
     # --- Ports for the runners -----------------------------------------------------------------
 
@@ -128,14 +132,23 @@ class Controller:
         result: str | None = self._holder(name)
         return result
 
+    def replicas(self, name: str, sites: list[str]) -> tuple[Replica, ...]:
+        return self.peer_table.replicas(name, sites)
+
+    async def poll(self, name: str, term: int) -> None:
+        """Ask every agent how far its replica of ``name`` reached (for lease ``term``): a
+        gossip message; each answers by gossiping a report observed after receiving it."""
+        self._polls[name] = term
+        await self.gossip()
+
     async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None:
         await self.events.publish(event, app, token, **fields)
 
-    def report(self, report: InstanceReport) -> None:
+    def report(self, report: InstanceReport, *, urgent: bool = False) -> None:
         self._pending_reports[report.app] = report
         self._reports_dirty.set()
         app = self.desired.get(report.app)
-        if app is not None and not self._consistent(app):
+        if app is not None and (not self._consistent(app) or urgent):
             self._gossip_due.set()
 
     def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None:
@@ -239,11 +252,31 @@ class Controller:
         _, apps = self.peer_table.feed_gossip(bytes(msg.data))
         for app in apps:
             self._wake(app)
+        if isinstance(agent, str) and agent != self.agent_id:
+            self._answer_polls(agent, msg.data)
         if back and agent != self.agent_id:
             # A peer we had not heard from (new, or back from a partition): answer with our
             # own instances at once, so both sides of a healed partition learn of each other
             # in one round trip.
             self._gossip_due.set()
+
+    def _answer_polls(self, agent: str, data: bytes) -> None:
+        """A new holder's poll: each replica we run answers with a fresh observation (and
+        its runner points it to the holder, which is about to be promoted)."""
+        polls = None
+        with contextlib.suppress(ValueError, AttributeError):
+            polls = json.loads(data).get("polls")
+        for poll in polls if isinstance(polls, list) else []:
+            app = poll.get("app") if isinstance(poll, dict) else None
+            term = poll.get("term") if isinstance(poll, dict) else None
+            runner = self.runners.get(app) if isinstance(app, str) else None
+            if runner is None or not runner.replicated or not isinstance(term, int):
+                continue
+            assert isinstance(app, str)
+            self.peer_table.feed_poll(app, agent, term)
+            task = asyncio.get_running_loop().create_task(runner.answer(term))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            runner.wake.set()
 
     def _on_app(self, name: str, value: bytes | None, revision: int) -> None:
         if "." in name:
@@ -394,18 +427,25 @@ class Controller:
             await self.gossip()
 
     async def gossip(self) -> None:
-        """Report SplitBrainAllowed instances on the core subject (see ``peers.py``)."""
+        """Report SplitBrainAllowed and replicated instances on the core subject (see
+        ``peers.py``): it crosses a healed link at once and never waits for a JetStream
+        election, so replicas learn of a new primary, and a new holder of its replicas'
+        positions, within one message."""
         items = [
             r.report.as_dict()
             for name, r in self.runners.items()
-            if not r.consistent  # cheap first: most applications are AbsoluteConsistency
+            # cheap first: most applications are AbsoluteConsistency and not replicated
+            if (not r.consistent or r.replicated)
             and name in self.desired
-            and not self._consistent(self.desired[name])
+            and (not self._consistent(self.desired[name]) or r.replicated)
             and self.site in self.desired[name].spec.placement.sites
         ]
-        if not items:
+        polls, self._polls = self._polls, {}
+        if not items and not polls:
             return
-        body = {"agent": self.agent_id, "instances": items}
+        body: dict[str, Any] = {"agent": self.agent_id, "instances": items}
+        if polls:
+            body["polls"] = [{"app": app, "term": term} for app, term in sorted(polls.items())]
         with contextlib.suppress(Exception):
             await self.nc.publish(
                 instances_subject(self.site, self.node), json.dumps(body).encode()
@@ -435,7 +475,18 @@ class Controller:
             candidates = [to_site]
         else:
             candidates = [s for s in sites if s != self.site and s not in self.drained_sites]
-        target = next((s for s in candidates if self.live_agents(s)), None)
+        if runner.replicated:
+            found, problem = switchover_target(
+                runner.local_replica(),
+                self.peer_table.replicas(app, sites),
+                candidates,
+                spec.spec.failover.max_lag,
+            )
+            if found is None:
+                return Reply.failure(f"{app}: {problem}")
+            target: str | None = found
+        else:
+            target = next((s for s in candidates if self.live_agents(s)), None)
         if target is None:
             return Reply.failure(f"no live agent on {', '.join(candidates) or 'any other site'}")
         ok, sentence = await runner.planned_failover(target)

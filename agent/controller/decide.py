@@ -13,6 +13,9 @@ here; the runner only carries plans out. The rules, in order:
    failed start is retried after its backoff;
 4. no valid lease: AbsoluteConsistency stops (the fence already killed it at the deadline),
    SplitBrainAllowed keeps serving, partitioned, until it learns of a duplicate.
+
+A replicated Score (a primary where the lease is, replicas elsewhere) follows rule 1, then
+its own rules in ``roles.py`` instead of 2-4.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from agent.controller.model import (
     Run,
     Snapshot,
 )
+from agent.controller.roles import decide_roles
 
 
 def preferred(
@@ -110,12 +114,13 @@ def decide(name: str, s: Snapshot) -> Plan:
         return _off(name, s, InstanceState.FENCED, "fenced by command", Event.FENCED)
     if s.drained:
         return _off(name, s, InstanceState.STANDBY, f"site {s.site} drained", Event.DRAINED)
+    last = f" (last error: {wl.start_failed})" if wl.start_failed else ""
     if s.now < s.cooldown_until:
         return _off(
             name,
             s,
             InstanceState.FAILED,
-            "gave up here; cooling down so another site can try",
+            f"gave up here{last}; cooling down so another site can try",
             Event.GAVE_UP,
             retry_at=s.cooldown_until,
         )
@@ -123,8 +128,14 @@ def decide(name: str, s: Snapshot) -> Plan:
         why = f"{s.unhealthy}; giving it up here"
         return _off(name, s, InstanceState.FAILED, why, Event.GAVE_UP, give_up=True)
     if s.failures >= s.max_failures:
-        why = f"failed {s.failures} times in a row (max {s.max_failures}), letting another site try"
+        why = (
+            f"failed {s.failures} times in a row (max {s.max_failures}){last}, "
+            "letting another site try"
+        )
         return _off(name, s, InstanceState.FAILED, why, Event.GAVE_UP, give_up=True)
+
+    if s.roles is not None:
+        return decide_roles(name, s, s.roles)
 
     valid = lease.valid(s.now)
 

@@ -28,6 +28,21 @@ class Run(enum.StrEnum):
     """Promote, then apply with the lease's fencing token and deadline."""
     STOP = "stop"
     KEEP = "keep"
+    # Replicated Scores (``roles.py``): the lease holder runs the primary, others replicas.
+    START_PRIMARY = "start-primary"
+    """Initialise the first primary, or take a running primary over with the lease's token."""
+    PROMOTE = "promote"
+    """The local replica becomes the primary, with the lease's token and deadline."""
+    START_REPLICA = "start-replica"
+    """Copy, rejoin or re-point a replica of ``Plan.primary`` (None: a standby alone)."""
+    DEMOTE = "demote"
+    """The local primary becomes a replica of ``Plan.primary`` (None: stops until one is
+    known)."""
+    POLL = "poll"
+    """Ask the live replicas how far they reached (answered through gossip)."""
+
+
+ROLE_ACTIONS = frozenset({Run.START_PRIMARY, Run.PROMOTE, Run.START_REPLICA, Run.DEMOTE})
 
 
 class Policy(enum.StrEnum):
@@ -50,6 +65,10 @@ class Event(enum.StrEnum):
     PARTITIONED = "partitioned"
     START_FAILED = "start-failed"
     LEFTOVER_STOPPED = "leftover-stopped"
+    PROMOTED = "promoted"
+    DEMOTED = "demoted"
+    FOLLOWING = "following"
+    NOT_PROMOTED = "not-promoted"
 
 
 QUIET_REASONS = frozenset({None, "stopped", "exited", "deadline", "agent-gone"})
@@ -92,10 +111,77 @@ class PeerInstance:
     site: str
     state: str
     token: int | None
+    replica: Replica | None = None
+    """A replicated Score's replication state (its report's ``replication``)."""
 
     @property
     def running(self) -> bool:
         return self.state == InstanceState.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One instance of a replicated application: ours (observed) or a peer's (its report).
+
+    ``at`` orders instances by how much of the history they hold: a higher timeline is a
+    later promotion, and along one timeline the position only grows.
+    """
+
+    agent: str
+    role: str | None
+    """``primary`` or ``replica`` (what its data is); None: no data, or unreadable."""
+    running: bool
+    position: int | None
+    timeline: int | None
+    lag: int | None = None
+    token: int | None = None
+    """A primary's fencing token."""
+    host: str | None = None
+    port: int | None = None
+    name: str | None = None
+    """What a synchronous primary lists it as (PostgreSQL: ``application_name``)."""
+    answered: int | None = None
+    """The poll (lease term) this report answers."""
+    polling: int | None = None
+    """It holds the lease with this term and asks how far the replicas reached: it is about
+    to be promoted (replicas point to it already; a promoted server is streamed from at
+    once)."""
+    live: bool = True
+    """Its agent is alive (or gossiped within a ttl); stale reports still count for the
+    floor (the furthest position the mesh ever saw)."""
+
+    @property
+    def at(self) -> tuple[int, int] | None:
+        if self.timeline is None or self.position is None:
+            return None
+        return (self.timeline, self.position)
+
+    @property
+    def has_data(self) -> bool:
+        return self.role is not None
+
+    @property
+    def serving_primary(self) -> bool:
+        return self.role == "primary" and self.running
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """The replicated part of a snapshot (``roles.decide_roles``)."""
+
+    local: Replica
+    peers: tuple[Replica, ...] = ()
+    """Every other agent's report of this application at a placement site, live or not."""
+    following: tuple[str, int] | None = None
+    """(agent, token) of the primary the local replica was last pointed at."""
+    pointed: str | None = None
+    """The lease holder the local replica was pointed at before its promotion."""
+    max_lag: int = 1024 * 1024
+    held_since: float = float("-inf")
+    """When this agent first saw the current lease term held (a promotion's poll counts
+    from there)."""
+    poll_wait: float = 1.0
+    """How long a new holder waits for the live replicas' answers before it decides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +210,8 @@ class Snapshot:
     """Live instances of this application on other agents (same site for stateless)."""
     unhealthy: str | None = None
     """The health probe crossed its failure threshold with this sentence."""
+    roles: Roles | None = None
+    """Set for a replicated Score: the roles' facts (None: every other Score)."""
 
 
 class Release(enum.StrEnum):
@@ -158,3 +246,7 @@ class Plan:
     """Nothing runs, nothing is held or wanted, the application is gone: the runner ends."""
     retry_at: float | None = None
     """Decide again at this instant even if nothing changes (backoff, cool-down end)."""
+    primary: Replica | None = None
+    """START_REPLICA / DEMOTE: the primary to follow (None: nobody yet)."""
+    sync_standbys: tuple[str, ...] | None = None
+    """A primary's synchronous replicas (names), set before it starts or as they change."""

@@ -10,11 +10,11 @@ healed link at once, before the replicated state bucket has caught up).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
-from agent.controller.model import PeerInstance
+from agent.controller.model import PeerInstance, Replica
 from mesh import codec
 
 
@@ -25,8 +25,36 @@ class _Report:
     gossip: bool
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def parse_replica(agent: str, token: int | None, data: Any) -> Replica | None:
+    """A report's ``replication`` block (see ``InstanceReport``); None when absent."""
+    if not isinstance(data, dict):
+        return None
+    role = data.get("role")
+    return Replica(
+        agent=agent,
+        role=role if role in ("primary", "replica") else None,
+        running=data.get("running") is True,
+        position=_int(data.get("position")),
+        timeline=_int(data.get("timeline")),
+        lag=_int(data.get("lag_bytes")),
+        token=token,
+        host=_str(data.get("host")),
+        port=_int(data.get("port")),
+        name=_str(data.get("name")),
+        answered=_int(data.get("answered")),
+    )
+
+
 def parse_instance(agent: str, site: str, data: dict[str, Any]) -> PeerInstance | None:
-    token = data.get("token")
+    token = _int(data.get("token"))
     state = data.get("state")
     if not isinstance(state, str):
         return None
@@ -34,7 +62,8 @@ def parse_instance(agent: str, site: str, data: dict[str, Any]) -> PeerInstance 
         agent=agent,
         site=site,
         state=state,
-        token=token if isinstance(token, int) and not isinstance(token, bool) else None,
+        token=token,
+        replica=parse_replica(agent, token, data.get("replication")),
     )
 
 
@@ -54,6 +83,8 @@ class PeerTable:
         """app -> agent -> the newest report or gossip (by app: every runner asks for its
         own application on every step, and a scan of every report was O(applications))."""
         self._gossip_seen: dict[str, float] = {}
+        self._polls: dict[tuple[str, str], tuple[int, float]] = {}
+        """(app, agent) -> (term, when): that agent holds the lease and polls."""
 
     def feed_report(self, app: str, agent: str, value: bytes | None) -> bool:
         """An ``inst.*`` key changed; True if it concerns another agent."""
@@ -108,6 +139,23 @@ class PeerTable:
             for r in self._reports.get(app, {}).values()
             if (site is None or r.instance.site == site) and self._live(r, now)
         )
+
+    def feed_poll(self, app: str, agent: str, term: int) -> None:
+        """``agent`` asked how far our replicas reached, for lease ``term`` of ``app``."""
+        self._polls[(app, agent)] = (term, self.clock())
+
+    def replicas(self, app: str, sites: Iterable[str]) -> tuple[Replica, ...]:
+        """Every report of a replicated ``app`` from agents at ``sites``, live or stale
+        (``Replica.live`` says which): stale ones still count for the floor."""
+        now, wanted = self.clock(), set(sites)
+        out = []
+        for (a, _), r in sorted(self._reports.items()):
+            inst = r.instance
+            if a == app and inst.site in wanted and inst.replica is not None:
+                poll = self._polls.get((app, inst.agent))
+                polling = poll[0] if poll is not None and now - poll[1] < self.ttl else None
+                out.append(replace(inst.replica, live=self._live(r, now), polling=polling))
+        return tuple(out)
 
     def apps_of(self, agent: str) -> set[str]:
         return {app for app, reports in self._reports.items() if agent in reports}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +29,34 @@ from agent.application import Application, Strategy, Trait
 from agent.controller.decide import decide
 from agent.controller.model import (
     CRASH_REASONS,
+    ROLE_ACTIONS,
     InstanceState,
     LeaseView,
     PeerInstance,
     Plan,
     Policy,
     Release,
+    Replica,
+    Roles,
     Run,
     Snapshot,
     WorkloadView,
 )
 from agent.timing import Timing
 from mesh.clock import wall_iso
-from scores.base import Deadline, Interpret, Observation, Outcome, RunContext, WorkloadState
+from scores.base import (
+    REPLICATION_EXTRA,
+    Deadline,
+    Interpret,
+    Observation,
+    Outcome,
+    PrimaryInfo,
+    ReplicatedInterpret,
+    ReplicationStatus,
+    Role,
+    RunContext,
+    WorkloadState,
+)
 from scores.check import CapabilityError, interpret_for
 from scores.health import health_rules
 from scores.probes import HealthMonitor, health_monitor
@@ -83,8 +99,10 @@ class Ports(Protocol):
     def drained(self) -> bool: ...
     def peers(self, name: str, site: str | None) -> tuple[PeerInstance, ...]: ...
     def holder(self, name: str) -> str | None: ...
+    def replicas(self, name: str, sites: list[str]) -> tuple[Replica, ...]: ...
+    async def poll(self, name: str, term: int) -> None: ...
     async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None: ...
-    def report(self, report: InstanceReport) -> None: ...
+    def report(self, report: InstanceReport, *, urgent: bool = False) -> None: ...
     def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None: ...
     def forget(self, app: str) -> None: ...
 
@@ -102,9 +120,14 @@ class InstanceReport:
     pid: int | None
     enforced: bool = True
     """The deadline is enforced outside the agent (or no deadline applies)."""
+    replication: dict[str, Any] | None = None
+    """Replicated Scores: role, running, position, timeline, lag_bytes, detail, host, port,
+    name (what a synchronous primary lists), answered (the last poll answered)."""
+    error: str | None = None
+    """The last start or role change failed with this (cleared by the next success)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "app": self.app,
             "state": self.state.value,
             "token": self.token,
@@ -114,6 +137,35 @@ class InstanceReport:
             "pid": self.pid,
             "deadline_enforced": self.enforced,
         }
+        if self.replication is not None:
+            body["replication"] = self.replication
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+URGENT_REPLICATION = ("role", "running", "timeline", "host", "port", "name", "answered")
+"""Replication fields whose change is written at once; the others (position, lag, detail)
+at most every ttl/3, so a busy database does not write the state bucket every second."""
+
+
+def replication_report(
+    status: ReplicationStatus | None, endpoint: dict[str, Any], answered: int | None
+) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    return {
+        "role": str(status.role) if status.has_data else None,
+        "running": status.running,
+        "position": status.position,
+        "timeline": status.timeline,
+        "lag_bytes": status.lag_bytes,
+        "detail": status.detail,
+        "host": endpoint.get("host"),
+        "port": endpoint.get("port"),
+        "name": endpoint.get("application_name"),
+        "answered": answered,
+    }
 
 
 class StillRunning(RuntimeError):
@@ -151,6 +203,18 @@ class AppRunner:
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()
         self.done = False
+        # replicated Scores (roles.py)
+        self.replicated = False
+        self.local: ReplicationStatus | None = None
+        self.following: tuple[str, int] | None = None
+        self.pointed: str | None = None
+        self.held: tuple[int, float] | None = None
+        self.answered: int | None = None
+        self.answering = False
+        self.sync_applied: tuple[str, ...] | None = None
+        self.reported_at = float("-inf")
+        self.written = self.report
+        """The last report handed to the mesh (the one a position change is compared with)."""
 
     # --- the actor --------------------------------------------------------------------------
 
@@ -235,6 +299,10 @@ class AppRunner:
                 return
             self.interpret.watch(self.wake.set)
             self.score = app.spec.score
+            self.replicated = isinstance(self.interpret, ReplicatedInterpret)
+            if isinstance(self.interpret, ReplicatedInterpret):
+                self.interpret.attach(self._ctx(0, None))
+                self.local, self.following, self.sync_applied = None, None, None
         stale = self.health is None or (app is not None and self.health.spec != app.spec.health)
         if app is not None and self.interpret is not None and stale:
             await self._drop_health()
@@ -318,7 +386,58 @@ class AppRunner:
                 if peer.agent != p.agent_id
             ),
             unhealthy=unhealthy,
+            roles=self._roles(app, lease, now) if self.replicated and app is not None else None,
         )
+
+    def _roles(self, app: Application, lease: LeaseView, now: float) -> Roles:
+        """The replicated part of the snapshot: our instance, every peer's report."""
+        if lease.valid(now) and lease.token is not None:
+            if self.held is None or self.held[0] != lease.token:
+                self.held = (lease.token, now)
+        else:
+            self.held = None
+        local = self.local_replica()
+        timing = self.p.timing
+        return Roles(
+            local=local,
+            peers=tuple(
+                r
+                for r in self.p.replicas(self.name, list(app.spec.placement.sites))
+                if r.agent != self.p.agent_id
+            ),
+            following=self.following,
+            pointed=self.pointed,
+            max_lag=app.spec.failover.max_lag,
+            held_since=self.held[1] if self.held else float("-inf"),
+            poll_wait=min(2.0, timing.ttl / 2),
+        )
+
+    def local_replica(self) -> Replica:
+        st = self.local
+        end = self._endpoint()
+        if st is None:
+            return Replica(self.p.agent_id, None, False, None, None)
+        return Replica(
+            agent=self.p.agent_id,
+            role=str(st.role) if st.has_data else None,
+            running=st.running,
+            position=st.position,
+            timeline=st.timeline,
+            lag=st.lag_bytes,
+            token=self.run_token,
+            host=end.get("host"),
+            port=end.get("port"),
+            name=end.get("application_name"),
+        )
+
+    def _endpoint(self) -> dict[str, Any]:
+        interpret = self.interpret
+        if not isinstance(interpret, ReplicatedInterpret):
+            return {}
+        try:
+            return interpret.endpoint()
+        except Exception:  # an Interpret must not break the loop
+            return {}
 
     def _unhealthy(self, obs: Observation | None) -> str | None:
         """Feed the monitor this observation; why the threshold is crossed, or None."""
@@ -334,15 +453,21 @@ class AppRunner:
         p = self.p
         if p.stopping or self.done:
             return None  # the agent is shutting down: shutdown() owns this application now
+        started = p.clock()
         app = p.app(self.name)
         eligible = app is not None and p.site in app.spec.placement.sites
         await self._prepare(app, eligible)
         obs = await self._observe()
         self._count_failures(obs, p.clock())
+        if self.replicated:
+            self.local = await self._replication(obs)
         snap = self.snapshot(app, obs)
         plan = decide(self.name, snap)
         self.decisions += 1
         await self._execute(plan, snap, app)
+        took = p.clock() - started
+        if took > 0.5:
+            log.debug("slow step", app=self.name, run=plan.run.value, took=round(took, 3))
         return plan
 
     async def _observe(self) -> Observation | None:
@@ -351,12 +476,33 @@ class AppRunner:
         obs = await self._bounded(self.interpret.observe(), "observe")
         if isinstance(obs, Outcome):
             return Observation(WorkloadState.FAILED, obs.message, reason="unreachable")
-        if obs.state is WorkloadState.RUNNING and obs.pids and self.run_token is not None:
+        running = obs.state is WorkloadState.RUNNING and obs.pids
+        if running and self.run_token is not None:
             self.pid = obs.pids[0]
-            self.p.remember(self.name, self.run_token, obs.pids[0], self._stop_timeout())
+            # (A replicated Score's instances outlive the agent on purpose: it adopts them,
+            # and its own watchdog enforces the deadline.)
+            if not self.replicated:
+                self.p.remember(self.name, self.run_token, obs.pids[0], self._stop_timeout())
         elif obs.state is not WorkloadState.RUNNING:
             self.pid = None
         return obs
+
+    async def _replication(self, obs: Observation | None) -> ReplicationStatus | None:
+        """Our instance's replication state: from the observation when it carries it,
+        else asked (a stopped instance: what its files say)."""
+        interpret = self.interpret
+        if not isinstance(interpret, ReplicatedInterpret):
+            return None
+        if obs is not None and obs.state is WorkloadState.RUNNING:
+            found = obs.extra.get(REPLICATION_EXTRA)
+            if isinstance(found, ReplicationStatus):
+                return found
+        status = await self._bounded(interpret.status(), "status")
+        if isinstance(status, Outcome):
+            return ReplicationStatus(
+                Role.REPLICA, None, None, None, status.message, running=False, has_data=False
+            )
+        return status
 
     def _count_failures(self, obs: Observation | None, now: float) -> None:
         """Consecutive crashes of the current run, reset after a healthy stretch."""
@@ -389,7 +535,15 @@ class AppRunner:
                 cooldown = self.health.give_up(cooldown)
             self.cooldown_until = s.now + cooldown
             self.failures = 0
-        if plan.run is Run.START and s.lease.token is not None:
+        if s.roles is not None and (
+            plan.run in ROLE_ACTIONS
+            or plan.run is Run.POLL
+            or (plan.run is Run.KEEP and (plan.release is not Release.NONE or plan.sync_standbys))
+        ):
+            changed = await self._carry_roles(plan, s)
+            if plan.run in ROLE_ACTIONS and self.start_failed is not None:  # it failed
+                plan = dataclasses.replace(plan, state=InstanceState.FAILED)
+        elif plan.run is Run.START and s.lease.token is not None:
             changed = await self._start(s.lease.token, plan.deadline)
         elif plan.release is not Release.NONE:
             await self._release(plan.handover_to)
@@ -448,18 +602,38 @@ class AppRunner:
             pid=self.pid if self.run_token is not None else None,
             enforced=not self.consistent
             or (self.interpret is not None and self.interpret.enforces_deadline),
+            replication=self._replication_report() if s.roles is not None else None,
+            error=self.start_failed,
         )
-        key = (report.state, report.token, report.partitioned, report.lease_token, report.pid)
-        old = (
-            self.report.state,
-            self.report.token,
-            self.report.partitioned,
-            self.report.lease_token,
-            self.report.pid,
+        self._set_report(report)
+
+    def _replication_report(self) -> dict[str, Any] | None:
+        return replication_report(self.local, self._endpoint(), self.answered)
+
+    def _set_report(self, report: InstanceReport, *, urgent: bool = False) -> None:
+        """Keep ``report`` (gossip reads it) and write it to the mesh when something a
+        reader acts on changed; replication positions at most every ttl/3."""
+        old = self.report
+        key = (
+            report.state,
+            report.token,
+            report.partitioned,
+            report.lease_token,
+            report.error,
+            report.pid,
         )
+        before = (old.state, old.token, old.partitioned, old.lease_token, old.error, old.pid)
+        new_rep, old_rep = report.replication or {}, old.replication or {}
+        changed = key != before or (report.replication is None) != (old.replication is None)
+        changed = changed or any(new_rep.get(f) != old_rep.get(f) for f in URGENT_REPLICATION)
+        now = self.p.clock()
+        moved = new_rep != (self.written.replication or {})
+        slow = moved and now - self.reported_at >= self.p.timing.ttl / 3
         self.report = report
-        if key != old:
-            self.p.report(report)
+        first = self.reported_at == float("-inf")  # overwrite what a previous run left
+        if urgent or changed or slow or first:
+            self.reported_at, self.written = now, report
+            self.p.report(report, urgent=urgent or (changed and report.replication is not None))
 
     def _stop_timeout(self) -> float:
         return float(getattr(getattr(self.interpret, "spec", None), "stop_timeout", 5.0))
@@ -508,12 +682,16 @@ class AppRunner:
         at = self.p.leases.deadline(name)
         return Deadline(at, follows_session=self.p.leases.follows_session(name))
 
+    def _ctx(self, token: int, deadline: Deadline | None) -> RunContext:
+        p = self.p
+        return RunContext(self.name, p.site, p.node, token, p.state_dir, deadline)
+
     async def _start(self, token: int, bound: bool) -> bool:
         p, interpret = self.p, self.interpret
         if interpret is None:
             return False
         deadline = self.deadline() if bound else None
-        ctx = RunContext(self.name, p.site, p.node, token, p.state_dir, deadline)
+        ctx = self._ctx(token, deadline)
         self._told = None
         self.crash_base, self.failures, self.healthy_since = 0, 0, None
         outcome = await self._bounded(interpret.promote(ctx), "start")
@@ -536,6 +714,140 @@ class AppRunner:
         self.pid = pid = obs.pids[0] if obs.pids else None
         p.remember(self.name, token, pid, self._stop_timeout())
         return True
+
+    # --- replicated Scores: carrying a role plan out -------------------------------------
+
+    async def _carry_roles(self, plan: Plan, s: Snapshot) -> bool:
+        """Sync standbys, then the role action, then a release without a stop (the local
+        instance is a replica or nothing: a holder that hands over keeps its replica)."""
+        interpret = self.interpret
+        if not isinstance(interpret, ReplicatedInterpret):
+            return False
+        wanted_sync = plan.sync_standbys
+        if wanted_sync is not None and wanted_sync != self.sync_applied:
+            done = await self._role_call(interpret.set_sync_standbys(wanted_sync), "sync")
+            if done.ok:
+                self.sync_applied = wanted_sync
+        changed = False
+        token = s.lease.token
+        if plan.run in (Run.START_PRIMARY, Run.PROMOTE) and token is not None:
+            changed = await self._become_primary(interpret, plan.run, token)
+        elif plan.run in (Run.START_REPLICA, Run.DEMOTE):
+            changed = await self._become_replica(interpret, plan)
+        elif plan.run is Run.POLL and token is not None:
+            await self.p.poll(self.name, token)
+        if plan.release is not Release.NONE and self.lease_name is not None:
+            # Only a local instance known to be a replica keeps running; anything else (a
+            # primary, or a state we could not read) is stopped before the lease goes.
+            local = self.local
+            replica = local is not None and local.has_data and local.role is Role.REPLICA
+            keep = replica and self.run_token is None
+            stop = None if keep else self._halt
+            await self.p.leases.release(self.lease_name, to=plan.handover_to, stop=stop)
+            changed = True
+        return changed
+
+    async def _become_primary(self, interpret: ReplicatedInterpret, run: Run, token: int) -> bool:
+        ctx = self._ctx(token, self.deadline())
+        # Counted as ours from here on, so that renewals move the deadline during the call
+        # (a promotion may take longer than one renewal interval).
+        self.run_token = token
+        call = interpret.start_primary(ctx) if run is Run.START_PRIMARY else interpret.promote(ctx)
+        outcome = await self._role_call(call, run.value)
+        if not outcome.ok:
+            self.run_token = None
+            self._role_failed(outcome.message)
+            return False
+        self.crash_base, self.failures, self.healthy_since = 0, 0, None
+        self._role_done()
+        self.following = None
+        if self.health is not None:
+            self.health.started(ctx)
+        await self._refresh_local()
+        return True
+
+    async def _become_replica(self, interpret: ReplicatedInterpret, plan: Plan) -> bool:
+        target = plan.primary
+        info = self._primary_info(target)
+        ctx = self._ctx(target.token if target and target.token else 0, None)
+        interpret.attach(ctx)
+        if plan.run is Run.DEMOTE:
+            call = interpret.demote(info)
+        else:
+            call = interpret.start_replica(ctx, info)
+        outcome = await self._role_call(call, plan.run.value)
+        if not outcome.ok:
+            self._role_failed(outcome.message)
+            return False
+        self._role_done()
+        if self.run_token is not None:
+            self.run_token = None
+            self.p.forget(self.name)
+            if self.health is not None:
+                self.health.stopped()
+        if target is not None and target.serving_primary and target.token is not None:
+            self.following, self.pointed = (target.agent, target.token), None
+        elif target is not None:
+            self.following, self.pointed = None, target.agent
+        await self._refresh_local()
+        return outcome.changed
+
+    async def _refresh_local(self) -> None:
+        """After a role change, report the new role at once (a promoted primary is what
+        the replicas wait for), not one cycle later."""
+        interpret = self.interpret
+        if isinstance(interpret, ReplicatedInterpret):
+            status = await self._bounded(interpret.status(), "status")
+            if isinstance(status, ReplicationStatus):
+                self.local = status
+
+    def _primary_info(self, target: Replica | None) -> PrimaryInfo | None:
+        """What the Interpret follows; ``extra["pending"]``: not writable yet (the lease
+        holder about to be promoted): point to it, check nothing against it yet."""
+        if target is None or target.host is None or target.port is None:
+            return None
+        site, _, node = target.agent.partition("/")
+        extra = {} if target.serving_primary else {"pending": True}
+        return PrimaryInfo(site, node, target.host, target.port, target.token or 0, extra)
+
+    async def _role_call(self, call: Awaitable[Outcome], what: str) -> Outcome:
+        """A role change, bounded by the Interpret's own ``role_timeout`` (copies take what
+        they take; the primary's deadline is enforced by the Interpret itself)."""
+        interpret = self.interpret
+        bound = interpret.role_timeout if isinstance(interpret, ReplicatedInterpret) else 60.0
+        try:
+            return await asyncio.wait_for(call, bound)
+        except TimeoutError:
+            return Outcome.failed(f"{what} did not finish within {bound:g}s")
+
+    def _role_failed(self, message: str) -> None:
+        """Counted like crashes: ``max_failures`` in a row give the application up here,
+        so that another site gets to try."""
+        self.failures += 1
+        self.start_failed = message
+        self.backoff_until = self.p.clock() + self.backoff
+        self.backoff = min(self.backoff * 2, 30.0)
+
+    def _role_done(self) -> None:
+        self.start_failed = None
+        self.backoff = 0.5
+
+    async def answer(self, term: int) -> None:
+        """A new holder asked how far we reached (its poll for ``term``): observe now, after
+        the question arrived, and say so at once (the report is gossiped immediately)."""
+        interpret = self.interpret
+        if self.answering or not isinstance(interpret, ReplicatedInterpret) or self.done:
+            return
+        self.answering = True
+        try:
+            status = await self._bounded(interpret.status(), "status")
+            if isinstance(status, ReplicationStatus):
+                self.local = status
+            self.answered = term
+            report = dataclasses.replace(self.report, replication=self._replication_report())
+            self._set_report(report, urgent=True)
+        finally:
+            self.answering = False
 
     def apply_deadline(self) -> None:
         """The lease's validity moved: tell the Interpret. Called for every running
@@ -578,6 +890,7 @@ class AppRunner:
         if self.health is not None:
             self.health.stopped()
         self.run_token = None
+        self.following = self.pointed = None
         return was
 
     async def _release(self, to: str | None) -> None:
@@ -606,6 +919,7 @@ class AppRunner:
                 None,
                 False,
                 None,
+                replication=self.report.replication,
             )
             self.p.report(self.report)
 
@@ -626,8 +940,15 @@ class AppRunner:
             )
             log.info("app_handed_over", msg=sentence, app=self.name, fencing_token=token, to=to)
             self.report = InstanceReport(
-                self.name, InstanceState.STANDBY, None, sentence, None, False, None
+                self.name,
+                InstanceState.STANDBY,
+                None,
+                sentence,
+                None,
+                False,
+                None,
+                replication=self.report.replication,
             )
-            self.p.report(self.report)
+            self.p.report(self.report, urgent=self.replicated)
             await self.p.publish("handover", self.name, token, to=to, ok=ok, sentence=sentence)
             return ok, sentence

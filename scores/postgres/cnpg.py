@@ -22,10 +22,19 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from scores.base import Observation, Outcome, RunContext, Score, WorkloadState
+from scores.base import (
+    Observation,
+    Outcome,
+    PrimaryInfo,
+    ReplicatedInterpret,
+    ReplicationStatus,
+    Role,
+    RunContext,
+    Score,
+    WorkloadState,
+)
 from scores.k8s import DNS_LABEL, FIELD_MANAGER
 from scores.postgres.spec import OWNED_PARAMETERS
-from scores.roles import PrimaryInfo, ReplicatedInterpret, ReplicationStatus, Role
 from topologies.capabilities import KubernetesApi
 from topologies.higher_order import Provides, resolve
 
@@ -290,7 +299,10 @@ class CloudNativePGInterpret(ReplicatedInterpret):
     async def start_primary(self, ctx: RunContext) -> Outcome:
         return await self._apply(ctx, primary_site=ctx.site, what="primary cluster")
 
-    async def start_replica(self, ctx: RunContext, primary: PrimaryInfo) -> Outcome:
+    async def start_replica(self, ctx: RunContext, primary: PrimaryInfo | None) -> Outcome:
+        if primary is None:  # a replica cluster always names its source: wait for a primary
+            self._ctx = ctx
+            return Outcome.done("waiting for a primary cluster to follow", changed=False)
         return await self._apply(ctx, primary_site=primary.site, what="replica cluster")
 
     async def promote(self, ctx: RunContext) -> Outcome:
@@ -330,9 +342,13 @@ class CloudNativePGInterpret(ReplicatedInterpret):
         try:
             current = await self._get()
         except Exception as exc:
-            return ReplicationStatus(Role.REPLICA, None, None, None, f"cannot read: {exc}")
+            return ReplicationStatus(
+                Role.REPLICA, None, None, None, f"cannot read: {exc}", running=False
+            )
         if current is None:
-            return ReplicationStatus(Role.REPLICA, None, None, None, "no Cluster")
+            return ReplicationStatus(
+                Role.REPLICA, None, None, None, "no Cluster", running=False, has_data=False
+            )
         replica = (current.get("spec") or {}).get("replica") or {}
         status = current.get("status") or {}
         role = Role.PRIMARY if replica.get("primary") == replica.get("self") else Role.REPLICA
@@ -343,8 +359,14 @@ class CloudNativePGInterpret(ReplicatedInterpret):
         )
         if status.get("demotionToken"):
             detail += ", demotion token published"
+        annotations = (current.get("metadata") or {}).get("annotations") or {}
         return ReplicationStatus(
-            role, None, int(timeline) if timeline is not None else None, None, detail
+            role,
+            None,
+            int(timeline) if timeline is not None else None,
+            None,
+            detail,
+            running=annotations.get(HIBERNATION) != "on",
         )
 
     async def observe(self) -> Observation:

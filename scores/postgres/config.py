@@ -126,7 +126,7 @@ def default_parameters(layout: Layout) -> dict[str, str | int | float | bool]:
         "hot_standby_feedback": True,
         "wal_receiver_timeout": "10s",
         "wal_sender_timeout": "10s",
-        "wal_retrieve_retry_interval": "1s",
+        "wal_retrieve_retry_interval": "500ms",
         "logging_collector": True,
         "log_directory": f"{layout.log_dir}",
         "log_filename": "postgresql-%a.log",

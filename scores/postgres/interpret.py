@@ -20,12 +20,23 @@ from typing import Any, ClassVar
 
 import structlog
 
-from scores.base import Deadline, Observation, Outcome, RunContext, WorkloadState
+from scores.base import (
+    REPLICATION_EXTRA,
+    Deadline,
+    Observation,
+    Outcome,
+    PrimaryInfo,
+    ReplicatedInterpret,
+    ReplicationStatus,
+    Role,
+    RunContext,
+    WorkloadState,
+)
 from scores.postgres import config as cfg
+from scores.postgres import spec as _spec_module
 from scores.postgres.config import Layout, RoleSettings
 from scores.postgres.host import PgError, PgHost, boottime
 from scores.postgres.spec import PostgresSite, PostgresSpec
-from scores.roles import PrimaryInfo, ReplicatedInterpret, ReplicationStatus, Role
 from topologies.capabilities import HostShell, RemoteShell
 
 log = structlog.get_logger("scores.postgres")
@@ -43,6 +54,8 @@ NEEDED_BINARIES = (
 )
 MIN_VERSION = 13  # pg_rewind runs crash recovery itself; pg_promote(); reloadable conninfo
 SQL_TIMEOUT = 20.0
+PREPARED_FOR = 60.0
+"""Seconds a prepared host (directories, hba, certificates) is trusted without checking."""
 MIN_DEADLINE_LEFT = 0.5
 """A replica is not promoted with less lease left than this: the watchdog must see it first."""
 
@@ -98,7 +111,8 @@ SELECT pg_is_in_recovery(),
     (SELECT string_agg(application_name || ' ' || sync_state || ' lag '
         || coalesce((pg_current_wal_lsn() - replay_lsn)::text, '?'), ', ' ORDER BY application_name)
        FROM pg_stat_replication)
-  END
+  END,
+  pg_postmaster_start_time()::text
 """
 
 
@@ -108,20 +122,6 @@ class DataState:
     standby: bool = False
     running: bool = False
     pid: int | None = None
-
-
-def eligible_for_promotion(
-    spec: PostgresSpec, candidate: ReplicationStatus, last_primary_position: int | None
-) -> bool:
-    """Whether the controller may promote ``candidate`` (Patroni's maximum_lag_on_failover).
-
-    ``last_primary_position`` is the last position the primary reported through the mesh.
-    """
-    if candidate.role is not Role.REPLICA or candidate.position is None:
-        return False
-    if last_primary_position is None:
-        return True
-    return last_primary_position - candidate.position <= spec.max_lag_on_failover
 
 
 class PostgresInterpret(ReplicatedInterpret):
@@ -137,6 +137,7 @@ class PostgresInterpret(ReplicatedInterpret):
         self._layout: Layout | None = None
         self._advertise: str | None = None
         self._bin: str | None = None
+        self._bin_wanted: str | None = spec.bin_dir
         self._role: Role | None = None
         self._deadline: float | None = None  # CLOCK_BOOTTIME, ours
         self._sync_names: tuple[str, ...] = ()
@@ -147,7 +148,23 @@ class PostgresInterpret(ReplicatedInterpret):
         self._deadline_task: asyncio.Task[None] | None = None
         self.timings: dict[str, float] = {}
         """Seconds the last initdb, basebackup, rewind, promote and start took."""
+        self.role_timeout = (
+            spec.stop_timeout
+            + spec.basebackup_timeout
+            + spec.start_timeout
+            + spec.promote_timeout
+            + 60.0
+        )
         self.last_rewind_error: str | None = None
+        self._replica_timeline: tuple[str, int | None] = ("", None)
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._watched: tuple[int, int] | None = None
+        """(watchdog pid, postmaster pid) known to supervise the running instance."""
+        self._written_conf: str | None = None
+        self._prepared: tuple[Layout, float] | None = None
+        """The layout last prepared, and when: files are checked again after a minute (a
+        rotated certificate is copied) or after any failure."""
+        """(postmaster start time, highest timeline seen) of the running replica."""
 
     # ---------------------------------------------------------------- identity and files
     def attach(self, ctx: RunContext) -> None:
@@ -167,6 +184,7 @@ class PostgresInterpret(ReplicatedInterpret):
             listen=site.listen or self.spec.listen,
         )
         self._advertise = site.advertise or self.spec.advertise
+        self._bin_wanted = site.bin_dir or self.spec.bin_dir
 
     @property
     def layout(self) -> Layout:
@@ -226,6 +244,8 @@ class PostgresInterpret(ReplicatedInterpret):
         if not self._host.remote:
             try:
                 self._host.write_deadline_now(self._layout.deadline_file, self._deadline)
+            except FileNotFoundError:
+                pass  # nothing created yet: the first start writes it
             except OSError as exc:
                 log.warning("cannot write the deadline", error=str(exc))
             return
@@ -255,9 +275,11 @@ class PostgresInterpret(ReplicatedInterpret):
     async def start_primary(self, ctx: RunContext) -> Outcome:
         return await self._locked("start_primary", lambda: self._start_primary(ctx))
 
-    async def start_replica(self, ctx: RunContext, primary: PrimaryInfo) -> Outcome:
+    async def start_replica(self, ctx: RunContext, primary: PrimaryInfo | None) -> Outcome:
         async def run() -> Outcome:
             self.attach(ctx)
+            if primary is None:
+                return await self._standby_alone()
             return await self._become_replica(primary)
 
         return await self._locked("start_replica", run)
@@ -273,12 +295,16 @@ class PostgresInterpret(ReplicatedInterpret):
 
         async def run() -> Outcome:
             self._sync_names = tuple(sorted(set(names)))
-            if self._layout is None or self._role is not Role.PRIMARY:
-                return Outcome.done("remembered for when this instance is primary", changed=False)
+            replica = self._role is Role.REPLICA
+            if self._layout is None or self._role is None or (replica and not self._following):
+                return Outcome.done("remembered for the next role change", changed=False)
             state = await self._inspect()
             if not state.running:
                 return Outcome.done("remembered; not running", changed=False)
-            changed = await self._configure(self._primary_settings())
+            settings = (
+                self._replica_settings(self._following) if replica else self._primary_settings()
+            )
+            changed = await self._configure(settings)
             if changed:
                 await self._reload()
             names_conf = cfg.sync_standby_names(self.spec.synchronous, self._sync_names)
@@ -292,14 +318,22 @@ class PostgresInterpret(ReplicatedInterpret):
             if state.running:
                 return await self._running_status()
             role = Role.REPLICA if state.standby or not state.exists else Role.PRIMARY
-            timeline = await self._control_timeline() if state.exists else None
             why = await self._down_reason()
-            return ReplicationStatus(role, None, timeline, None, f"not running: {why}")
-        except PgError as exc:
-            return ReplicationStatus(self._role or Role.REPLICA, None, None, None, _msg(exc))
+            if not state.exists:
+                return ReplicationStatus(
+                    role, None, None, None, f"no data yet: {why}", running=False, has_data=False
+                )
+            timeline, position = await self._control_position()
+            detail = f"not running ({role} data on timeline {timeline} at least at "
+            detail += f"{_lsn(position)}): {why}"
+            return ReplicationStatus(role, position, timeline, None, detail, running=False)
+        except PgError as exc:  # unknown state: claims neither data nor a role
+            role = self._role or Role.REPLICA
+            return ReplicationStatus(role, None, None, None, _msg(exc), False, False)
         except Exception as exc:  # never raise out of the Interpret
             log.exception("status failed")
-            return ReplicationStatus(self._role or Role.REPLICA, None, None, None, repr(exc))
+            role = self._role or Role.REPLICA
+            return ReplicationStatus(role, None, None, None, repr(exc), False, False)
 
     # ---------------------------------------------------------------- Interpret
     async def stop(self) -> Outcome:
@@ -337,6 +371,7 @@ class PostgresInterpret(ReplicatedInterpret):
         except PgError as exc:
             return Observation(WorkloadState.FAILED, _msg(exc), reason=exc.reason)
         extra = {
+            REPLICATION_EXTRA: status,
             "role": str(status.role),
             "position": status.position,
             "timeline": status.timeline,
@@ -347,6 +382,10 @@ class PostgresInterpret(ReplicatedInterpret):
         return Observation(WorkloadState.RUNNING, status.detail, pids=pids, extra=extra)
 
     async def close(self) -> None:
+        for pending in (self._checkpoint_task,):
+            if pending is not None and not pending.done():
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(pending, 30)
         task = self._deadline_task
         if task is not None and not task.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -359,6 +398,7 @@ class PostgresInterpret(ReplicatedInterpret):
                 outcome = await action()
             except PgError as exc:
                 self._error = exc
+                self._prepared = self._written_conf = None
                 log.warning(f"postgres {what} failed", reason=exc.reason, error=str(exc))
                 return Outcome.failed(f"{what}: {_msg(exc)}")
             except Exception as exc:
@@ -372,7 +412,7 @@ class PostgresInterpret(ReplicatedInterpret):
     async def _bin_dir(self) -> str:
         if self._bin is None:
             res = await self._host.run(
-                ["sh", "-c", _FIND_BIN, "sh", self.spec.bin_dir or ""],
+                ["sh", "-c", _FIND_BIN, "sh", self._bin_wanted or ""],
                 timeout=20,
                 env={"NEEDED": " ".join(NEEDED_BINARIES)},
             )
@@ -399,6 +439,10 @@ class PostgresInterpret(ReplicatedInterpret):
     async def _prepare(self) -> Layout:
         """Check the host and write everything but postgresql.conf; nothing is deleted."""
         layout = self.layout
+        done = self._prepared
+        if done is not None and done[0] == layout and time.monotonic() - done[1] < PREPARED_FOR:
+            return layout
+        self._prepared = self._written_conf = None
         await self._host.check_user()
         await self._bin_dir()
         if len(layout.socket_path) > 107:
@@ -433,6 +477,7 @@ class PostgresInterpret(ReplicatedInterpret):
             password = await self._password()
             pgpass = cfg.pgpass(self.spec.replication_user, password)
             await self._host.write_if_changed(layout.passfile, pgpass, 0o600)
+        self._prepared = (layout, time.monotonic())
         return layout
 
     @property
@@ -547,7 +592,8 @@ class PostgresInterpret(ReplicatedInterpret):
         res = await self._host.run(argv, timeout=SQL_TIMEOUT, input=sql.encode())
         if not res.ok:
             lines = (res.stderr.strip() or res.stdout.strip() or res.summary()).splitlines()
-            raise PgError("sql-failed", lines[-1] if lines else res.summary())
+            errors = [ln for ln in lines if "ERROR:" in ln or "FATAL:" in ln]
+            raise PgError("sql-failed", (errors or lines or [res.summary()])[-1])
         return [line.split("\x1f") for line in res.stdout.splitlines() if line]
 
     async def _watchdog_state(self) -> dict[str, Any]:
@@ -560,19 +606,33 @@ class PostgresInterpret(ReplicatedInterpret):
         return {}
 
     async def _supervised(self, state: DataState) -> bool:
-        """Is the running postmaster the child of a live watchdog of ours?"""
+        """Is the running postmaster the child of a live watchdog of ours?
+
+        Remembered per postmaster: if its watchdog dies, the postmaster gets SIGKILL
+        (PR_SET_PDEATHSIG), so the same postmaster pid still running means the same
+        watchdog still runs."""
+        known = self._watched
+        if known is not None and state.pid is not None and known[1] == state.pid:
+            return True
         watchdog = await self._watchdog_state()
         if watchdog.get("state") != "running" or watchdog.get("postgres") != state.pid:
             return False
-        res = await self._host.sh(
-            'tr "\\0" " " < "/proc/$1/cmdline"', str(watchdog.get("watchdog", 0))
-        )
-        return res.ok and "watchdog.py start" in res.stdout and self.layout.run_dir in res.stdout
+        pid = watchdog.get("watchdog", 0)
+        res = await self._host.sh('tr "\\0" " " < "/proc/$1/cmdline"', str(pid))
+        ok = res.ok and "watchdog.py start" in res.stdout and self.layout.run_dir in res.stdout
+        if ok and isinstance(pid, int) and state.pid is not None:
+            self._watched = (pid, state.pid)
+        return ok
 
     async def _signal_watchdog(self) -> None:
-        watchdog = await self._watchdog_state()
-        if watchdog.get("state") == "running":
-            await self._host.run(["kill", "-USR1", str(watchdog.get("watchdog", 0))], timeout=10)
+        """Wake the watchdog to read the deadline file now (it also does every 0.2 s)."""
+        pid = self._watched[0] if self._watched else None
+        if pid is None:
+            watchdog = await self._watchdog_state()
+            found = watchdog.get("watchdog") if watchdog.get("state") == "running" else None
+            pid = found if isinstance(found, int) else None
+        if pid:
+            await self._host.run(["kill", "-USR1", str(pid)], timeout=10)
 
     # ---------------------------------------------------------------- configuration
     def _primary_settings(self) -> RoleSettings:
@@ -580,8 +640,11 @@ class PostgresInterpret(ReplicatedInterpret):
         return RoleSettings(None, names, self._token)
 
     def _replica_settings(self, primary: PrimaryInfo | None) -> RoleSettings:
+        """Replicas carry the synchronous names they would need as primary (ignored in
+        recovery), so a promotion needs no reload before its first commit."""
         conn = self._replication_conninfo(primary) if primary else None
-        return RoleSettings(conn, "", primary.token if primary else self._token)
+        names = cfg.sync_standby_names(self.spec.synchronous, self._sync_names)
+        return RoleSettings(conn, names, primary.token if primary else self._token)
 
     def _replication_params(
         self, primary: PrimaryInfo, *, application_name: str | None, dbname: str | None = None
@@ -616,11 +679,17 @@ class PostgresInterpret(ReplicatedInterpret):
         )
 
     async def _configure(self, role: RoleSettings) -> bool:
-        """Write postgresql.conf for ``role``; True when it changed."""
+        """Write postgresql.conf for ``role``; True when it changed. What we wrote last is
+        remembered for as long as the host counts as prepared (a minute, or until a
+        failure), which saves reading it back on every role change."""
         ctx = self._ctx
         assert ctx is not None
         text = cfg.postgresql_conf(self.spec, self.layout, ctx.app, role, self._tls)
-        return await self._host.write_if_changed(self.layout.config_file, text, 0o600)
+        if self._prepared is not None and self._written_conf == text:
+            return False
+        changed = await self._host.write_if_changed(self.layout.config_file, text, 0o600)
+        self._written_conf = text
+        return changed
 
     async def _reload(self) -> None:
         await self._sql("SELECT pg_reload_conf()")
@@ -638,14 +707,7 @@ class PostgresInterpret(ReplicatedInterpret):
         await self._clean_auto_conf()
         marker = 'touch -- "$1"' if standby else 'rm -f -- "$1"'
         await self._host.sh(marker, layout.standby_signal)
-        res = await self._host.run(
-            ["python3", "-I", layout.watchdog, "check-port", layout.listen, str(layout.port)],
-            timeout=15,
-        )
-        if res.returncode == 3:
-            raise PgError("port-in-use", res.stdout.strip() + f" on {self._host.where}")
-        if not res.ok:
-            raise PgError("bad-listen", (res.stdout.strip() or res.summary()))
+        await self._check_port()
         deadline = None if standby else self._deadline
         if deadline is not None:
             self._check_deadline()
@@ -666,6 +728,8 @@ class PostgresInterpret(ReplicatedInterpret):
             error = reply.get("error") or res.summary()
             reason = "deadline" if "deadline" in str(error) else "spawn-failed"
             raise PgError(reason, f"cannot start postgres: {error}")
+        if isinstance(reply.get("watchdog"), int) and isinstance(reply.get("postgres"), int):
+            self._watched = (reply["watchdog"], reply["postgres"])
         detail = await self._wait_ready(standby)
         self.timings["start"] = time.monotonic() - started
         return detail
@@ -703,9 +767,25 @@ class PostgresInterpret(ReplicatedInterpret):
         code = watchdog.get("returncode")
         return PgError("crashed", f"postgres exited with {code} while starting: {last}")
 
+    async def _check_port(self) -> None:
+        layout = self.layout
+        res = await self._host.run(
+            ["python3", "-I", layout.watchdog, "check-port", layout.listen, str(layout.port)],
+            timeout=15,
+        )
+        if res.returncode == 3:
+            raise PgError("port-in-use", res.stdout.strip() + f" on {self._host.where}")
+        if not res.ok:
+            raise PgError("bad-listen", (res.stdout.strip() or res.summary()))
+
     async def _stop(self) -> bool:
         """Fast shutdown, then immediate, then SIGKILL of the group; True if it ran."""
-        state = await self._inspect()
+        try:
+            state = await self._inspect()
+        except PgError:
+            if self._watched is None:
+                return False  # a directory we refuse to use runs nothing we started
+            raise
         if not state.running:
             return False
         pg_ctl = await self._tool("pg_ctl")
@@ -739,12 +819,26 @@ class PostgresInterpret(ReplicatedInterpret):
             return f"{reason} (exit {watchdog.get('returncode')})"
         return "never started here"
 
-    async def _control_timeline(self) -> int | None:
+    async def _control_position(self) -> tuple[int | None, int | None]:
+        """(timeline, position) of stopped data from its control file: the latest checkpoint
+        (or the minimum recovery end, if later), a lower bound of the WAL it holds (exact
+        after a clean shutdown, whose checkpoint is the last record)."""
         res = await self._host.run(
             [await self._tool("pg_controldata"), "-D", self.layout.data_dir], timeout=15
         )
-        match = re.search(r"Latest checkpoint's TimeLineID:\s+(\d+)", res.stdout)
-        return int(match.group(1)) if match else None
+        found = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (line.partition(":") for line in res.stdout.splitlines())
+        )
+        timeline = _int(found.get("Latest checkpoint's TimeLineID"))
+        positions = []
+        for key in ("Latest checkpoint location", "Minimum recovery ending location"):
+            with contextlib.suppress(ValueError):
+                positions.append(cfg.lsn(found.get(key, "")))
+        recovery_tli = _int(found.get("Min recovery ending loc's timeline"))
+        if recovery_tli and timeline and recovery_tli > timeline:
+            timeline = recovery_tli
+        return timeline, max(positions) if positions else None
 
     # ---------------------------------------------------------------- primary
     async def _start_primary(self, ctx: RunContext) -> Outcome:
@@ -763,6 +857,7 @@ class PostgresInterpret(ReplicatedInterpret):
         self._role = Role.PRIMARY
         messages = []
         if not state.exists:
+            await self._check_port()  # before creating anything that could not start
             await self._initdb()
             messages.append("initialised a new cluster (data checksums on)")
         if state.running and not await self._supervised(state):
@@ -874,62 +969,78 @@ COMMIT;
         self._check_deadline()
         if self._deadline is not None and self._deadline - boottime() < MIN_DEADLINE_LEFT:
             raise PgError("deadline", "too little of the lease is left to promote safely")
-        await self._prepare()
+        await self._bin_dir()
         state = await self._inspect()
+        if not (state.running and state.standby):  # a running replica needs nothing new
+            await self._prepare()
         if not state.exists:
             raise PgError("absent", "no data directory to promote: start a replica first")
         if not state.standby:
             self._role = Role.PRIMARY
             outcome = await self._start_primary(ctx)
             return Outcome.done(f"already primary; {outcome.message}", changed=outcome.changed)
+        token = ctx.fencing_token
         settings = self._replica_settings(self._following)
         if state.running and self._deadline is not None and not await self._supervised(state):
             await self._stop()
             state = DataState(exists=True, standby=True)
         if not state.running:
             await self._start(standby=True, role=settings)
-        recorded = await self._recorded_term()
-        if recorded is not None and recorded > ctx.fencing_token:
-            raise PgError(
-                "stale-token",
-                f"the database records term {recorded}, newer than our token "
-                f"{ctx.fencing_token}: not promoting",
-            )
         # From here on this instance may become writable: the watchdog enforces the deadline
         # before pg_promote() is even sent.
         self._role = Role.PRIMARY
-        self._token = ctx.fencing_token
+        self._token = token
         await self._set_deadline_file(self._deadline)
         await self._signal_watchdog()
-        await self._configure(
-            RoleSettings(
-                settings.primary_conninfo, self._primary_settings().sync_names, self._token
-            )
-        )
-        await self._reload()
+        # A replica already runs with the synchronous_standby_names it will need as primary
+        # (set_sync_standbys), so its first commit as primary waits for a replica; if they
+        # changed at the last moment, they are reloaded before the promotion.
+        reload = "SELECT pg_reload_conf();" if await self._configure(settings) else ""
         started = time.monotonic()
         wait = max(1, int(self.spec.promote_timeout))
-        rows = await self._sql(f"SELECT pg_promote(true, {wait})")
-        if not rows or rows[0][0] != "t":
+        try:
+            rows = await self._sql(f"""
+DO $$ BEGIN
+  IF to_regclass('harmony.term') IS NOT NULL
+     AND (SELECT max(token) FROM harmony.term) > {token} THEN
+    RAISE EXCEPTION 'stale-token: the database records a term newer than {token}';
+  END IF;
+END $$;
+{reload}
+SELECT pg_promote(true, {wait});
+""")
+        except PgError as exc:
+            if "stale-token" in str(exc):  # nothing was promoted: no deadline for a replica
+                self._role, self._deadline = Role.REPLICA, None
+                await self._set_deadline_file(None)
+                raise PgError(
+                    "stale-token",
+                    f"the database records a term newer than our token {token}: not promoting",
+                ) from None
+            raise
+        if not rows or rows[-1][0] != "t":
             raise PgError("promote-failed", f"pg_promote() did not finish within {wait}s")
         self.timings["promote"] = time.monotonic() - started
         self._following = None
-        # pg_rewind reads a source's timeline from its control file, which a promoted
-        # server updates only at its next checkpoint: take it now, so the old primary can
-        # rewind against us at once (a rejoining node also asks for one if needed).
-        try:
-            await self._sql("CHECKPOINT")
-        except PgError as exc:
-            log.warning("checkpoint after promotion failed", error=str(exc))
         await self._configure(self._primary_settings())
+        await self._record_term(token)
         await self._reload()
-        await self._bootstrap()
-        await self._record_term(ctx.fencing_token)
-        status = await self._running_status()
-        return Outcome.done(
-            f"promoted in {self.timings['promote']:.2f}s: timeline {status.timeline}, "
-            f"term {ctx.fencing_token}"
-        )
+        self._checkpoint_soon()
+        return Outcome.done(f"promoted in {self.timings['promote']:.2f}s: term {token}")
+
+    def _checkpoint_soon(self) -> None:
+        """pg_rewind reads a source's timeline from its control file, which a promoted server
+        updates only at its next checkpoint: take one now, off the promotion's critical path
+        (a rejoining node also asks for one when it finds none)."""
+
+        async def checkpoint() -> None:
+            try:
+                await self._sql("CHECKPOINT")
+            except PgError as exc:
+                log.warning("checkpoint after promotion failed", error=str(exc))
+
+        if self._checkpoint_task is None or self._checkpoint_task.done():
+            self._checkpoint_task = asyncio.get_running_loop().create_task(checkpoint())
 
     # ---------------------------------------------------------------- replica
     async def _demote(self, primary: PrimaryInfo | None) -> Outcome:
@@ -937,27 +1048,42 @@ COMMIT;
             return await self._become_replica(primary)
         layout = self.layout
         stopped = await self._stop()
-        state = await self._inspect()
+        try:
+            state = await self._inspect()
+        except PgError as exc:
+            if self._watched is not None:
+                raise
+            return Outcome.done(f"nothing of ours runs here ({_msg(exc)})", changed=False)
         if state.exists:
             await self._host.sh('touch -- "$1"', layout.standby_signal)
         self._role = Role.REPLICA
         self._deadline = None
-        with contextlib.suppress(PgError):
+        with contextlib.suppress(PgError, OSError):  # (nothing to clear where nothing ran)
             await self._set_deadline_file(None)
         return Outcome.done(
             "stopped; it will rejoin as a replica of the next primary", changed=stopped
         )
 
     async def _become_replica(self, primary: PrimaryInfo) -> Outcome:
-        layout = await self._prepare()
+        await self._bin_dir()
         state = await self._inspect()
+        if not (state.running and state.standby):  # re-pointing a replica needs nothing new
+            await self._prepare()
+        layout = self.layout
         settings = self._replica_settings(primary)
+        if primary.extra.get("pending"):
+            # The next primary, not writable yet: only a running replica is pointed to it
+            # (target_session_attrs=read-write keeps it from streaming before the
+            # promotion); whether it can follow is checked once it is the primary.
+            if not (state.running and state.standby):
+                return Outcome.done(f"waiting for {_where(primary)} to be promoted", changed=False)
+            changed = await self._configure(settings)
+            if changed:
+                await self._reload()
+            self._following, self._role = None, Role.REPLICA
+            return Outcome.done(f"pointed to {_where(primary)} (not promoted yet)", changed=changed)
         if state.running:
-            if (
-                state.standby
-                and await self._in_recovery()
-                and (self._following == primary or await self._can_follow(primary))
-            ):
+            if state.standby and (self._following == primary or await self._can_follow(primary)):
                 changed = await self._configure(settings)
                 if changed:
                     await self._reload()
@@ -981,9 +1107,23 @@ COMMIT;
         ready = await self._start(standby=True, role=settings)
         return Outcome.done(f"replica of {_where(primary)} on port {layout.port}: {how}; {ready}")
 
-    async def _in_recovery(self) -> bool:
-        rows = await self._sql("SELECT pg_is_in_recovery()")
-        return bool(rows) and rows[0][0] == "t"
+    async def _standby_alone(self) -> Outcome:
+        """Start the local data as a standby following nobody yet: it replays the WAL it
+        has (a crashed primary recovers) and reports how far that reaches, so the
+        controller can compare it with the other sites before anyone is promoted."""
+        layout = await self._prepare()
+        state = await self._inspect()
+        if not state.exists:
+            return Outcome.done("no data here and no primary to copy from yet", changed=False)
+        if state.running and state.standby:
+            self._role = Role.REPLICA
+            return Outcome.done("standby already running", changed=False)
+        if state.running:
+            await self._stop()
+        self._role = Role.REPLICA
+        self._deadline = None
+        ready = await self._start(standby=True, role=self._replica_settings(self._following))
+        return Outcome.done(f"standby on port {layout.port} (following nobody yet): {ready}")
 
     async def _can_follow(self, primary: PrimaryInfo) -> bool:
         """Can this running replica switch to ``primary`` without a rewind?
@@ -1035,6 +1175,12 @@ COMMIT;
         await self._source_checkpointed(source)
         argv = [await self._tool("pg_rewind"), "--target-pgdata", self.layout.data_dir]
         argv += ["--source-server", source]
+        major = await self._major()
+        if major.isdigit() and int(major) >= 15:
+            # A crashed former primary is first recovered by pg_rewind in single-user mode:
+            # with our configuration (not the data directory's initdb defaults), so that
+            # wal_keep_size keeps the WAL pg_rewind then needs to find the common checkpoint.
+            argv += ["--config-file", self.layout.config_file]
         res = await self._host.run(argv, timeout=self.spec.basebackup_timeout)
         self.timings["rewind"] = time.monotonic() - started
         if not res.ok:
@@ -1105,7 +1251,8 @@ COMMIT;
             guc_token,
             term,
             replicas,
-        ) = (rows[0] + [""] * 12)[:12]
+            started,
+        ) = (rows[0] + [""] * 13)[:13]
         pos = _int(position)
         token = term or guc_token or "?"
         if recovery != "t":
@@ -1114,6 +1261,13 @@ COMMIT;
             detail += f"; replicas: {replicas}" if replicas else "; no replica connected"
             return ReplicationStatus(Role.PRIMARY, pos, timeline, 0, detail)
         timeline = _int(received_tli) or _int(min_tli) or _int(checkpoint_tli)
+        # Only the WAL receiver knows the timeline being received, and the control file
+        # catches up lazily: while nothing streams, a running replica could report an older
+        # timeline than the one it replayed. It never goes back without a restart.
+        seen_start, seen = self._replica_timeline
+        if seen_start == started and seen is not None and (timeline or 0) < seen:
+            timeline = seen
+        self._replica_timeline = (started, timeline)
         ahead = [v for v in (_int(latest_end), _int(received)) if v is not None]
         lag = max(0, max(ahead) - pos) if ahead and pos is not None else None
         detail = (
@@ -1122,7 +1276,9 @@ COMMIT;
             + (f"{receiver}" if receiver else "not streaming")
             + f", lag {lag if lag is not None else '?'} bytes, following term {token}"
         )
-        return ReplicationStatus(Role.REPLICA, pos, timeline, lag, detail)
+        # What a promotion would reach: it replays everything received first.
+        reach = max((v for v in (pos, _int(received)) if v is not None), default=None)
+        return ReplicationStatus(Role.REPLICA, reach, timeline, lag, detail)
 
 
 def _int(text: str | None) -> int | None:
@@ -1155,3 +1311,9 @@ def _verifies(verifier: str, password: str) -> bool:
         return False
     salt = base64.b64decode(match.group(2))
     return cfg.scram_verifier(password, salt=salt, iterations=int(match.group(1))) == verifier
+
+
+# ``PostgresSpec.interpret`` is annotated with this class's name only (the modules import each
+# other); naming it in the spec's module lets ``scores.check.interpret_class`` resolve it, so
+# ``check`` and the Application's validation know what this Score's Interpret is.
+_spec_module.PostgresInterpret = PostgresInterpret  # type: ignore[attr-defined]

@@ -114,11 +114,12 @@ class PostgresSite(_Strict):
     advertise: str | None = None
     data_dir: str | None = None
     run_dir: str | None = None
+    bin_dir: str | None = None
 
-    @field_validator("data_dir", "run_dir")
+    @field_validator("data_dir", "run_dir", "bin_dir")
     @classmethod
     def _paths(cls, value: str | None) -> str | None:
-        return _absolute(value, "data_dir and run_dir")
+        return _absolute(value, "data_dir, run_dir and bin_dir")
 
 
 class PostgresSpec(Score):
@@ -142,9 +143,6 @@ class PostgresSpec(Score):
     ``/usr/lib/postgresql/*/bin``."""
     os_user: str = Field(default="postgres", pattern=OS_USER)
     synchronous: bool = False
-    max_lag_on_failover: int = Field(default=1024 * 1024, ge=0)
-    """Bytes: a replica further behind than this is not a promotion candidate (read by the
-    controller, as Patroni's ``maximum_lag_on_failover``)."""
     replication_user: str = Field(default="replicator", pattern=IDENTIFIER)
     replication_password_file: str | None = None
     """Without ``tls``: a file on every database host holding the replication user's password

@@ -298,6 +298,14 @@ def start(args: argparse.Namespace) -> int:
         os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
+        # Keep nothing else the caller's spawner let us inherit (uvloop passes the stdout
+        # socket under a second descriptor): a detached watchdog holding the caller's pipe
+        # would keep the ``start`` command from ever reaching end-of-file.
+        for fd in (devnull, log):
+            if fd > 2:
+                os.close(fd)
+        os.closerange(3, report_w)
+        os.closerange(report_w + 1, max(report_w + 2, os.sysconf("SC_OPEN_MAX")))
         # A second fork: the watchdog is nobody's session leader and cannot get a terminal.
         if os.fork():
             os._exit(0)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.application import Application
-from agent.controller.model import PeerInstance
+from agent.controller.model import PeerInstance, Replica
 from agent.controller.runner import AppRunner, InstanceReport
 from agent.timing import Timing
 from scores.base import Deadline, Interpret, Observation, Outcome, RunContext, WorkloadState
@@ -119,6 +119,8 @@ class FakePorts:
     events: list[tuple[str, int | None]] = field(default_factory=list)
     reports: list[InstanceReport] = field(default_factory=list)
     remembered: dict[str, int] = field(default_factory=dict)
+    replica_list: list[Replica] = field(default_factory=list)
+    polls: list[tuple[str, int]] = field(default_factory=list)
     leases: FakeLeases = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,7 +147,13 @@ class FakePorts:
     async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None:
         self.events.append((event, token))
 
-    def report(self, report: InstanceReport) -> None:
+    def replicas(self, name: str, sites: list[str]) -> tuple[Replica, ...]:
+        return tuple(self.replica_list)
+
+    async def poll(self, name: str, term: int) -> None:
+        self.polls.append((name, term))
+
+    def report(self, report: InstanceReport, *, urgent: bool = False) -> None:
         self.reports.append(report)
 
     def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None:

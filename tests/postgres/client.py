@@ -23,6 +23,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
@@ -60,6 +61,8 @@ class Ack:
     """CLOCK_BOOTTIME just before the INSERT was sent."""
     acked: float
     """CLOCK_BOOTTIME when the commit returned."""
+    server: str | None = None
+    """The server address that acknowledged (``inet_server_addr()``; None over a socket)."""
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Writer:
     failures: int = 0
     last_error: str | None = None
     next_id: int = 1
-    _conn: psycopg.AsyncConnection[tuple[int]] | None = None
+    _conn: psycopg.AsyncConnection[Any] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -101,19 +104,19 @@ class Writer:
             cursor = await asyncio.wait_for(
                 self._conn.execute(
                     f"INSERT INTO {TABLE} (id, port) VALUES (%s, inet_server_port()) "
-                    "RETURNING port",
+                    "RETURNING port, host(inet_server_addr())",
                     (ident,),
                 ),
                 timeout,
             )
-            row = await cursor.fetchone()
+            row: Any = await cursor.fetchone()
             acked = boottime()
         except (psycopg.Error, OSError, TimeoutError) as exc:
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}".strip()
             await self._drop()
             return None
-        ack = Ack(ident, int(row[0]) if row else -1, sent, acked)
+        ack = Ack(ident, int(row[0]) if row else -1, sent, acked, row[1] if row else None)
         self.acks.append(ack)
         return ack
 

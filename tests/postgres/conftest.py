@@ -23,10 +23,9 @@ from typing import Any
 import pytest
 
 from mesh.trust import SiteCA, cert_pem
-from scores.base import Deadline, RunContext
+from scores.base import Deadline, PrimaryInfo, RunContext
 from scores.postgres import PostgresSpec
 from scores.postgres.interpret import PostgresInterpret
-from scores.roles import PrimaryInfo
 from tests.harness.ports import free_port
 from tests.topologies.conftest import sshd  # noqa: F401 - the real sshd fixture, reused
 from topologies.base import Topology

@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from scores.base import WorkloadState
-from scores.roles import PrimaryInfo, Role
+from scores.base import PrimaryInfo, Role, WorkloadState
 from tests.harness.ports import free_port
 from tests.postgres.conftest import Cluster
 

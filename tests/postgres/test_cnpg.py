@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from agent.application import parse_documents
-from scores.base import RunContext, WorkloadState
+from scores.base import PrimaryInfo, Role, RunContext, WorkloadState
 from scores.postgres.cnpg import CloudNativePGInterpret, CloudNativePGSpec
-from scores.roles import PrimaryInfo, Role
 from tests.scores.fake_kube import FakeKube, fake_kube
 from topologies.k8s import KubernetesTopology
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import psycopg
 import pytest
 
-from scores.base import WorkloadState
-from scores.postgres.interpret import eligible_for_promotion
-from scores.roles import Role
+from agent.controller.model import Replica
+from agent.controller.roles import ineligible
+from scores.base import ReplicationStatus, Role, WorkloadState
 from tests.harness.wait import eventually
 from tests.postgres.client import Writer, missing_ids, multihost, query
 from tests.postgres.conftest import Cluster, Node
@@ -127,38 +129,58 @@ async def test_synchronous_commit_waits_for_a_replica(cluster: Cluster) -> None:
     assert await missing_ids(r1.dsn, [ack.id]) == []
 
 
-async def test_lagging_replica_reports_larger_lag(cluster: Cluster) -> None:
+def _replica(name: str, status: ReplicationStatus) -> Replica:
+    return Replica(name, str(status.role), status.running, status.position, status.timeline)
+
+
+async def test_position_is_what_a_promotion_reaches_and_lag_what_is_not_replayed(
+    cluster: Cluster,
+) -> None:
+    """Paused replay is lag, not a lost position (a promotion replays what was received);
+    a stopped WAL receiver loses position, and the controller's rule then refuses it."""
     primary = await cluster.primary("a")
     r1 = await cluster.replica("b", primary)
     r2 = await cluster.replica("c", primary)
     await query(r2.dsn, "SELECT pg_wal_replay_pause()")
-    await query(
-        primary.dsn,
-        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
-    )
+    filler = "CREATE TABLE {} AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g"
+    await query(primary.dsn, filler.format("filler1"))
 
-    async def r2_lags() -> bool:
-        top, fresh, stale = (
+    async def r2_paused() -> bool:
+        top, fresh, paused = (
             await primary.interpret.status(),
             await r1.interpret.status(),
             await r2.interpret.status(),
         )
         return (
             fresh.lag_bytes == 0
-            and stale.lag_bytes is not None
-            and stale.lag_bytes > 2 * 1024 * 1024
-            and fresh.position == top.position
+            and paused.lag_bytes is not None
+            and paused.lag_bytes > 2 * 1024 * 1024
+            and fresh.position == top.position == paused.position
         )
 
-    await eventually(r2_lags, timeout=30, what="r2 to lag and r1 to be current")
-    top = await primary.interpret.status()
-    fresh, stale = await r1.interpret.status(), await r2.interpret.status()
-    assert stale.position is not None and fresh.position is not None
-    assert stale.position < fresh.position
-    spec = primary.interpret.spec
-    assert eligible_for_promotion(spec, fresh, top.position)
-    assert not eligible_for_promotion(spec, stale, top.position)
-    assert not eligible_for_promotion(spec, top, top.position)
+    await eventually(r2_paused, timeout=30, what="r2 to lag in replay, not in position")
+
+    rows = await query(r1.dsn, "SELECT pid FROM pg_stat_wal_receiver")
+    receiver = int(str(rows[0][0]))
+    os.kill(receiver, signal.SIGSTOP)
+    try:
+        await query(primary.dsn, filler.format("filler2"))
+
+        async def r1_behind() -> bool:
+            top, behind = await primary.interpret.status(), await r1.interpret.status()
+            assert top.position is not None and behind.position is not None
+            return top.position - behind.position > 2 * 1024 * 1024
+
+        await eventually(r1_behind, timeout=30, what="r1 to fall behind")
+        top = _replica("a/n1", await primary.interpret.status())
+        behind = _replica("b/n1", await r1.interpret.status())
+        paused = _replica("c/n1", await r2.interpret.status())
+        why = ineligible(behind, top, 1024 * 1024)
+        assert why is not None and "maximum_lag_on_failover 1048576" in why, why
+        assert ineligible(paused, top, 1024 * 1024) is None
+        assert ineligible(behind, top, 64 * 1024 * 1024) is None
+    finally:
+        os.kill(receiver, signal.SIGCONT)
 
 
 async def test_writer_through_a_multihost_string_follows_a_planned_switchover(

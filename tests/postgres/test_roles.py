@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from scores.roles import Role
+from scores.base import Role
 from tests.harness.wait import eventually
 from tests.postgres.client import Writer, missing_ids, query
 from tests.postgres.conftest import Cluster, Node

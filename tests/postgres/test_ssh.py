@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from scores.base import Role
 from scores.postgres.host import boottime
-from scores.roles import Role
 from tests.harness.wait import eventually
 from tests.postgres.client import Writer, missing_ids
 from tests.postgres.conftest import Cluster
