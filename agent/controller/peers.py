@@ -149,9 +149,9 @@ class PeerTable:
         (``Replica.live`` says which): stale ones still count for the floor."""
         now, wanted = self.clock(), set(sites)
         out = []
-        for (a, _), r in sorted(self._reports.items()):
+        for _, r in sorted(self._reports.get(app, {}).items()):
             inst = r.instance
-            if a == app and inst.site in wanted and inst.replica is not None:
+            if inst.site in wanted and inst.replica is not None:
                 poll = self._polls.get((app, inst.agent))
                 polling = poll[0] if poll is not None and now - poll[1] < self.ttl else None
                 out.append(replace(inst.replica, live=self._live(r, now), polling=polling))
