@@ -8,6 +8,8 @@ from typing import Any
 
 import structlog
 
+from mesh.redact import structlog_processor as redact_secrets
+
 
 def configure(level: str = "info", fmt: str = "auto", **bound: Any) -> None:
     """Configure structlog once per process; logs go to stderr so stdout stays for output."""
@@ -24,6 +26,7 @@ def configure(level: str = "info", fmt: str = "auto", **bound: Any) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            redact_secrets,  # after tracebacks are text: no secret reaches a log line
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -1,10 +1,19 @@
-"""``harmony-agent ca`` (this site's CA) and ``harmony-agent trust`` (the federated bundle)."""
+"""``harmony-agent ca`` (this site's CA, the trust-admin key, server accounts) and
+``harmony-agent trust`` (the signed, federated bundle).
+
+The site CA key lives in ``--dir`` (default ``/etc/harmony-agent/ca``, 0700, outside the
+agent's state directory, root only); the trust-admin key is created offline and only ever
+read by ``trust add`` / ``trust revoke`` on the admin's machine: neither is stored in the
+mesh. Connections use TLS and credentials from the environment, like every subcommand:
+``HARMONY_NATS_CA``, ``HARMONY_NATS_CERT``, ``HARMONY_NATS_KEY``, ``HARMONY_NATS_CREDS``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,26 +21,52 @@ from typing import Any, TypeVar
 
 import click
 import nats
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
+from mesh.authz import (
+    PEOPLE_UNIT,
+    AuthzError,
+    MeshNames,
+    Roles,
+    agent_inbox_prefix,
+    render_accounts,
+    user_inbox_prefix,
+)
 from mesh.names import TRUST_BUCKET, trust_key
+from mesh.redact import redact
+from mesh.tlsfiles import FileProblem, private
 from mesh.trust import (
+    DEFAULT_CA_DIR,
+    Rejected,
     SiteCA,
     TrustError,
-    bundle,
+    TrustState,
     cert_pem,
+    create_admin_key,
+    describe,
     fingerprint,
+    load_admin_key,
     load_ca_certificate,
+    next_serial,
+    parse_admin_public_key,
     rfc3339,
+    sign_entry,
     site_of,
-    trust_entry,
+    verify_entry,
+    write_atomically,
     write_private,
 )
 
 T = TypeVar("T")
-DEFAULT_CA_DIR = "/var/lib/harmony-agent/ca"
+ADMIN_PUBLIC_KEY_ENV = "HARMONY_TRUST_ADMIN_PUBLIC_KEY"
+CREDS_ENV = "HARMONY_NATS_CREDS"
+CA_ENV = "HARMONY_NATS_CA"
+CERT_ENV = "HARMONY_NATS_CERT"
+KEY_ENV = "HARMONY_NATS_KEY"
 
 
 def ca_dir_option(func: Any) -> Any:
@@ -39,9 +74,29 @@ def ca_dir_option(func: Any) -> Any:
         "--dir",
         "directory",
         type=click.Path(file_okay=False, path_type=Path),
-        default=lambda: Path(os.environ.get("HARMONY_CA_DIR", DEFAULT_CA_DIR)),
-        show_default="$HARMONY_CA_DIR or " + DEFAULT_CA_DIR,
-        help="Where this site's CA lives (the key never leaves it).",
+        default=lambda: Path(os.environ.get("HARMONY_CA_DIR", str(DEFAULT_CA_DIR))),
+        show_default="$HARMONY_CA_DIR or " + str(DEFAULT_CA_DIR),
+        help="Where this site's CA lives (0700, root only; the key never leaves it).",
+    )(func)
+
+
+def admin_key_option(func: Any) -> Any:
+    return click.option(
+        "--admin-key",
+        "admin_key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=True,
+        help="The trust-admin private key (from `ca trust-admin-init`, kept offline).",
+    )(func)
+
+
+def admin_public_key_option(func: Any) -> Any:
+    return click.option(
+        "--admin-public-key",
+        "admin_public_key",
+        default=lambda: os.environ.get(ADMIN_PUBLIC_KEY_ENV),
+        show_default="$" + ADMIN_PUBLIC_KEY_ENV,
+        help="ed25519:<base64>: verify signatures (without it, entries show as unverified).",
     )(func)
 
 
@@ -51,14 +106,16 @@ def ca() -> None:
 
 
 @ca.command("init")
-@click.option("--site", required=True, help="The site this CA speaks for.")
+@click.option("--site", required=True, help="The site this CA speaks for (its OU).")
 @ca_dir_option
 def ca_init(site: str, directory: Path) -> None:
-    """Create the site's root CA (once)."""
+    """Create the site's root CA (once), key 0600 in a 0700 directory."""
     try:
         authority = SiteCA.create(site, directory)
     except TrustError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
+    except OSError as exc:
+        fail(f"{directory}: {exc.strerror}", EXIT_BAD_INPUT)
     click.echo(f"created CA for {site} in {directory}")
     click.echo(f"fingerprint {fingerprint(authority.cert)}")
     click.echo(f"share only {directory / 'ca.crt'} (harmony-agent trust add)")
@@ -74,18 +131,31 @@ def ca_init(site: str, directory: Path) -> None:
 def ca_issue(
     name: str, dns: tuple[str, ...], ip: tuple[str, ...], days: int, out: Path, directory: Path
 ) -> None:
-    """Issue a leaf certificate NAME (for a nats-server or an agent) signed by this site."""
+    """Issue (or renew: run it again) leaf NAME for a nats-server or an agent.
+
+    An agent's leaf is named after its node (``CN=<node>,OU=<site>``: its NATS user); a
+    server's carries the DNS name other sites' route URLs use. Files are replaced
+    atomically, key first, so a reloading server never sees half of a pair.
+    """
     try:
         authority = SiteCA.load(directory)
         cert, key_pem = authority.issue(name, dns=list(dns), ips=list(ip), days=days)
     except TrustError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
-
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.crt").write_bytes(cert_pem(cert) + cert_pem(authority.cert))
-    write_private(out / f"{name}.key", key_pem)
+    write_leaf(out / f"{name}.crt", out / f"{name}.key", cert, key_pem, authority.cert)
     click.echo(f"issued {out / (name + '.crt')} (key {out / (name + '.key')}, 0600)")
     click.echo(f"not after {rfc3339(cert.not_valid_after_utc)}")
+
+
+def write_leaf(
+    cert_path: Path, key_path: Path, cert: x509.Certificate, key_pem: bytes, ca: x509.Certificate
+) -> None:
+    """Replace a leaf pair: key then certificate (with its CA, the chain peers receive)."""
+    tmp = key_path.with_name(key_path.name + ".tmp")
+    write_private(tmp, key_pem)
+    os.replace(tmp, key_path)
+    write_atomically(cert_path, cert_pem(cert) + cert_pem(ca))
 
 
 @ca.command("show")
@@ -109,51 +179,177 @@ def ca_show(directory: Path) -> None:
     )
 
 
-async def _with_trust(url: str, action: Callable[[KeyValue], Awaitable[T]]) -> T:
+@ca.command("trust-admin-init")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def ca_trust_admin_init(out: Path) -> None:
+    """Create the trust-admin Ed25519 key (offline, once); print its public key.
+
+    Give the public key to every agent (``trust.admin_public_key``); keep the private key
+    off the mesh (an offline machine, a hardware token, a safe).
+    """
     try:
-        nc = await nats.connect(servers=servers(url), connect_timeout=3, max_reconnect_attempts=0)
+        public = create_admin_key(out)
+    except TrustError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"created {out / 'trust-admin.key'} (0600; keep it offline)")
+    click.echo(f"public key {public}")
+    click.echo("agents: trust.admin_public_key: " + public)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@ca.command("accounts")
+@click.option("--site", required=True, help="The site whose servers this is for.")
+@click.option("--stores", required=True, help="Lease stores, comma-separated (the descriptor's).")
+@click.option("--agents", default="", help="This site's agent nodes, comma-separated.")
+@click.option("--operators", default="", help="Operator user names, comma-separated.")
+@click.option("--viewers", default="", help="Viewer user names, comma-separated.")
+@click.option("--trust-admins", default="", help="Trust-admin user names, comma-separated.")
+@click.option("--admins", default="", help="JetStream admin user names, comma-separated.")
+def ca_accounts(
+    site: str,
+    stores: str,
+    agents: str,
+    operators: str,
+    viewers: str,
+    trust_admins: str,
+    admins: str,
+) -> None:
+    """Print the nats-server ``accounts`` block for SITE's servers (include it in their
+    config, next to ``tls { verify_and_map: true }``)."""
+    try:
+        text = render_accounts(
+            MeshNames(stores=_csv(stores)),
+            Roles(
+                site=site,
+                agents=_csv(agents),
+                operators=_csv(operators),
+                viewers=_csv(viewers),
+                trust_admins=_csv(trust_admins),
+                admins=_csv(admins),
+            ),
+        )
+    except AuthzError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(text, nl=False)
+
+
+# --- the mesh side -----------------------------------------------------------------------
+
+
+def inbox_prefix_for(cert_file: str | None) -> str | None:
+    """The private inbox prefix the client certificate's identity is allowed."""
+    if not cert_file:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())[0]
+    except (OSError, ValueError):
+        return None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not cn or not ou:
+        return None
+    try:
+        if ou[0].value == PEOPLE_UNIT:
+            return user_inbox_prefix(str(cn[0].value))
+        return agent_inbox_prefix(str(ou[0].value), str(cn[0].value))
+    except AuthzError:
+        return None
+
+
+def _tls() -> ssl.SSLContext | None:
+    ca_file, cert, key = (os.environ.get(n) for n in (CA_ENV, CERT_ENV, KEY_ENV))
+    if not (ca_file or cert):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+async def _with_trust(url: str, action: Callable[[KeyValue], Awaitable[T]]) -> T:
+    kw: dict[str, Any] = {}
+    prefix = inbox_prefix_for(os.environ.get(CERT_ENV))
+    if prefix:
+        kw["inbox_prefix"] = prefix
+    creds = os.environ.get(CREDS_ENV)
+    try:
+        if creds:
+            private(Path(creds))
+        nc = await nats.connect(
+            servers=servers(url),
+            connect_timeout=3,
+            max_reconnect_attempts=0,
+            allow_reconnect=False,
+            tls=_tls(),
+            user_credentials=creds or None,
+            **kw,
+        )
+    except FileProblem as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     except Exception as exc:
-        fail(f"mesh unreachable at {url}: {exc.__class__.__name__}")
+        fail(f"mesh unreachable at {redact(url)}: {redact(str(exc) or exc.__class__.__name__)}")
     try:
         kv = await nc.jetstream(timeout=5).key_value(TRUST_BUCKET)
         return await action(kv)
     except (TimeoutError, nats.errors.Error) as exc:
-        fail(f"mesh error: {exc!r}")
+        fail(f"mesh error: {redact(repr(exc))}")
     finally:
         await nc.close()
 
 
-async def _entries(kv: KeyValue) -> list[bytes]:
+async def _entries(kv: KeyValue) -> list[tuple[str, bytes]]:
     try:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         return []
     values = []
-    for key in keys:
-        entry = await kv.get(key)
+    for key in sorted(keys):
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            continue
         if entry.value:
-            values.append(entry.value)
+            values.append((key, entry.value))
     return values
+
+
+async def _current_serial(kv: KeyValue, key: str) -> int | None:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    try:
+        data = json.loads(entry.value or b"{}")
+        serial = data.get("serial") if isinstance(data, dict) else None
+    except (ValueError, RecursionError):
+        return None
+    return serial if isinstance(serial, int) else None
 
 
 @click.group()
 def trust() -> None:
-    """The trust bundle: every trusted site's public CA certificate."""
+    """The trust bundle: every trusted site's CA certificate, signed by the trust-admin."""
 
 
 @trust.command("add")
 @click.argument("file", type=click.File("rb"))
+@admin_key_option
 @server_option
-def trust_add(file: Any, server: str) -> None:
-    """Trust a site's CA certificate FILE (PEM); every agent reloads its bundle."""
+def trust_add(file: Any, admin_key: Path, server: str) -> None:
+    """Trust a site's CA certificate FILE (PEM), stored at ``ca.<its OU>`` and signed."""
     try:
         cert = load_ca_certificate(file.read(), file.name)
         site = site_of(cert)
+        key = load_admin_key(admin_key)
     except TrustError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
 
     async def put(kv: KeyValue) -> int:
-        return await kv.put(trust_key(site), trust_entry(cert))
+        serial = next_serial(await _current_serial(kv, trust_key(site)))
+        return await kv.put(trust_key(site), sign_entry(site, cert, key, serial))
 
     asyncio.run(_with_trust(server, put))
     click.echo(f"trusted {site} {fingerprint(cert)}")
@@ -161,34 +357,74 @@ def trust_add(file: Any, server: str) -> None:
 
 @trust.command("revoke")
 @click.argument("site")
+@admin_key_option
 @server_option
-def trust_revoke(site: str, server: str) -> None:
-    """Remove SITE's CA from every bundle; its servers can no longer connect."""
+def trust_revoke(site: str, admin_key: Path, server: str) -> None:
+    """Evict SITE: a signed tombstone; only a newer signed entry can bring it back."""
+    try:
+        key = load_admin_key(admin_key)
+        sign_entry(site, None, key, 0)  # validates the site name before connecting
+    except TrustError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    public = key.public_key()
 
-    async def delete(kv: KeyValue) -> bool:
+    async def tombstone(kv: KeyValue) -> str | None:
         try:
-            await kv.get(trust_key(site))
+            entry = await kv.get(trust_key(site))
         except KeyNotFoundError:
-            return False
-        await kv.delete(trust_key(site))
-        return True
+            return "not in the trust bundle"
+        try:
+            current = verify_entry(trust_key(site), entry.value or b"", public)
+        except Rejected as exc:
+            current = None
+            click.echo(f"replacing an invalid entry ({exc.reason})", err=True)
+        if current is not None and current.certificate is None:
+            return "already revoked"
+        serial = next_serial(await _current_serial(kv, trust_key(site)))
+        await kv.put(trust_key(site), sign_entry(site, None, key, serial))
+        return None
 
-    if not asyncio.run(_with_trust(server, delete)):
-        fail(f"site {site!r} is not in the trust bundle", EXIT_BAD_INPUT)
+    problem = asyncio.run(_with_trust(server, tombstone))
+    if problem:
+        fail(f"site {site!r} is {problem}", EXIT_BAD_INPUT)
     click.echo(f"revoked {site}")
 
 
+def _admin_public(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return parse_admin_public_key(text)
+    except TrustError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+
+
 @trust.command("list")
+@admin_public_key_option
 @server_option
-def trust_list(server: str) -> None:
-    """One line per trusted site: fingerprint and expiry."""
-    for raw in asyncio.run(_with_trust(server, _entries)):
-        data = json.loads(raw)
-        click.echo(f"{data['site']:<20} {data['fingerprint']}  not after {data['not_after']}")
+def trust_list(admin_public_key: str | None, server: str) -> None:
+    """One line per entry: site (from the key), state, fingerprint computed from the
+    certificate, expiry."""
+    admin = _admin_public(admin_public_key)
+    for key, raw in asyncio.run(_with_trust(server, _entries)):
+        view = describe(key, raw, admin)
+        fp = view.fingerprint or "-"
+        until = f"not after {view.not_after}" if view.not_after else ""
+        click.echo(f"{view.site or key:<20} {view.state:<22} {fp}  {until}".rstrip())
 
 
 @trust.command("bundle")
+@admin_public_key_option
 @server_option
-def trust_bundle(server: str) -> None:
-    """Print the bundle (PEM), as every agent writes it for its nats-server."""
-    sys.stdout.buffer.write(bundle(asyncio.run(_with_trust(server, _entries))))
+def trust_bundle(admin_public_key: str | None, server: str) -> None:
+    """Print the bundle (PEM) of the entries that verify, as every agent writes it."""
+    admin = _admin_public(admin_public_key)
+    if admin is None:
+        fail(f"--admin-public-key (or ${ADMIN_PUBLIC_KEY_ENV}) is required", EXIT_BAD_INPUT)
+    state = TrustState()
+    for key, raw in asyncio.run(_with_trust(server, _entries)):
+        try:
+            state.apply(verify_entry(key, raw, admin))
+        except Rejected as exc:
+            click.echo(f"ignored {key}: {exc.reason}: {exc.detail}", err=True)
+    sys.stdout.buffer.write(state.bundle())

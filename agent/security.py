@@ -1,0 +1,397 @@
+"""The agent's side of issues 11 and 12, in the few calls the daemon makes.
+
+- ``connection_options(config)``: TLS files, creds or user + password file, the agent's
+  private inbox prefix.
+- ``embedded_spec(config, system_password)``: the embedded nats-server with mTLS on client
+  and route listeners, this site's accounts (``mesh.authz``) and the loopback system user.
+- ``SiteSecurity``: the ``trust-sync`` task (signed entries -> bundle file), eviction after
+  a CA leaves the bundle (reload without its routes, kick its clients), the ``cert-renew``
+  task (leaves renewed before 2/3 of their life when the site CA key is here), the
+  ``harmony_cert_expiry_seconds{cert}`` gauge and a ``security`` status section.
+
+Nothing here ever logs or returns a secret (see ``mesh.redact``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import structlog
+from cryptography import x509
+from nats.js.kv import KeyValue
+from prometheus_client import Gauge
+
+from agent.config import AgentConfig
+from agent.trust_sync import BundleChange, TrustSync, admin_key_or_none, read_bundle
+from mesh.authz import SYSTEM_INBOX, MeshNames, Roles, agent_inbox_prefix, render_accounts
+from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
+from mesh.embedded import EmbeddedServer, ServerSpec, ServerTls
+from mesh.evict import RouteMap, connections, kick, monitor, to_kick, wait_reloaded
+from mesh.redact import redact, register
+from mesh.rotation import (
+    expiry_seconds,
+    expiry_warnings,
+    leaf_of,
+    renew_leaf,
+    renew_time,
+    renewal_due,
+)
+from mesh.trust import SiteCA, TrustError, fingerprint
+
+log = structlog.get_logger("agent.security")
+
+CERT_EXPIRY = Gauge(
+    "harmony_cert_expiry_seconds",
+    "Seconds until the earliest notAfter among the certificates in each file in use",
+    ["cert"],
+)
+SYSTEM_USER = "harmony-system"
+MAX_RENEW_SLEEP = 3600.0
+MIN_RENEW_SLEEP = 0.2
+
+
+def system_password() -> str:
+    """A fresh password for the local system-account user, registered for redaction."""
+    return register(secrets.token_urlsafe(32))
+
+
+def connection_options(config: AgentConfig) -> ConnectionOptions:
+    n = config.nats
+    tls = n.tls
+    return ConnectionOptions(
+        servers=tuple(n.servers),
+        name=f"harmony-agent {config.agent_id}",
+        tls=TlsFiles(tls.ca_file, tls.cert_file, tls.key_file) if tls else None,
+        credentials=n.credentials,
+        user=n.user,
+        password_file=n.password_file,
+        inbox_prefix=agent_inbox_prefix(config.site, config.node),
+        connect_timeout=n.connect_timeout,
+        # Detect a dead server well within one ttl so the client fails over in time.
+        ping_interval=max(1.0, config.lease.ttl / 3),
+    )
+
+
+def embedded_spec(config: AgentConfig, system_password: str | None = None) -> ServerSpec:
+    n = config.nats
+    server_tls = None
+    if n.server_tls is not None:
+        st = n.server_tls
+        server_tls = ServerTls(
+            cert_file=st.cert_file,
+            key_file=st.key_file,
+            client_ca_file=st.client_ca_file,
+            route_ca_file=st.route_ca_file or config.trust.bundle_file or st.client_ca_file,
+        )
+    accounts = ""
+    system_listen = None
+    if n.accounts is not None:
+        a = n.accounts
+        with_password = system_password if n.system_listen else None
+        accounts = render_accounts(
+            MeshNames(stores=tuple(a.stores)),
+            Roles(
+                site=config.site,
+                agents=tuple(dict.fromkeys([config.node, *a.agents])),
+                operators=tuple(a.operators),
+                viewers=tuple(a.viewers),
+                trust_admins=tuple(a.trust_admins),
+                admins=tuple(a.admins),
+                system_password=with_password,
+                system_user=SYSTEM_USER,
+            ),
+        )
+        system_listen = n.system_listen if with_password else None
+    return ServerSpec(
+        name=f"{config.site}-{config.node}",
+        store_dir=config.state_dir / "nats" / "jetstream",
+        listen=n.listen,
+        monitor_listen=n.monitor_listen or None,
+        cluster_name=n.cluster_name,
+        cluster_listen=n.cluster_listen,
+        routes=tuple(n.routes),
+        tags=(f"site:{config.site}",),
+        server_tls=server_tls,
+        accounts=accounts,
+        system_listen=system_listen,
+        insecure=n.insecure,
+    )
+
+
+def _monitor_base(listen: str | None) -> str | None:
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+class SiteSecurity:
+    """Trust sync, eviction, renewal and certificate facts for one agent."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        connection: MeshConnection | None = None,
+        embedded: EmbeddedServer | None = None,
+        system_password: str | None = None,
+    ) -> None:
+        self.config = config
+        self.connection = connection
+        self.embedded = embedded
+        self.system_password = system_password
+        self.routes = RouteMap()
+        self.sync: TrustSync | None = None
+        self.evictions: list[dict[str, Any]] = []
+        self.renewals: list[dict[str, Any]] = []
+        self.renew_problem: str | None = None
+        self.expiries: dict[str, float] = {}
+
+    # --- trust ---------------------------------------------------------------------------
+
+    def own_ca(self) -> x509.Certificate | None:
+        path = self.config.trust.site_ca_file
+        if path is None:
+            return None
+        try:
+            return x509.load_pem_x509_certificates(path.read_bytes())[0]
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def trust_sync(self, kv: KeyValue) -> TrustSync:
+        """The task to supervise as ``trust-sync`` (``await sync.run()``)."""
+        cfg = self.config
+        if cfg.trust.bundle_file is None:
+            raise ValueError("trust.bundle_file is not set")
+        n = cfg.nats
+        if (
+            n.embedded
+            and n.server_tls is not None
+            and n.server_tls.route_ca_file not in (None, cfg.trust.bundle_file)
+        ):
+            log.warning(
+                "the embedded server's route CA file is not trust.bundle_file: "
+                "revocations will not reach its routes",
+                route_ca_file=str(n.server_tls.route_ca_file),
+                bundle_file=str(cfg.trust.bundle_file),
+            )
+        self.sync = TrustSync(
+            kv,
+            cfg.trust.bundle_file,
+            admin_key_or_none(cfg.trust.admin_public_key),
+            own_site=cfg.site,
+            own_ca=self.own_ca(),
+            state_path=cfg.state_dir / "trust-state.json",
+            on_change=self.on_bundle_change,
+        )
+        return self.sync
+
+    async def learn_routes(self) -> None:
+        """Remember which CA issued each configured route's certificate (call once the
+        server runs; eviction probes again and falls back on what was learned here)."""
+        if self.embedded is not None and self.embedded.spec.routes:
+            await self.routes.refresh(self.embedded.spec.routes)
+
+    async def on_bundle_change(self, change: BundleChange) -> None:
+        if self.embedded is None:
+            return  # an external server: its operator reloads it (docs/trust.md)
+        await self.evict(change)
+
+    async def evict(self, change: BundleChange) -> dict[str, Any]:
+        """Reload the embedded server without the evicted CAs' routes, then kick every
+        client connection they authenticated. Returns (and keeps) a report."""
+        assert self.embedded is not None
+        spec = self.embedded.spec
+        started = time.monotonic()
+        removed: list[str] = []
+        if change.evicted and spec.routes:
+            await self.routes.refresh(spec.routes)
+            removed = [r for r in spec.routes if self.routes.issued_by_any(r, change.evicted)]
+        base = _monitor_base(spec.monitor_listen)
+        before = None
+        if base is not None:
+            with contextlib.suppress(OSError, ValueError):
+                before = (await monitor(base, "varz")).get("config_load_time")
+        new_spec = dataclasses.replace(
+            spec, routes=tuple(r for r in spec.routes if r not in removed)
+        )
+        reloaded = self.embedded.reload(new_spec)
+        if reloaded and base is not None:
+            reloaded = await wait_reloaded(base, before)
+        kicked = 0
+        if change.evicted and reloaded and base is not None:
+            kicked = await self._kick(base, change)
+        report = {
+            "evicted": [fingerprint(c) for c in change.evicted],
+            "routes_removed": removed,
+            "reloaded": reloaded,
+            "clients_kicked": kicked,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        self.evictions.append(report)
+        del self.evictions[:-10]
+        log.info("eviction applied", **report)
+        return report
+
+    async def _kick(self, base: str, change: BundleChange) -> int:
+        if self.system_password is None or self.embedded is None:
+            log.warning("no system user: evicted clients stay until they reconnect")
+            return 0
+        trusted = list(change.trusted)
+        client_ca = (
+            self.config.nats.server_tls.client_ca_file if self.config.nats.server_tls else None
+        )
+        if client_ca is not None:
+            trusted += read_bundle(client_ca)
+        conns = await connections(base)
+        cids = to_kick(conns, change.evicted, trusted)
+        if not cids:
+            return 0
+        server_id = str((await monitor(base, "varz")).get("server_id"))
+        system = await nats.connect(
+            servers=[f"ws://{self.embedded.spec.system_listen}"],
+            user=SYSTEM_USER,
+            password=self.system_password,
+            inbox_prefix=SYSTEM_INBOX,
+            name="harmony-agent system",
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=2,
+        )
+        try:
+            return await kick(system, server_id, cids)
+        finally:
+            await system.close()
+
+    # --- certificates --------------------------------------------------------------------
+
+    def certificate_files(self) -> dict[str, Path]:
+        cfg = self.config
+        files: dict[str, Path] = {}
+        if cfg.nats.tls is not None:
+            if cfg.nats.tls.cert_file is not None:
+                files["agent"] = cfg.nats.tls.cert_file
+            if cfg.nats.tls.ca_file is not None:
+                files["agent-ca"] = cfg.nats.tls.ca_file
+        if cfg.nats.embedded and cfg.nats.server_tls is not None:
+            files["server"] = cfg.nats.server_tls.cert_file
+            files["client-ca"] = cfg.nats.server_tls.client_ca_file
+        if cfg.trust.site_ca_file is not None:
+            files["site-ca"] = cfg.trust.site_ca_file
+        if cfg.trust.bundle_file is not None:
+            files["bundle"] = cfg.trust.bundle_file
+        return files
+
+    def update_expiry(self) -> dict[str, float]:
+        self.expiries = expiry_seconds(self.certificate_files())
+        for name, seconds in self.expiries.items():
+            CERT_EXPIRY.labels(cert=name).set(seconds)
+        return self.expiries
+
+    def warnings(self) -> list[str]:
+        """Certificates in use that expire within 30 days (for ``status``)."""
+        return expiry_warnings(self.update_expiry())
+
+    def _leaves(self) -> list[tuple[str, Path, Path]]:
+        cfg = self.config
+        leaves: list[tuple[str, Path, Path]] = []
+        tls = cfg.nats.tls
+        if tls is not None and tls.cert_file is not None and tls.key_file is not None:
+            leaves.append(("agent", tls.cert_file, tls.key_file))
+        st = cfg.nats.server_tls
+        if cfg.nats.embedded and st is not None and st.cert_file not in [p for _, p, _ in leaves]:
+            leaves.append(("server", st.cert_file, st.key_file))
+        return leaves
+
+    def _site_ca(self) -> SiteCA | None:
+        ca_dir = self.config.trust.ca_dir
+        if ca_dir is None:
+            self.renew_problem = "trust.ca_dir is not set: leaves are renewed elsewhere"
+            return None
+        try:
+            ca = SiteCA.load(ca_dir)
+        except TrustError as exc:
+            self.renew_problem = str(exc)
+            return None
+        if ca.site != self.config.site:
+            self.renew_problem = f"{ca_dir} holds the CA of {ca.site!r}, not {self.config.site!r}"
+            return None
+        self.renew_problem = None
+        return ca
+
+    def renew_once(self, now: datetime.datetime | None = None) -> list[str]:
+        """Renew every leaf past 2/3 of its life; reload/refresh what uses it."""
+        due = []
+        for name, cert, key in self._leaves():
+            try:
+                if renewal_due(leaf_of(cert), now):
+                    due.append((name, cert, key))
+            except (OSError, ValueError, IndexError) as exc:
+                self.renew_problem = f"{name}: {cert}: {exc!r}"
+        renewed: list[str] = []
+        if due:
+            ca = self._site_ca()
+            for name, cert, key in due if ca is not None else ():
+                assert ca is not None
+                try:
+                    new = renew_leaf(ca, cert, key)
+                except (OSError, ValueError, TrustError) as exc:
+                    self.renew_problem = f"renewing {name}: {exc!r}"
+                    continue
+                renewed.append(name)
+                self.renewals.append(
+                    {"cert": name, "serial": format(new.serial_number, "x"), "at": time.time()}
+                )
+                del self.renewals[:-10]
+                log.info("certificate renewed", cert=name, serial=format(new.serial_number, "x"))
+        if "server" in renewed and self.embedded is not None:
+            self.embedded.reload()
+        if "agent" in renewed and self.connection is not None:
+            self.connection.refresh_tls()
+        self.update_expiry()
+        return renewed
+
+    def next_renewal(self) -> float:
+        """Seconds until the earliest leaf is due (clamped)."""
+        now = datetime.datetime.now(datetime.UTC)
+        waits = []
+        for _, cert, _ in self._leaves():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                waits.append((renew_time(leaf_of(cert)) - now).total_seconds())
+        wait = min(waits) if waits else MAX_RENEW_SLEEP
+        return min(MAX_RENEW_SLEEP, max(MIN_RENEW_SLEEP, wait))
+
+    async def renew_forever(self) -> None:
+        """The ``cert-renew`` task: renew when due, update the expiry gauge, never exit."""
+        while True:
+            try:
+                self.renew_once()
+            except Exception as exc:  # never take the agent down over a renewal
+                self.renew_problem = redact(repr(exc))
+                log.error("certificate renewal failed", error=self.renew_problem)
+            await asyncio.sleep(self.next_renewal())
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``security`` section of the live status (no secret in it)."""
+        return {
+            "security": {
+                "trust": self.sync.status() if self.sync is not None else None,
+                "certificates": {k: round(v) for k, v in self.update_expiry().items()},
+                "warnings": expiry_warnings(self.expiries),
+                "renewal_problem": self.renew_problem,
+                "renewals": list(self.renewals),
+                "evictions": list(self.evictions),
+            }
+        }
