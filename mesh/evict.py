@@ -58,25 +58,23 @@ def issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
 async def route_certificate(url: str, timeout: float = 2.0) -> x509.Certificate | None:
     """The certificate the route port at ``url`` presents, or None if it cannot be read.
 
-    Nothing is verified here (we only want to know *who* is there) and nothing is sent but
-    a TLS ClientHello: the peer closes the connection when we offer no certificate.
+    Route ports speak TLS first. Nothing is verified here (we only want to know *who* is
+    there) and no client certificate is offered, so the peer drops the connection right
+    after the handshake, having sent us its certificate.
     """
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 6222
     if host is None:
         return None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        writer = w
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        if not line.startswith(b"INFO "):
-            return None
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        await asyncio.wait_for(w.start_tls(ctx, server_hostname=host), timeout)
-        ssl_object = w.get_extra_info("ssl_object")
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), timeout
+        )
+        ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         return x509.load_der_x509_certificate(der) if der else None
     except (OSError, TimeoutError, ssl.SSLError, ValueError):

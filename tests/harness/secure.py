@@ -130,8 +130,12 @@ class SecureSites(Sites):
         workdir: Path,
         names: tuple[str, ...] = ("site-a", "site-b", "site-c"),
         nodes: tuple[str, ...] = ("n1",),
+        rogue: str | None = None,
     ) -> None:
-        super().__init__(workdir, names)
+        """``rogue``: one more namespace whose CA no site trusts (joins nothing)."""
+        super().__init__(workdir, (*names, rogue) if rogue else names)
+        self.members = names
+        self.rogue = rogue
         self.nodes = nodes
         self.pki = Pki(workdir / "pki")
         self.stores = MeshNames(stores=names)
@@ -162,6 +166,17 @@ class SecureSites(Sites):
     def make_pki(self) -> None:
         self.operators_ca = self.pki.init("operators")
         for site in self.sites.values():
+            if site.name == self.rogue:
+                # An unknown CA whose server claims a member's name: refused all the same.
+                self.pki.init(site.name)
+                self.pki.issue(
+                    site.name,
+                    "nats",
+                    dns=(server_host(self.members[0]), server_host(site.name)),
+                    ips=(site.data_ip, site.mgmt_ip, "127.0.0.1"),
+                )
+                self.pki.issue(site.name, "n1")
+                continue
             self.pki.init(site.name)
             self.pki.issue(
                 site.name,
@@ -177,7 +192,7 @@ class SecureSites(Sites):
         people = [u for users in PEOPLE.values() for u in users] + [ADMIN]
         for user in people:
             self.pki.issue("operators", user)
-        self.bundle = self.pki.concat("bundle.pem", *(self.pki.ca_cert(s) for s in self.sites))
+        self.bundle = self.pki.concat("bundle.pem", *(self.pki.ca_cert(s) for s in self.members))
 
     def leaf(self, site: str, name: str) -> tuple[Path, Path]:
         out = self.pki.root / "leaves" / site
@@ -215,7 +230,7 @@ class SecureSites(Sites):
 
     def secure_node(self, site_name: str, peers: tuple[str, ...] | None = None) -> SecureNode:
         site = self.sites[site_name]
-        others = peers if peers is not None else tuple(s for s in self.sites if s != site_name)
+        others = peers if peers is not None else tuple(s for s in self.members if s != site_name)
         return SecureNode(
             name=f"n-{site.name}",
             workdir=self.workdir / site.name / "nats",
@@ -232,9 +247,27 @@ class SecureSites(Sites):
         )
 
     def start_secure(self) -> None:
-        for name, site in self.sites.items():
+        for name in self.members:
+            site = self.sites[name]
             site.nats = self.secure_node(name)
             site.nats.start()
+
+    def start_rogue(self) -> SecureNode:
+        """The rogue server: its own CA (trusted by nobody), routes to every member, and it
+        trusts the members' (public) bundle so that the members do judge its certificate."""
+        assert self.rogue is not None
+        site = self.sites[self.rogue]
+        trusts = self.pki.concat("rogue-trusts.pem", self.bundle, self.pki.ca_cert(self.rogue))
+        cert, key = self.leaf(self.rogue, "nats")
+        tls = ServerTls(cert, key, client_ca_file=trusts, route_ca_file=trusts)
+        node = dataclasses.replace(
+            self.secure_node(self.rogue, peers=self.members),
+            server_tls=tls,
+            accounts=render_accounts(self.stores, Roles(site=self.rogue, agents=("n1",))),
+        )
+        site.nats = node
+        node.start()
+        return node
 
     def node(self, site: str) -> SecureNode:
         node = self.sites[site].nats
@@ -243,9 +276,11 @@ class SecureSites(Sites):
 
     # --- clients -----------------------------------------------------------------------
 
-    def agent_context(self, site: str, node: str = "n1") -> ssl.SSLContext:
+    def agent_context(
+        self, site: str, node: str = "n1", server_ca: str | None = None
+    ) -> ssl.SSLContext:
         cert, key = self.leaf(site, node)
-        return client_context(self.pki.ca_cert(site), cert, key)
+        return client_context(self.pki.ca_cert(server_ca or site), cert, key)
 
     def person_context(self, site: str, user: str) -> ssl.SSLContext:
         cert, key = self.leaf("operators", user)
