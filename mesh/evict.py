@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import time
 import urllib.request
@@ -55,35 +56,34 @@ def issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
+def _peer_certificate(host: str, port: int, timeout: float) -> x509.Certificate | None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
 async def route_certificate(url: str, timeout: float = 2.0) -> x509.Certificate | None:
     """The certificate the route port at ``url`` presents, or None if it cannot be read.
 
     Route ports speak TLS first. Nothing is verified here (we only want to know *who* is
     there) and no client certificate is offered, so the peer drops the connection right
-    after the handshake, having sent us its certificate.
+    after the handshake, having sent us its certificate. The probe runs in a thread with a
+    blocking socket: a TLS alert on an asyncio transport was seen to disturb nats-py's own
+    TLS connection in the same event loop.
     """
     parts = urlsplit(url)
-    host, port = parts.hostname, parts.port or 6222
-    if host is None:
+    if parts.hostname is None:
         return None
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    writer: asyncio.StreamWriter | None = None
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), timeout
-        )
-        ssl_object = writer.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        return x509.load_der_x509_certificate(der) if der else None
-    except (OSError, TimeoutError, ssl.SSLError, ValueError):
-        return None
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+    return await asyncio.to_thread(_peer_certificate, parts.hostname, parts.port or 6222, timeout)
 
 
 @dataclass

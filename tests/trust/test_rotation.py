@@ -1,0 +1,215 @@
+"""Rotation without restarts (issue 12 item 3), with leaves valid for a few seconds.
+
+A real embedded nats-server (mTLS, this site's accounts) and a real agent connection with
+a session on it; the renewer re-issues both leaves past 2/3 of their life, reloads the
+server and refreshes the client's TLS context. A fresh TLS handshake sees the server's new
+serial, a reconnection presents the agent's new certificate, the session never ends, and
+``harmony_cert_expiry_seconds`` follows the renewed certificates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from cryptography import x509
+from nats.js.api import KeyValueConfig
+from prometheus_client import REGISTRY
+
+from agent.config import AgentConfig
+from agent.security import SiteSecurity, connection_options, embedded_spec, system_password
+from mesh.connection import MeshConnection
+from mesh.embedded import EmbeddedServer
+from mesh.evict import cert_sha256, connections
+from mesh.rotation import leaf_of
+from mesh.session import Session
+from mesh.trust import SiteCA, cert_pem, write_private
+from tests.harness.ports import free_port
+from tests.harness.wait import eventually
+
+LIFE = datetime.timedelta(seconds=8)
+
+
+def write_leaf(ca: SiteCA, name: str, out: Path, life: datetime.timedelta, **kw: Any) -> Path:
+    cert, key = ca.issue(name, validity=life, **kw)
+    (out / f"{name}.crt").write_bytes(cert_pem(cert) + cert_pem(ca.cert))
+    write_private(out / f"{name}.key", key)
+    return out / f"{name}.crt"
+
+
+def _serial(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.makefile("rb").readline()  # INFO in the clear, then TLS
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def server_serial(port: int) -> int:
+    """A fresh TLS handshake with the client port: the serial the server presents now.
+    (A blocking socket in a thread: see mesh.evict.route_certificate.)"""
+    return await asyncio.to_thread(_serial, port)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[tuple[SiteSecurity, MeshConnection, int]]:
+    ca = SiteCA.create("site-a", tmp_path / "ca")
+    people = SiteCA.create("operators", tmp_path / "ops-ca")
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    write_leaf(ca, "nats", tls, LIFE, ips=["127.0.0.1"])
+    write_leaf(ca, "n1", tls, LIFE)
+    write_leaf(people, "adm-1", tls, datetime.timedelta(days=1))
+    clients = tls / "clients.pem"
+    clients.write_bytes(cert_pem(ca.cert) + cert_pem(people.cert))
+    port, monitor = free_port(), free_port()
+    config = AgentConfig(
+        site="site-a",
+        node="n1",
+        state_dir=tmp_path / "state",
+        nats={
+            "embedded": True,
+            "servers": [f"tls://127.0.0.1:{port}"],
+            "listen": f"127.0.0.1:{port}",
+            "monitor_listen": f"127.0.0.1:{monitor}",
+            "system_listen": f"127.0.0.1:{free_port()}",
+            "tls": {
+                "ca_file": tmp_path / "ca" / "ca.crt",
+                "cert_file": tls / "n1.crt",
+                "key_file": tls / "n1.key",
+            },
+            "server_tls": {
+                "cert_file": tls / "nats.crt",
+                "key_file": tls / "nats.key",
+                "client_ca_file": clients,
+            },
+            "accounts": {"stores": ["site-a"], "admins": ["adm-1"]},
+        },
+        trust={"ca_dir": tmp_path / "ca", "site_ca_file": tmp_path / "ca" / "ca.crt"},
+        lease={"ttl": "3s"},
+    )
+    password = system_password()
+    embedded = EmbeddedServer(embedded_spec(config, password), tmp_path / "nats" / "nats.conf")
+    conn = MeshConnection(connection_options(config))
+    security = SiteSecurity(config, connection=conn, embedded=embedded, system_password=password)
+    server = asyncio.create_task(embedded.run())
+    try:
+        await embedded.wait_started()
+        await asyncio.wait_for(conn.connect(), 20)
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))
+        ctx.load_cert_chain(str(tls / "adm-1.crt"), str(tls / "adm-1.key"))
+        admin = await nats.connect(
+            servers=[f"tls://127.0.0.1:{port}"], tls=ctx, inbox_prefix="_INBOX_user.adm-1"
+        )
+        await admin.jetstream().create_key_value(KeyValueConfig(bucket="harmony-state"))
+        await admin.close()
+        yield security, conn, port
+    finally:
+        await conn.close()
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+
+
+async def test_leaves_renewed_and_served_without_restart(
+    secured: tuple[SiteSecurity, MeshConnection, int],
+) -> None:
+    security, conn, port = secured
+    cfg = security.config
+    assert cfg.nats.server_tls is not None and cfg.nats.tls is not None
+    server_file, agent_file = cfg.nats.server_tls.cert_file, cfg.nats.tls.cert_file
+    assert agent_file is not None
+    first_server, first_agent = leaf_of(server_file), leaf_of(agent_file)
+    assert await server_serial(port) == first_server.serial_number
+
+    kv = await conn.js.key_value("harmony-state")
+    session = Session(kv, "agent.site-a.n1", "site-a/n1", ttl=3.0, margin=0.3)
+    lost: list[str] = []
+    session.on_lost.append(lost.append)
+    assert await session.open()
+    epoch = session.epoch
+    pid = security.embedded.process.pid  # type: ignore[union-attr]
+    tasks = [asyncio.create_task(session.run()), asyncio.create_task(security.renew_forever())]
+    try:
+        # Two generations each: the renewed leaves are renewed again in their turn.
+        await eventually(
+            lambda: (
+                sum(r["cert"] == "server" for r in security.renewals) >= 2
+                and sum(r["cert"] == "agent" for r in security.renewals) >= 2
+            ),
+            timeout=30,
+            what="two renewals of each leaf",
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        assert now > first_server.not_valid_after_utc, "the first leaves have expired by now"
+        renewed = leaf_of(server_file)
+        assert renewed.serial_number != first_server.serial_number
+        # The running server (same process) serves the renewed certificate.
+        assert security.embedded.process.pid == pid  # type: ignore[union-attr]
+        await eventually(
+            lambda: server_serial(port),
+            what="a handshake",
+        )
+        serial = await server_serial(port)
+        assert serial == leaf_of(server_file).serial_number, "server serves the new leaf"
+
+        # The agent reconnects with its renewed certificate; the session is untouched.
+        assert conn.tls_refreshes >= 1
+        await conn.nc.force_reconnect()
+        await eventually(lambda: conn.connected, what="reconnected")
+        agent_now = leaf_of(agent_file)
+        assert agent_now.serial_number != first_agent.serial_number
+        base = f"http://{cfg.nats.monitor_listen}"
+
+        async def presented() -> bool:
+            conns = await connections(base)
+            shas = {c["tls_peer_certs"][0]["cert_sha256"] for c in conns if c.get("tls_peer_certs")}
+            return cert_sha256(leaf_of(agent_file)) in shas
+
+        await eventually(presented, what="the renewed agent certificate on the server")
+        await eventually(lambda: session.revision is not None and session.valid(), what="renew")
+        assert session.epoch == epoch and lost == [], lost
+
+        # The expiry gauge follows the renewed certificates.
+        security.update_expiry()
+        server_left = REGISTRY.get_sample_value("harmony_cert_expiry_seconds", {"cert": "server"})
+        expected = leaf_of(server_file).not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        assert server_left is not None and abs(server_left - expected.total_seconds()) < 2
+        ca_left = REGISTRY.get_sample_value("harmony_cert_expiry_seconds", {"cert": "site-ca"})
+        assert ca_left is not None and ca_left > 9 * 365 * 86400
+        warnings = security.warnings()
+        assert any(w.startswith("server: expires in") for w in warnings), warnings
+        assert not any(w.startswith("site-ca") for w in warnings), warnings
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_no_ca_key_no_renewal_but_a_reason(tmp_path: Path) -> None:
+    ca = SiteCA.create("site-a", tmp_path / "ca")
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    write_leaf(ca, "n1", tls, datetime.timedelta(seconds=1))
+    config = AgentConfig(
+        site="site-a",
+        node="n1",
+        state_dir=tmp_path / "state",
+        nats={"tls": {"cert_file": tls / "n1.crt", "key_file": tls / "n1.key"}},
+        trust={"ca_dir": tmp_path / "absent"},
+    )
+    security = SiteSecurity(config)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=5)
+    assert security.renew_once(later) == []
+    assert security.renew_problem is not None and "no site CA" in security.renew_problem
+    assert security.warnings() and security.warnings()[0].startswith("agent: expire")
