@@ -124,7 +124,9 @@ class AccountsConfig(_Section):
     stores: list[str] = Field(min_length=1)
     """The mesh's lease stores (bucket ``harmony-leases-<store>`` each), as in the descriptor."""
     agents: list[str] = Field(default_factory=list)
-    """Nodes of this site whose agents connect here; the server's own node is always one."""
+    """Agents that connect here: ``<node>`` of this site (the server's own node is always
+    one), or ``<site>/<node>`` of a site without its own server, whose CA this server then
+    trusts for clients for as long as the signed trust bundle does."""
     operators: list[str] = Field(default_factory=list)
     viewers: list[str] = Field(default_factory=list)
     trust_admins: list[str] = Field(default_factory=list)
@@ -142,8 +144,11 @@ class AccountsConfig(_Section):
     @classmethod
     def _nodes(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not re.match(NODE_PATTERN, name):
-                raise ValueError(f"{name!r} must match {NODE_PATTERN}")
+            site, _, node = name.rpartition("/")
+            if site and not re.match(SITE_PATTERN, site):
+                raise ValueError(f"{name!r}: site must match {SITE_PATTERN}")
+            if not re.match(NODE_PATTERN, node):
+                raise ValueError(f"{name!r}: node must match {NODE_PATTERN}")
         return names
 
 

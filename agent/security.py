@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from mesh.rotation import (
     renew_time,
     renewal_due,
 )
-from mesh.trust import SiteCA, TrustError, fingerprint
+from mesh.trust import SiteCA, TrustError, TrustState, fingerprint, write_atomically
 
 log = structlog.get_logger("agent.security")
 
@@ -80,15 +81,68 @@ def connection_options(config: AgentConfig) -> ConnectionOptions:
     )
 
 
+def guest_agents(config: AgentConfig) -> list[tuple[str, str]]:
+    """Agents of other sites that connect to this site's server (``<site>/<node>``)."""
+    out = []
+    for entry in config.nats.accounts.agents if config.nats.accounts else []:
+        site, _, node = entry.rpartition("/")
+        if site and site != config.site:
+            out.append((site, node))
+    return out
+
+
+def local_agents(config: AgentConfig) -> list[str]:
+    nodes = [config.node]
+    for entry in config.nats.accounts.agents if config.nats.accounts else []:
+        site, _, node = entry.rpartition("/")
+        if not site or site == config.site:
+            nodes.append(node)
+    return list(dict.fromkeys(nodes))
+
+
+def trust_state_path(config: AgentConfig) -> Path:
+    return config.state_dir / "trust-state.json"
+
+
+def client_ca_path(config: AgentConfig) -> Path:
+    return config.state_dir / "nats" / "client-ca.pem"
+
+
+def write_client_ca(config: AgentConfig, trusted: Mapping[str, str]) -> tuple[Path, bool]:
+    """The client listener's CAs: the configured ones (this site, operators) plus, for each
+    guest agent's site, that site's CA *as the signed bundle has it now* (keyed by the KV
+    key): revoking the site drops it here too."""
+    st = config.nats.server_tls
+    assert st is not None
+    pems = st.client_ca_file.read_bytes()
+    for site in sorted({site for site, _ in guest_agents(config)}):
+        if site in trusted:
+            pems += trusted[site].encode()
+    path = client_ca_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path, write_atomically(path, pems)
+
+
+def _persisted_trust(config: AgentConfig) -> dict[str, str]:
+    try:
+        return TrustState.load(trust_state_path(config)).trusted()
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return {}
+
+
 def embedded_spec(config: AgentConfig, system_password: str | None = None) -> ServerSpec:
+    """The embedded server's spec; with guest agents, (re)writes their client CA file."""
     n = config.nats
     server_tls = None
     if n.server_tls is not None:
         st = n.server_tls
+        client_ca = st.client_ca_file
+        if guest_agents(config):
+            client_ca, _ = write_client_ca(config, _persisted_trust(config))
         server_tls = ServerTls(
             cert_file=st.cert_file,
             key_file=st.key_file,
-            client_ca_file=st.client_ca_file,
+            client_ca_file=client_ca,
             route_ca_file=st.route_ca_file or config.trust.bundle_file or st.client_ca_file,
         )
     accounts = ""
@@ -100,7 +154,8 @@ def embedded_spec(config: AgentConfig, system_password: str | None = None) -> Se
             MeshNames(stores=tuple(a.stores)),
             Roles(
                 site=config.site,
-                agents=tuple(dict.fromkeys([config.node, *a.agents])),
+                agents=tuple(local_agents(config)),
+                guest_agents=tuple(guest_agents(config)),
                 operators=tuple(a.operators),
                 viewers=tuple(a.viewers),
                 trust_admins=tuple(a.trust_admins),
@@ -191,10 +246,18 @@ class SiteSecurity:
             admin_key_or_none(cfg.trust.admin_public_key),
             own_site=cfg.site,
             own_ca=self.own_ca(),
-            state_path=cfg.state_dir / "trust-state.json",
+            state_path=trust_state_path(cfg),
             on_change=self.on_bundle_change,
+            on_synced=self.on_synced,
         )
         return self.sync
+
+    async def on_synced(self) -> None:
+        """After the first sync: guest sites' CAs as the signed bundle has them now."""
+        if self.embedded is not None and guest_agents(self.config) and self.sync is not None:
+            _, changed = write_client_ca(self.config, self.sync.state.trusted())
+            if changed:
+                self.embedded.reload()
 
     async def learn_routes(self) -> None:
         """Remember which CA issued each configured route's certificate (call once the
@@ -205,27 +268,35 @@ class SiteSecurity:
     async def on_bundle_change(self, change: BundleChange) -> None:
         if self.embedded is None:
             return  # an external server: its operator reloads it (docs/trust.md)
+        if guest_agents(self.config) and self.sync is not None:
+            write_client_ca(self.config, self.sync.state.trusted())
         await self.evict(change)
 
     async def evict(self, change: BundleChange) -> dict[str, Any]:
-        """Reload the embedded server without the evicted CAs' routes, then kick every
-        client connection they authenticated. Returns (and keeps) a report."""
+        """Reload the embedded server with the routes whose servers' CAs are still trusted
+        (every configured route whose certificate we never saw stays: its handshake is
+        checked against the new bundle anyway), then kick every client connection the
+        evicted CAs authenticated. Returns (and keeps) a report."""
         assert self.embedded is not None
         spec = self.embedded.spec
         started = time.monotonic()
-        removed: list[str] = []
-        if change.evicted and spec.routes:
-            await self.routes.refresh(spec.routes)
-            removed = [r for r in spec.routes if self.routes.issued_by_any(r, change.evicted)]
+        configured = tuple(self.config.nats.routes)
+        if configured:
+            await self.routes.refresh(configured)
+        trusted = list(change.trusted)
+        keep = tuple(
+            r
+            for r in configured
+            if r not in self.routes.certs or self.routes.issued_by_any(r, trusted)
+        )
+        removed = [r for r in spec.routes if r not in keep]
+        restored = [r for r in keep if r not in spec.routes]
         base = _monitor_base(spec.monitor_listen)
         before = None
         if base is not None:
             with contextlib.suppress(OSError, ValueError):
                 before = (await monitor(base, "varz")).get("config_load_time")
-        new_spec = dataclasses.replace(
-            spec, routes=tuple(r for r in spec.routes if r not in removed)
-        )
-        reloaded = self.embedded.reload(new_spec)
+        reloaded = self.embedded.reload(dataclasses.replace(spec, routes=keep))
         if reloaded and base is not None:
             reloaded = await wait_reloaded(base, before)
         kicked = 0
@@ -234,13 +305,14 @@ class SiteSecurity:
         report = {
             "evicted": [fingerprint(c) for c in change.evicted],
             "routes_removed": removed,
+            "routes_restored": restored,
             "reloaded": reloaded,
             "clients_kicked": kicked,
             "seconds": round(time.monotonic() - started, 3),
         }
         self.evictions.append(report)
         del self.evictions[:-10]
-        log.info("eviction applied", **report)
+        log.info("bundle change applied", **report)
         return report
 
     async def _kick(self, base: str, change: BundleChange) -> int:
@@ -248,11 +320,8 @@ class SiteSecurity:
             log.warning("no system user: evicted clients stay until they reconnect")
             return 0
         trusted = list(change.trusted)
-        client_ca = (
-            self.config.nats.server_tls.client_ca_file if self.config.nats.server_tls else None
-        )
-        if client_ca is not None:
-            trusted += read_bundle(client_ca)
+        if self.embedded.spec.server_tls is not None:
+            trusted += read_bundle(self.embedded.spec.server_tls.client_ca_file)
         conns = await connections(base)
         cids = to_kick(conns, change.evicted, trusted)
         if not cids:

@@ -84,6 +84,7 @@ class TrustSync:
         own_ca: x509.Certificate | None = None,
         state_path: Path | None = None,
         on_change: Callable[[BundleChange], Awaitable[None]] | None = None,
+        on_synced: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.kv = kv
         self.path = bundle_path
@@ -92,7 +93,12 @@ class TrustSync:
         self.own_ca = own_ca
         self.state_path = state_path or bundle_path.with_name(bundle_path.name + ".state.json")
         self.on_change = on_change
+        self.on_synced = on_synced
+        fresh = not self.state_path.exists()
         self.state = self._load_state()
+        if fresh and bundle_path.exists():
+            # First start: the installed bundle is the operator's bootstrap trust.
+            self.state.seed(bundle_path.read_bytes())
         self.rejected: Tally[str] = Tally()
         self.last_rejected: deque[dict[str, Any]] = deque(maxlen=KEEP_REJECTIONS)
         self.last_error: str | None = None
@@ -171,7 +177,7 @@ class TrustSync:
         log.info(
             "trust bundle updated",
             path=str(self.path),
-            sites=sorted(self.state.certs),
+            sites=sorted(self.state.trusted()),
             evicted=[fingerprint(c) for c in change.evicted],
         )
         if self.on_change is not None:
@@ -204,7 +210,16 @@ class TrustSync:
             async for entry in watcher:
                 if entry is None:  # end of the initial values
                     await self.flush()
+                    first = not self.synced.is_set()
                     self.synced.set()
+                    if first and self.on_synced is not None:
+                        try:
+                            await self.on_synced()
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception as exc:
+                            self.last_error = f"after the first sync: {exc!r}"
+                            log.error("reacting to the first sync failed", error=repr(exc))
                     continue
                 changed = self.handle(entry.key, entry.value, entry.operation)
                 if changed and self.synced.is_set():
@@ -217,7 +232,7 @@ class TrustSync:
 
     def status(self) -> dict[str, Any]:
         sites = {}
-        for site, pem in sorted(self.state.certs.items()):
+        for site, pem in sorted(self.state.trusted().items()):
             cert = x509.load_pem_x509_certificate(pem.encode())
             sites[site] = {
                 "fingerprint": fingerprint(cert),  # recomputed, never read from an entry
@@ -229,6 +244,7 @@ class TrustSync:
             "bundle_file": str(self.path),
             "synced": self.synced.is_set(),
             "sites": sites,
+            "bootstrap_only": sorted(set(self.state.seeded) - set(self.state.serials)),
             "revoked": sorted(self.state.revoked),
             "own_site_revoked": own_revoked,
             "rejected": dict(self.rejected),

@@ -221,6 +221,10 @@ class Roles:
     site: str
     agents: tuple[str, ...] = ()
     """Nodes of *this* site whose agents connect here (certificate ``CN=<node>,OU=<site>``)."""
+    guest_agents: tuple[tuple[str, str], ...] = ()
+    """(site, node) of agents of *other* sites that connect here (a site without its own
+    server); the client listener must then also trust those sites' CAs (from the signed
+    bundle, so that revoking the site locks its agents out)."""
     operators: tuple[str, ...] = ()
     viewers: tuple[str, ...] = ()
     trust_admins: tuple[str, ...] = ()
@@ -233,8 +237,12 @@ class Roles:
 
     def users(self, names: MeshNames) -> list[User]:
         users = [
-            User(agent_identity(self.site, n), agent_permissions(names, self.site, n))
-            for n in self.agents
+            User(agent_identity(site, n), agent_permissions(names, site, n))
+            for site, n in ((self.site, n) for n in self.agents)
+        ]
+        users += [
+            User(agent_identity(site, n), agent_permissions(names, site, n))
+            for site, n in self.guest_agents
         ]
         by_role = (
             (self.operators, lambda u: operator_permissions(names, u)),

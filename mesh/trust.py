@@ -470,6 +470,30 @@ class TrustState:
     """site -> PEM of its CA, for sites not revoked."""
     revoked: dict[str, int] = field(default_factory=dict)
     """site -> serial of its tombstone."""
+    seeded: dict[str, str] = field(default_factory=dict)
+    """site -> PEM from the operator's bootstrap bundle (the file as installed, read once):
+    trusted until a signed entry for that site (a CA or a tombstone) is accepted, so that
+    an agent that syncs before the entries are published evicts nobody."""
+
+    def seed(self, pems: bytes) -> None:
+        """Remember the bootstrap bundle, keyed by each CA's OU (an operator's file, not an
+        entry); certificates without a valid site OU are ignored."""
+        try:
+            certs = x509.load_pem_x509_certificates(pems)
+        except ValueError:
+            return
+        for cert in certs:
+            units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+            site = str(units[0].value) if len(units) == 1 else ""
+            if SITE_RE.match(site) and site not in RESERVED_SITES:
+                self.seeded.setdefault(site, cert_pem(cert).decode())
+
+    def trusted(self) -> dict[str, str]:
+        """site -> PEM of every CA trusted now: signed entries, then seeds of sites that
+        never had one."""
+        pems = {s: p for s, p in self.seeded.items() if s not in self.serials}
+        pems.update(self.certs)
+        return pems
 
     def apply(self, entry: Verified) -> bool:
         """Record a verified entry; Rejected("stale") unless its serial is new. True when
@@ -477,7 +501,7 @@ class TrustState:
         last = self.serials.get(entry.site)
         if last is not None and entry.serial <= last:
             raise Rejected("stale", f"serial {entry.serial} is not after {last}")
-        before = self.certs.get(entry.site)
+        before = self.trusted().get(entry.site)
         self.serials[entry.site] = entry.serial
         if entry.certificate is None:
             self.certs.pop(entry.site, None)
@@ -485,11 +509,17 @@ class TrustState:
         else:
             self.certs[entry.site] = cert_pem(entry.certificate).decode()
             self.revoked.pop(entry.site, None)
-        return self.certs.get(entry.site) != before
+        return self.trusted().get(entry.site) != before
 
     def to_json(self) -> str:
         return json.dumps(
-            {"serials": self.serials, "certs": self.certs, "revoked": self.revoked}, indent=1
+            {
+                "serials": self.serials,
+                "certs": self.certs,
+                "revoked": self.revoked,
+                "seeded": self.seeded,
+            },
+            indent=1,
         )
 
     @classmethod
@@ -501,6 +531,7 @@ class TrustState:
                 serials={str(k): int(v) for k, v in data["serials"].items()},
                 certs={str(k): str(v) for k, v in data["certs"].items()},
                 revoked={str(k): int(v) for k, v in data["revoked"].items()},
+                seeded={str(k): str(v) for k, v in data.get("seeded", {}).items()},
             )
         except FileNotFoundError:
             return cls()
@@ -508,7 +539,7 @@ class TrustState:
     def bundle(self, own_site: str | None = None, own_ca: x509.Certificate | None = None) -> bytes:
         """The PEM bundle, sorted by site (stable output). A site's own CA is always in its
         own bundle, whatever the mesh says about it."""
-        pems = dict(self.certs)
+        pems = self.trusted()
         if own_site is not None and own_ca is not None:
             pems[own_site] = cert_pem(own_ca).decode()
         return "".join(pems[s] for s in sorted(pems)).encode()

@@ -327,3 +327,42 @@ def test_admin_key_files(tmp_path: Path) -> None:
     assert parse_admin_public_key(public).public_bytes(
         serialization.Encoding.Raw, raw
     ) == key.public_key().public_bytes(serialization.Encoding.Raw, raw)
+
+
+async def test_syncing_before_entries_exist_evicts_nobody(
+    tmp_path: Path,
+    trust_kv: KeyValue,
+    admin: ed25519.Ed25519PrivateKey,
+    cas: dict[str, SiteCA],
+) -> None:
+    """The installed bundle is the bootstrap trust until signed entries speak for a site."""
+    bundle = tmp_path / "bundle.pem"
+    installed = cert_pem(cas["site-a"].cert) + cert_pem(cas["site-b"].cert)
+    bundle.write_bytes(installed)
+    changes: list[int] = []
+
+    async def on_change(change: object) -> None:
+        changes.append(1)
+
+    sync = TrustSync(
+        trust_kv,
+        bundle,
+        admin.public_key(),
+        own_site="site-a",
+        own_ca=cas["site-a"].cert,
+        state_path=tmp_path / "state.json",
+        on_change=on_change,  # type: ignore[arg-type]
+    )
+    task = start(sync)
+    try:
+        await asyncio.wait_for(sync.synced.wait(), 10)
+        assert bundle.read_bytes() == installed and changes == []
+        assert sync.status()["bootstrap_only"] == ["site-a", "site-b"]
+        await trust_kv.put("ca.site-b", sign_entry("site-b", None, admin, next_serial(None)))
+        await eventually(
+            lambda: cert_pem(cas["site-b"].cert) not in bundle.read_bytes(), what="b out"
+        )
+        assert changes == [1]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

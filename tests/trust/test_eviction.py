@@ -1,0 +1,343 @@
+"""Eviction that disconnects (issue 12 item 2), in network namespaces with real servers.
+
+Three sites each run the agent's security code (``tests/harness/secure_site.py``: embedded
+mTLS nats-server, signed trust sync, eviction). site-c also has an agent without a server
+of its own (``site-c/n2``) connected to site-a. ``harmony-agent trust revoke site-c`` by
+the trust-admin must, within 2 x ttl: drop every route to and from site-c (``/routez`` on
+all three), drop site-c/n2's client connection at site-a (``/connz``); reconnects then
+fail; the site-a <-> site-b routes are the very same connections as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+
+from agent.cli import cli
+from mesh.authz import agent_inbox_prefix
+from tests.harness.nats import NatsNode
+from tests.harness.secure import SecureSites, ca_cli, client_context, server_host
+from tests.harness.wait import eventually
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(150)]
+
+TTL = 5.0
+MEMBERS = ("site-a", "site-b", "site-c")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Mesh:
+    def __init__(self, sites: SecureSites, admin_public: str) -> None:
+        self.sites = sites
+        self.admin_public = admin_public
+        self.monitors = {
+            name: NatsNode(
+                name=f"n-{name}",
+                workdir=sites.workdir / name / "mon",
+                host=sites.sites[name].mgmt_ip,
+                monitor_port=8222,
+                port=4222,
+            )
+            for name in MEMBERS
+        }
+
+    def status(self, site: str) -> dict[str, Any]:
+        path = self.sites.workdir / site / "state" / "security.json"
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
+    def routes(self, site: str) -> list[dict[str, Any]]:
+        return self.monitors[site].varz("routez")["routes"]  # type: ignore[return-value]
+
+    def peers(self, site: str) -> set[str]:
+        return {r["remote_name"] for r in self.routes(site)}
+
+    def users(self, site: str) -> set[str]:
+        conns = self.monitors[site].varz("connz?auth=true")["connections"]
+        return {c.get("authorized_user", "") for c in conns}  # type: ignore[union-attr]
+
+    def url(self, site: str) -> str:
+        return f"tls://{self.sites.sites[site].mgmt_ip}:4222"
+
+    def as_person(self, site: str, user: str) -> dict[str, str]:
+        cert, key = self.sites.leaf("operators", user)
+        return {
+            "HARMONY_NATS_CA": str(self.sites.pki.ca_cert(site)),
+            "HARMONY_NATS_CERT": str(cert),
+            "HARMONY_NATS_KEY": str(key),
+        }
+
+    async def cli(self, *args: str, env: dict[str, str]) -> Result:
+        return await asyncio.to_thread(
+            CliRunner().invoke, cli, list(args), env=env, catch_exceptions=False
+        )
+
+
+def site_config(sites: SecureSites, name: str, admin_public: str) -> Path:
+    site_dir = sites.workdir / name
+    cert, key = sites.leaf(name, "n1")
+    server_cert, server_key = sites.leaf(name, "nats")
+    bundle = sites.route_ca(name)
+    accounts: dict[str, Any] = {
+        "stores": list(MEMBERS),
+        "admins": ["adm-1"],
+        "trust_admins": ["ta-1"],
+        "operators": ["ops-1"],
+    }
+    if name == "site-a":
+        accounts["agents"] = ["site-c/n2"]  # site-c's serverless agent connects here
+    config = {
+        "site": name,
+        "node": "n1",
+        "state_dir": str(site_dir / "state"),
+        "lease": {"ttl": f"{TTL}s"},
+        "nats": {
+            "embedded": True,
+            # Only so that the test reaches the monitoring port over the management link;
+            # client and route listeners have mTLS regardless.
+            "insecure": True,
+            "servers": ["tls://127.0.0.1:4222"],
+            "listen": "0.0.0.0:4222",
+            "monitor_listen": "0.0.0.0:8222",
+            "cluster_listen": "0.0.0.0:6222",
+            "routes": [f"nats-route://{server_host(o)}:6222" for o in MEMBERS if o != name],
+            "tls": {
+                "ca_file": str(sites.pki.ca_cert(name)),
+                "cert_file": str(cert),
+                "key_file": str(key),
+            },
+            "server_tls": {
+                "cert_file": str(server_cert),
+                "key_file": str(server_key),
+                "client_ca_file": str(sites.pki.root / f"clients-{name}.pem"),
+                "route_ca_file": str(bundle),
+            },
+            "accounts": accounts,
+        },
+        "trust": {
+            "bundle_file": str(bundle),
+            "admin_public_key": admin_public,
+            "site_ca_file": str(sites.pki.ca_cert(name)),
+        },
+    }
+    path = site_dir / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path, require_netns: None) -> AsyncIterator[Mesh]:
+    sites = SecureSites(tmp_path / "sites")
+    try:
+        sites.setup()
+        sites.make_pki()
+        sites.pki.issue("site-c", "n2")
+        out = ca_cli("ca", "trust-admin-init", "--out", str(sites.pki.root / "admin"))
+        admin_public = out.split("public key ", 1)[1].split()[0]
+        m = Mesh(sites, admin_public)
+        for name in MEMBERS:
+            config = site_config(sites, name, admin_public)
+            sites.spawn(
+                name,
+                [sys.executable, "-m", "tests.harness.secure_site", str(config)],
+                log=sites.workdir / name / "agent.log",
+                env={"PYTHONPATH": str(REPO)},
+            )
+        for name in MEMBERS:
+            await eventually(
+                lambda n=name: m.monitors[n].healthy(),  # type: ignore[misc]
+                timeout=40,
+                what=f"{name}'s embedded server healthy",
+            )
+        await eventually(
+            lambda: all(m.peers(s) == {f"{o}-n1" for o in MEMBERS if o != s} for s in MEMBERS),
+            timeout=30,
+            what="the mTLS mesh",
+        )
+        yield m
+    finally:
+        for name in MEMBERS:
+            log = sites.workdir / name / "agent.log"
+            if log.exists():
+                print(f"--- {name} agent log (tail)\n{log.read_text()[-3000:]}")
+        sites.teardown()
+
+
+async def test_revoked_site_is_disconnected_and_stays_out(mesh: Mesh) -> None:
+    sites = mesh.sites
+    admin_key = str(sites.pki.root / "admin" / "trust-admin.key")
+    ta = mesh.as_person("site-a", "ta-1")
+
+    # The admin creates harmony-trust; the trust-admin signs every site's CA into it.
+    ctx = client_context(sites.pki.ca_cert("site-a"), *sites.leaf("operators", "adm-1"))
+    admin = await nats.connect(
+        servers=[mesh.url("site-a")], tls=ctx, inbox_prefix="_INBOX_user.adm-1"
+    )
+    try:
+        await eventually(
+            lambda: admin.jetstream(timeout=5).create_key_value(
+                KeyValueConfig(bucket="harmony-trust", history=5, replicas=3)
+            ),
+            timeout=30,
+            what="harmony-trust created",
+        )
+    finally:
+        await admin.close()
+    for name in MEMBERS:
+        added = await mesh.cli(
+            "trust",
+            "add",
+            str(sites.pki.ca_cert(name)),
+            "--admin-key",
+            admin_key,
+            "-s",
+            mesh.url("site-a"),
+            env=ta,
+        )
+        assert added.exit_code == 0, added.output
+    for name in MEMBERS:
+        await eventually(
+            lambda n=name: set(mesh.status(n)["security"]["trust"]["sites"]) == set(MEMBERS),  # type: ignore[misc]
+            timeout=20,
+            what=f"{name} synced the signed bundle",
+        )
+
+    # site-c's serverless agent, connected to site-a (site-a trusts site-c's CA for it only
+    # while the signed bundle does), reconnecting for ever like an agent does.
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(repr(exc))
+
+    guest_ctx = client_context(sites.pki.ca_cert("site-a"), *sites.leaf("site-c", "n2"))
+    guest: Client | None = None
+
+    async def connect_guest() -> bool:
+        nonlocal guest
+        guest = await nats.connect(
+            servers=[mesh.url("site-a")],
+            tls=guest_ctx,
+            inbox_prefix=agent_inbox_prefix("site-c", "n2"),
+            error_cb=on_error,
+            reconnect_time_wait=0.2,
+            max_reconnect_attempts=-1,
+            connect_timeout=2,
+        )
+        return True
+
+    await eventually(connect_guest, timeout=20, what="site-c/n2 connected to site-a")
+    assert guest is not None
+    assert "CN=n2,OU=site-c,O=harmony" in mesh.users("site-a")
+
+    def ab_routes() -> dict[str, set[tuple[int, str]]]:
+        return {
+            "site-a": {
+                (r["rid"], r["start"])
+                for r in mesh.routes("site-a")
+                if r["remote_name"] == "site-b-n1"
+            },
+            "site-b": {
+                (r["rid"], r["start"])
+                for r in mesh.routes("site-b")
+                if r["remote_name"] == "site-a-n1"
+            },
+        }
+
+    before_ab = ab_routes()
+    assert all(before_ab.values()), (
+        before_ab,
+        [(r["remote_name"], r["rid"]) for r in mesh.routes("site-a")],
+    )
+
+    # Evict site-c.
+    revoked = await mesh.cli(
+        "trust", "revoke", "site-c", "--admin-key", admin_key, "-s", mesh.url("site-a"), env=ta
+    )
+    assert revoked.exit_code == 0, revoked.output
+    t0 = time.monotonic()
+
+    def evicted() -> bool:
+        return (
+            "site-c-n1" not in mesh.peers("site-a")
+            and "site-c-n1" not in mesh.peers("site-b")
+            and mesh.peers("site-c") == set()
+            and "CN=n2,OU=site-c,O=harmony" not in mesh.users("site-a")
+        )
+
+    await eventually(evicted, timeout=2 * TTL, what="site-c's routes and clients gone")
+    took = time.monotonic() - t0
+    print(f"\nsite-c evicted {took:.2f}s after `trust revoke` returned (ttl {TTL:g}s)")
+
+    # Reconnects fail: the guest keeps trying and is refused; site-c's server keeps dialling
+    # and is refused (new TLS failures after the eviction, never a route).
+    seen = len(errors)
+    await eventually(lambda: len(errors) >= seen + 2, timeout=10, what="guest reconnects refused")
+    assert guest.is_connected is False
+    c_ip = sites.sites["site-c"].data_ip
+    log_a = mesh.monitors["site-a"]
+    logged_before = (sites.workdir / "site-a" / "state" / "nats" / "nats-server.log").read_text()
+    await eventually(
+        lambda: (
+            (sites.workdir / "site-a" / "state" / "nats" / "nats-server.log")
+            .read_text()[len(logged_before) :]
+            .count(f"{c_ip}:")
+            >= 1
+        ),
+        timeout=10,
+        what="site-c's route attempts refused by site-a",
+    )
+    assert evicted(), "site-c came back"
+    assert log_a is not None
+
+    # site-a and site-b never lost each other: the very same route connections.
+    assert ab_routes() == before_ab
+
+    # What each site did and says.
+    report_a = mesh.status("site-a")["security"]["evictions"][-1]
+    assert report_a["routes_removed"] == [f"nats-route://{server_host('site-c')}:6222"]
+    assert report_a["clients_kicked"] == 1 and report_a["reloaded"] is True
+    report_b = mesh.status("site-b")["security"]["evictions"][-1]
+    assert report_b["routes_removed"] == [f"nats-route://{server_host('site-c')}:6222"]
+    trust_c = mesh.status("site-c")["security"]["trust"]
+    assert trust_c["own_site_revoked"] is True and "site-c" in trust_c["revoked"]
+    assert sites.pki.ca_cert("site-c").read_bytes() in sites.route_ca("site-c").read_bytes()
+    assert sites.pki.ca_cert("site-c").read_bytes() not in sites.route_ca("site-a").read_bytes()
+    print(json.dumps({"site-a": report_a, "site-b": report_b}, indent=1))
+
+    # Only a newer signed entry brings site-c back: its routes are restored, its guest
+    # agent gets in again.
+    readded = await mesh.cli(
+        "trust",
+        "add",
+        str(sites.pki.ca_cert("site-c")),
+        "--admin-key",
+        admin_key,
+        "-s",
+        mesh.url("site-a"),
+        env=ta,
+    )
+    assert readded.exit_code == 0, readded.output
+    await eventually(
+        lambda: (
+            all(mesh.peers(s) == {f"{o}-n1" for o in MEMBERS if o != s} for s in MEMBERS)
+            and "CN=n2,OU=site-c,O=harmony" in mesh.users("site-a")
+        ),
+        timeout=20,
+        what="site-c back after a newer signed entry",
+    )
+    assert mesh.status("site-a")["security"]["evictions"][-1]["routes_restored"] == [
+        f"nats-route://{server_host('site-c')}:6222"
+    ]
+    await guest.close()
