@@ -278,14 +278,18 @@ async def _with_trust(url: str, action: Callable[[KeyValue], Awaitable[T]]) -> T
     try:
         if creds:
             private(Path(creds))
-        nc = await nats.connect(
-            servers=servers(url),
-            connect_timeout=3,
-            max_reconnect_attempts=0,
-            allow_reconnect=False,
-            tls=_tls(),
-            user_credentials=creds or None,
-            **kw,
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=servers(url),
+                connect_timeout=3,
+                max_reconnect_attempts=1,  # 0 would mean for ever
+                reconnect_time_wait=0.2,
+                allow_reconnect=False,
+                tls=_tls(),
+                user_credentials=creds or None,
+                **kw,
+            ),
+            10,
         )
     except FileProblem as exc:
         fail(str(exc), EXIT_BAD_INPUT)
