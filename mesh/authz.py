@@ -73,6 +73,32 @@ def user_inbox_prefix(user: str) -> str:
     return f"_INBOX_user.{_name('user', user)}"
 
 
+def inbox_prefix_for(cert_file: str | None) -> str | None:
+    """The private inbox prefix the identity in this client certificate file is allowed
+    (None when there is no certificate, or it names no harmony identity)."""
+    if not cert_file:
+        return None
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not cn or not ou:
+        return None
+    try:
+        if ou[0].value == PEOPLE_UNIT:
+            return user_inbox_prefix(str(cn[0].value))
+        return agent_inbox_prefix(str(ou[0].value), str(cn[0].value))
+    except AuthzError:
+        return None
+
+
 def leases_bucket(store: str) -> str:
     return LEASES_PREFIX + _name("store", store)
 

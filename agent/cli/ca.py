@@ -22,20 +22,11 @@ from typing import Any, TypeVar
 import click
 import nats
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
-from mesh.authz import (
-    PEOPLE_UNIT,
-    AuthzError,
-    MeshNames,
-    Roles,
-    agent_inbox_prefix,
-    render_accounts,
-    user_inbox_prefix,
-)
+from mesh.authz import AuthzError, MeshNames, Roles, inbox_prefix_for, render_accounts
 from mesh.names import TRUST_BUCKET, trust_key
 from mesh.redact import redact
 from mesh.tlsfiles import FileProblem, private
@@ -237,26 +228,6 @@ def ca_accounts(
 
 
 # --- the mesh side -----------------------------------------------------------------------
-
-
-def inbox_prefix_for(cert_file: str | None) -> str | None:
-    """The private inbox prefix the client certificate's identity is allowed."""
-    if not cert_file:
-        return None
-    try:
-        cert = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())[0]
-    except (OSError, ValueError):
-        return None
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if not cn or not ou:
-        return None
-    try:
-        if ou[0].value == PEOPLE_UNIT:
-            return user_inbox_prefix(str(cn[0].value))
-        return agent_inbox_prefix(str(ou[0].value), str(cn[0].value))
-    except AuthzError:
-        return None
 
 
 def _tls() -> ssl.SSLContext | None:

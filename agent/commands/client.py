@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 
 from agent.commands.models import Reply
 from agent.meshview import MeshState
+from mesh.authz import inbox_prefix_for
 from mesh.names import LEASES_BUCKET, STATE_BUCKET, TRUST_BUCKET
 
 ALL_BUCKETS = (STATE_BUCKET, LEASES_BUCKET, TRUST_BUCKET)
@@ -181,9 +182,12 @@ async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshCli
         errors.append(str(exc) or type(exc).__name__)
 
     creds = os.environ.get(CREDS_ENV)
+    # Per-identity permissions allow only this identity's own inbox (mesh.authz).
+    prefix = inbox_prefix_for(os.environ.get(CERT_ENV))
     try:
         nc = await asyncio.wait_for(
             nats.connect(
+                **({"inbox_prefix": prefix} if prefix else {}),
                 servers=servers,
                 name="harmony-agent cli",
                 connect_timeout=max(1, round(timeout / 2)),
