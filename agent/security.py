@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import secrets
 import time
 from collections.abc import Mapping
@@ -55,7 +56,8 @@ CERT_EXPIRY = Gauge(
     ["cert"],
 )
 SYSTEM_USER = "harmony-system"
-MAX_RENEW_SLEEP = 3600.0
+MAX_RENEW_SLEEP = 30.0
+"""Also how soon a leaf renewed by someone else (root's timer) is put to use."""
 MIN_RENEW_SLEEP = 0.2
 
 
@@ -211,6 +213,7 @@ class SiteSecurity:
         self.renewals: list[dict[str, Any]] = []
         self.renew_problem: str | None = None
         self.expiries: dict[str, float] = {}
+        self._digests: dict[str, str] = {}
 
     # --- trust ---------------------------------------------------------------------------
 
@@ -423,12 +426,27 @@ class SiteSecurity:
                 )
                 del self.renewals[:-10]
                 log.info("certificate renewed", cert=name, serial=format(new.serial_number, "x"))
-        if "server" in renewed and self.embedded is not None:
+        # Renewed here or by root's `harmony-agent ca renew` (a timer, when the agent may not
+        # read the CA key): whatever changed on disk is put to use.
+        changed = self._changed_leaves()
+        if "server" in changed and self.embedded is not None:
             self.embedded.reload()
-        if "agent" in renewed and self.connection is not None:
+        if "agent" in changed and self.connection is not None:
             self.connection.refresh_tls()
         self.update_expiry()
         return renewed
+
+    def _changed_leaves(self) -> set[str]:
+        changed = set()
+        for name, cert, key in self._leaves():
+            try:
+                digest = hashlib.sha256(cert.read_bytes() + key.read_bytes()).hexdigest()
+            except OSError:
+                continue
+            if self._digests.get(name) not in (None, digest):
+                changed.add(name)
+            self._digests[name] = digest
+        return changed
 
     def next_renewal(self) -> float:
         """Seconds until the earliest leaf is due (clamped)."""

@@ -29,6 +29,7 @@ from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
 from mesh.authz import AuthzError, MeshNames, Roles, inbox_prefix_for, render_accounts
 from mesh.names import TRUST_BUCKET, trust_key
 from mesh.redact import redact
+from mesh.rotation import leaf_of, renew_leaf, renew_time, renewal_due
 from mesh.tlsfiles import FileProblem, private
 from mesh.trust import (
     DEFAULT_CA_DIR,
@@ -147,6 +148,29 @@ def write_leaf(
     write_private(tmp, key_pem)
     os.replace(tmp, key_path)
     write_atomically(cert_path, cert_pem(cert) + cert_pem(ca))
+
+
+@ca.command("renew")
+@click.argument("cert", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Renew even before 2/3 of its life.")
+@ca_dir_option
+def ca_renew(cert: Path, key: Path, force: bool, directory: Path) -> None:
+    """Renew leaf CERT/KEY (same name and SANs, new key) once 2/3 of its life has passed.
+
+    For a timer run as root where the agent may not read the CA key; the running agent
+    notices the new files, reloads its nats-server and reconnects with them.
+    """
+    try:
+        old = leaf_of(cert)
+        if not force and not renewal_due(old):
+            click.echo(f"{cert}: not due before {rfc3339(renew_time(old))}")
+            return
+        new = renew_leaf(SiteCA.load(directory), cert, key)
+    except (TrustError, OSError, ValueError, IndexError) as exc:
+        fail(f"{cert}: {exc}", EXIT_BAD_INPUT)
+    until = rfc3339(new.not_valid_after_utc)
+    click.echo(f"renewed {cert} (serial {new.serial_number:x}), not after {until}")
 
 
 @ca.command("show")

@@ -19,10 +19,12 @@ from typing import Any
 
 import nats
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from nats.js.api import KeyValueConfig
 from prometheus_client import REGISTRY
 
+from agent.cli import cli
 from agent.config import AgentConfig
 from agent.security import SiteSecurity, connection_options, embedded_spec, system_password
 from mesh.connection import MeshConnection
@@ -213,3 +215,32 @@ def test_no_ca_key_no_renewal_but_a_reason(tmp_path: Path) -> None:
     assert security.renew_once(later) == []
     assert security.renew_problem is not None and "no site CA" in security.renew_problem
     assert security.warnings() and security.warnings()[0].startswith("agent: expire")
+
+
+def test_leaves_renewed_by_root_are_put_to_use(tmp_path: Path) -> None:
+    """The shipped unit runs the agent unprivileged: root's `ca renew` (a timer) renews the
+    files, and the agent's renewer notices and rebuilds its TLS context."""
+    ca = SiteCA.create("site-a", tmp_path / "ca")
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    write_leaf(ca, "n1", tls, datetime.timedelta(days=90))
+    config = AgentConfig(
+        site="site-a",
+        node="n1",
+        state_dir=tmp_path / "state",
+        nats={"tls": {"cert_file": tls / "n1.crt", "key_file": tls / "n1.key"}},
+    )
+    conn = MeshConnection(connection_options(config))
+    security = SiteSecurity(config, connection=conn)
+    assert security.renew_once() == [] and conn.tls_refreshes == 0
+    before = leaf_of(tls / "n1.crt")
+    args = [str(tls / "n1.crt"), str(tls / "n1.key"), "--dir", str(tmp_path / "ca")]
+    not_due = CliRunner().invoke(cli, ["ca", "renew", *args])
+    assert not_due.exit_code == 0 and "not due" in not_due.output
+    assert leaf_of(tls / "n1.crt").serial_number == before.serial_number
+    renewed = CliRunner().invoke(cli, ["ca", "renew", *args, "--force"])
+    assert renewed.exit_code == 0, renewed.output
+    after = leaf_of(tls / "n1.crt")
+    assert after.serial_number != before.serial_number and after.subject == before.subject
+    assert (tls / "n1.key").stat().st_mode & 0o077 == 0
+    assert security.renew_once() == [] and conn.tls_refreshes == 1
