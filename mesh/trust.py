@@ -49,6 +49,9 @@ RESERVED_SITES = frozenset({"app", "operators"})
 """``app`` addresses applications in command subjects; ``operators`` is the OU of people."""
 ENTRY_VERSION = 2
 MAX_ENTRY_BYTES = 64 * 1024
+MAX_SERIAL_AHEAD_MS = 24 * 3600 * 1000
+"""A serial (milliseconds at signing) further ahead of our clock is refused: a stolen admin
+key must not be able to sign a serial so high that no honest entry could follow it."""
 SIGNING_CONTEXT = b"harmony-trust-entry-v2\n"
 
 
@@ -443,6 +446,9 @@ def verify_entry(
         raise Rejected("malformed", f"version {data['v']}")
     if data["key"] != key or data["site"] != site:
         raise Rejected("site_mismatch", f"signed for {data['key']!r}, stored at {key!r}")
+    moment = now or _now()
+    if data["serial"] > moment.timestamp() * 1000 + MAX_SERIAL_AHEAD_MS:
+        raise Rejected("future_serial", f"serial {data['serial']} is more than a day ahead")
     if data["revoked"]:
         if data["certificate"] is not None:
             raise Rejected("malformed", "a tombstone carries no certificate")
@@ -453,7 +459,7 @@ def verify_entry(
         cert = x509.load_pem_x509_certificate(data["certificate"].encode())
     except ValueError:
         raise Rejected("malformed", "certificate is not PEM") from None
-    check_ca_profile(cert, site, now or _now())
+    check_ca_profile(cert, site, moment)
     return Verified(site, data["serial"], cert, data["signed_at"])
 
 

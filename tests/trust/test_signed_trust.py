@@ -141,6 +141,11 @@ def forgeries(
         ("ca.site-a", "too_large", b"{" + b" " * 70000 + b"}"),
         ("ca.site-a", "malformed", b"\xff\xfe not json"),
         ("ca.site-a", "malformed", json.dumps({**json.loads(a_entry), "extra": 1}).encode()),
+        (
+            "ca.site-a",
+            "future_serial",
+            sign_entry("site-a", cas["site-a"].cert, admin, next_serial(None) + 2 * 86400_000),
+        ),
         ("ca.Site_A", "bad_key", a_entry),
         ("ca.operators", "bad_key", a_entry),
     ]
