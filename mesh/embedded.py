@@ -241,6 +241,7 @@ class EmbeddedServer:
         self.restarts = 0
         self._on_start = on_start
         self._started = asyncio.Event()
+        self._failed: BaseException | None = None
 
     def write_config(self) -> None:
         """Write the config (0600: it may hold the system user's password) atomically, so a
@@ -283,10 +284,18 @@ class EmbeddedServer:
             )
 
     async def wait_started(self) -> None:
+        """Return once the server runs; raise what stopped ``run()`` from starting it."""
         await self._started.wait()
+        if self._failed is not None:
+            raise RuntimeError(f"embedded nats-server not started: {self._failed}")
 
     async def run(self) -> None:
-        self.write_config()
+        try:
+            self.write_config()
+        except Exception as exc:  # an insecure listener, an unwritable state dir
+            self._failed = exc
+            self._started.set()
+            raise
         backoff = 0.2
         try:
             while True:

@@ -174,3 +174,17 @@ def test_rendered_embedded_config_keeps_secrets_private(
     assert "the-system-password" in text  # it must be there for the server ...
     assert os.stat(tmp_path / "nats" / "nats.conf").st_mode & 0o077 == 0  # ... and nobody else
     assert spec.system_listen == "127.0.0.1:4223"
+
+
+async def test_embedded_server_that_cannot_start_does_not_hang_startup(tmp_path: Path) -> None:
+    server = EmbeddedServer(
+        ServerSpec(name="x", store_dir=tmp_path / "js", listen="0.0.0.0:4222"),
+        tmp_path / "nats.conf",
+    )
+    import asyncio
+
+    task = asyncio.create_task(server.run())
+    with pytest.raises(RuntimeError, match="not started: listen"):
+        await asyncio.wait_for(server.wait_started(), 5)
+    with pytest.raises(InsecureListener):
+        await task
