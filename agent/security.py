@@ -36,7 +36,15 @@ from agent.trust_sync import BundleChange, TrustSync, admin_key_or_none, read_bu
 from mesh.authz import SYSTEM_INBOX, MeshNames, Roles, agent_inbox_prefix, render_accounts
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
 from mesh.embedded import EmbeddedServer, ServerSpec, ServerTls
-from mesh.evict import RouteMap, connections, kick, monitor, to_kick, wait_reloaded
+from mesh.evict import (
+    RouteMap,
+    connections,
+    kick,
+    monitor,
+    spki_sha256,
+    to_kick,
+    wait_reloaded,
+)
 from mesh.redact import redact, register
 from mesh.rotation import (
     expiry_seconds,
@@ -295,13 +303,16 @@ class SiteSecurity:
         removed = [r for r in spec.routes if r not in keep]
         restored = [r for r in keep if r not in spec.routes]
         base = _monitor_base(spec.monitor_listen)
-        before = None
-        if base is not None:
-            with contextlib.suppress(OSError, ValueError):
-                before = (await monitor(base, "varz")).get("config_load_time")
-        reloaded = self.embedded.reload(dataclasses.replace(spec, routes=keep))
-        if reloaded and base is not None:
-            reloaded = await wait_reloaded(base, before)
+        new_spec = dataclasses.replace(spec, routes=keep, route_pins=())
+        reloaded = True
+        if change.evicted and spec.server_tls is not None:
+            # Pin the routes to the peers we keep for one reload: nats-server then closes
+            # every other route, whichever side dialled it.
+            pins = tuple(
+                sorted({spki_sha256(self.routes.certs[r]) for r in keep if r in self.routes.certs})
+            )
+            reloaded = await self._reload(base, dataclasses.replace(new_spec, route_pins=pins))
+        reloaded = await self._reload(base, new_spec) and reloaded
         kicked = 0
         if change.evicted and reloaded and base is not None:
             kicked = await self._kick(base, change)
@@ -317,6 +328,17 @@ class SiteSecurity:
         del self.evictions[:-10]
         log.info("bundle change applied", **report)
         return report
+
+    async def _reload(self, base: str | None, spec: ServerSpec) -> bool:
+        """Reload with ``spec``; wait until the server says it loaded a new config."""
+        assert self.embedded is not None
+        before = None
+        if base is not None:
+            with contextlib.suppress(OSError, ValueError):
+                before = (await monitor(base, "varz")).get("config_load_time")
+        if not self.embedded.reload(spec):
+            return False
+        return base is None or await wait_reloaded(base, before)
 
     async def _kick(self, base: str, change: BundleChange) -> int:
         if self.system_password is None or self.embedded is None:

@@ -16,7 +16,6 @@ disconnects whatever the evicted CAs authenticated (``agent.security``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
@@ -43,6 +43,7 @@ from mesh.trust import (
     verify_entry,
     write_atomically,
 )
+from mesh.watch import Change, KvWatch
 
 log = structlog.get_logger("agent.trust")
 
@@ -85,6 +86,7 @@ class TrustSync:
         state_path: Path | None = None,
         on_change: Callable[[BundleChange], Awaitable[None]] | None = None,
         on_synced: Callable[[], Awaitable[None]] | None = None,
+        resync: float = 30.0,
     ) -> None:
         self.kv = kv
         self.path = bundle_path
@@ -102,6 +104,9 @@ class TrustSync:
         self.rejected: Tally[str] = Tally()
         self.last_rejected: deque[dict[str, Any]] = deque(maxlen=KEEP_REJECTIONS)
         self.last_error: str | None = None
+        self.resync = resync
+        self.revisions: dict[str, int] = {}
+        """KV revision last handled per key: a re-delivered entry is not handled twice."""
         self.synced = asyncio.Event()
         """Set once the initial entries have been applied (and the bundle written)."""
         self.changes = 0
@@ -191,7 +196,14 @@ class TrustSync:
         return True
 
     async def run(self) -> None:
-        """Watch for ever; a lost watch is re-established (the task never ends by itself)."""
+        """Watch for ever; a lost watch is re-established (the task never ends by itself).
+
+        The watch is an ordered consumer with 1 s heartbeats (``mesh.watch.KvWatch``): when
+        its server goes away (say, the evicted site held the stream's leader) it is
+        recreated within seconds. Every ``resync`` seconds all entries are also read
+        directly, in case a watch is stuck; entries already seen (same revision) are
+        skipped, so nothing is counted twice.
+        """
         backoff = 0.5
         while True:
             try:
@@ -204,29 +216,80 @@ class TrustSync:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
+    def _fresh(self, key: str, revision: int) -> bool:
+        if self.revisions.get(key, -1) >= revision:
+            return False
+        self.revisions[key] = revision
+        return True
+
+    async def _first_sync(self) -> None:
+        await self.flush()
+        self.synced.set()
+        if self.on_synced is not None:
+            try:
+                await self.on_synced()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"after the first sync: {exc!r}"
+                log.error("reacting to the first sync failed", error=repr(exc))
+
     async def _watch_once(self) -> None:
-        watcher = await self.kv.watch("ca.*", include_history=False)
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        watch = KvWatch(self.kv._js, self.kv._name, "ca.*", queue.put_nowait, heartbeat=1.0)
+        await watch.start()
         try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    await self.flush()
-                    first = not self.synced.is_set()
-                    self.synced.set()
-                    if first and self.on_synced is not None:
-                        try:
-                            await self.on_synced()
-                        except asyncio.CancelledError:
-                            raise
-                        except Exception as exc:
-                            self.last_error = f"after the first sync: {exc!r}"
-                            log.error("reacting to the first sync failed", error=repr(exc))
+            ready = asyncio.ensure_future(watch.ready.wait())
+            try:
+                while not ready.done() or not queue.empty():
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait([getter, ready], return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        self._apply(getter.result())
+                    else:
+                        getter.cancel()
+            finally:
+                ready.cancel()
+            if not self.synced.is_set():
+                await self._first_sync()
+            else:
+                await self.flush()
+            while True:
+                try:
+                    change = await asyncio.wait_for(queue.get(), self.resync)
+                except TimeoutError:
+                    await self._resync()
                     continue
-                changed = self.handle(entry.key, entry.value, entry.operation)
-                if changed and self.synced.is_set():
+                if self._apply(change):
                     await self.flush()
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            await watch.stop()
+
+    def _apply(self, change: Change) -> bool:
+        if not self._fresh(change.key, change.revision):
+            return False
+        op = None if change.value is not None else "DEL"
+        return self.handle(change.key, change.value, op)
+
+    async def _resync(self) -> None:
+        """Read every entry directly (a safety net for a stuck watch)."""
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return
+        changed = False
+        for key in keys:
+            if not key.startswith("ca."):
+                continue
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                continue
+            revision = entry.revision or 0
+            if self._fresh(key, revision):
+                changed = self.handle(key, entry.value, entry.operation) or changed
+        if changed:
+            await self.flush()
 
     # --- status --------------------------------------------------------------------------
 

@@ -80,6 +80,10 @@ class ServerSpec:
     """Loopback websocket listener for the local system-account user (kicks connections)."""
     insecure: bool = False
     """Allow a non-loopback listener without TLS (``nats.insecure``)."""
+    route_pins: tuple[str, ...] = ()
+    """SHA-256 (hex) of the SubjectPublicKeyInfo of the only route peers to keep: set for
+    one reload during an eviction, so that nats-server closes every other route, whichever
+    side dialled it (see ``agent.security``)."""
 
 
 @dataclass(frozen=True)
@@ -149,16 +153,20 @@ def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _tls_block(indent: str, tls: ServerTls, ca_file: Path, mode: str) -> list[str]:
-    return [
+def _tls_block(
+    indent: str, tls: ServerTls, ca_file: Path, mode: str, pins: tuple[str, ...] = ()
+) -> list[str]:
+    lines = [
         f"{indent}tls {{",
         f"{indent}  cert_file: {_q(str(tls.cert_file))}",
         f"{indent}  key_file: {_q(str(tls.key_file))}",
         f"{indent}  ca_file: {_q(str(ca_file))}",
         f"{indent}  {mode}: true",
         f"{indent}  timeout: {tls.timeout}",
-        f"{indent}}}",
     ]
+    if pins:
+        lines.append(f"{indent}  pinned_certs: [{', '.join(_q(p) for p in pins)}]")
+    return [*lines, f"{indent}}}"]
 
 
 def render_config(spec: ServerSpec) -> str:
@@ -197,6 +205,7 @@ def render_config(spec: ServerSpec) -> str:
                 spec.server_tls,
                 spec.server_tls.route_ca_file,
                 "verify_cert_and_check_known_urls",
+                spec.route_pins,
             )
         lines.append("}")
     if spec.system_listen:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import socket
 import ssl
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit
 import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from nats.aio.client import Client
 
 log = structlog.get_logger("mesh.evict")
@@ -46,6 +47,14 @@ PAGE = 1024
 def cert_sha256(cert: x509.Certificate) -> str:
     """The hex SHA-256 of the DER, as nats-server's ``tls_peer_certs[].cert_sha256``."""
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    """As nats-server's ``pinned_certs`` (and ``tls_peer_certs[].spki_sha256``) want it."""
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
 
 
 def issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,16 @@ from tests.harness.wait import eventually
 PASSWORD = "Tr0ub4dor-and-3-more-words"
 WRONG = "n0t-the-Password-at-all"
 SEED = "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU"
+
+
+@pytest.fixture
+def logs() -> Iterator[None]:
+    """``configure`` binds structlog to this test's captured stderr: put it back after."""
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture
@@ -59,7 +69,7 @@ def agent_yaml(tmp_path: Path, node: NatsNode, password: str) -> Path:
 
 
 async def test_password_file_never_printed(
-    tmp_path: Path, server: NatsNode, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, server: NatsNode, capsys: pytest.CaptureFixture[str], logs: None
 ) -> None:
     configure("debug", "json", site="site-a", node="n1")
     log = structlog.get_logger("test")
