@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PKGS := agent mesh scores topologies
 
-.PHONY: demo test lint typecheck pytest soak bench bench-all clean
+.PHONY: demo test lint typecheck pytest soak bench bench-all bench-cli man clean image image-base image-cold
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,38 @@ bench-all: $(BIN)/activate
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/leases.py
 	$(BIN)/python bench/app_failover.py
+	$(BIN)/python bench/cli.py
 
 bench: $(BIN)/activate
 	$(BIN)/python bench/footprint.py
+
+# Container image (Containerfile), from Debian packages and wheels only (deploy/image/build.sh).
+# image-base: the Debian bookworm root file system, debootstrapped once into
+#   $(HARMONY_IMAGE_CACHE) (cold: about 1-2 minutes; cached: seconds). The image test in
+#   `make test` needs it and skips without it; .ci/run runs this target first.
+# image: the base (cached), the project's wheel and its dependencies, `podman build`.
+# image-cold: the whole build from an empty cache (a throw-away one; the shared cache stays).
+HARMONY_IMAGE_CACHE ?= /var/cache/harmony-image
+export HARMONY_IMAGE_CACHE
+
+image-base: $(BIN)/activate
+	deploy/image/build.sh base
+
+image: $(BIN)/activate
+	deploy/image/build.sh image
+
+image-cold: $(BIN)/activate
+	cache=$$(mktemp -d /var/tmp/harmony-image-cold.XXXXXX) && \
+	podman --runtime runc --cgroup-manager cgroupfs rmi "$$(HARMONY_IMAGE_CACHE=$$cache deploy/image/build.sh base-tag)" >/dev/null 2>&1; \
+	HARMONY_IMAGE_CACHE=$$cache deploy/image/build.sh image; rc=$$?; rm -rf "$$cache"; exit $$rc
+
+# CLI start-up and round trips against a live agent (issue 15): bench/results/cli.json.
+bench-cli: $(BIN)/activate
+	$(BIN)/python bench/cli.py
+
+# Man pages generated from the command tree (tests/cli/test_manpages.py checks they are current).
+man: $(BIN)/activate
+	$(BIN)/python -m agent.cli.manpages docs/man
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -13,13 +13,17 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
-from agent.config import SITE_PATTERN
+from agent.patterns import NAME_PATTERN as NAME_PATTERN  # noqa: PLC0414 (re-exported)
+from agent.patterns import SITE_PATTERN
+from agent.yaml_errors import yaml_error
+from scores.health import HealthSpec
 from scores.spec import ScoreSpec
 
-NAME_PATTERN = r"^[a-z0-9-]{1,63}$"
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
 
 
@@ -66,6 +70,22 @@ class ApplicationSpec(_Strict):
     failover: Failover = Field(default_factory=Failover)
     placement: Placement
     score: ScoreSpec
+    health: HealthSpec | None = None
+    """Optional (``scores/health.py``): consecutive failed checks make the holder give up."""
+
+    @field_validator("health")
+    @classmethod
+    def _probe_fits_score(
+        cls, health: HealthSpec | None, info: ValidationInfo
+    ) -> HealthSpec | None:
+        score = info.data.get("score")
+        kind = getattr(score, "kind", None)
+        if health is not None and health.probe is not None and kind == "KubernetesManifests":
+            raise ValueError(
+                "probe: KubernetesManifests cannot take an agent probe; give its "
+                "containers a readinessProbe (the agent reads readiness)"
+            )
+        return health
 
 
 class Application(_Strict):
@@ -108,7 +128,7 @@ def parse_documents(text: str, source: str = "<input>") -> list[Application]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise ApplicationError(f"{source}: invalid YAML: {exc}".splitlines()[0]) from None
+        raise ApplicationError(yaml_error(source, exc)) from None
     apps: list[Application] = []
     seen: set[str] = set()
     for index, doc in enumerate(docs, start=1):

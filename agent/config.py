@@ -7,6 +7,7 @@ operator reading a crash-looping unit's journal at 3 a.m. should not parse a tra
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -26,16 +27,31 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+# Re-exported: code written before agent.patterns imports them from here.
+from agent.patterns import NODE_PATTERN as NODE_PATTERN  # noqa: PLC0414
+from agent.patterns import SITE_PATTERN as SITE_PATTERN  # noqa: PLC0414
+from agent.timing import Timing
+from agent.yaml_errors import yaml_error
 from mesh.tlsfiles import FileProblem, check_pair, load_certificates, private
 from scores.duration import Duration
 from topologies.config import LocalhostConfig, TopologyConfig
 
 ENV_PREFIX = "HARMONY_AGENT_"
 CONFIG_ENV = "HARMONY_AGENT_CONFIG"
-SITE_PATTERN = r"^[a-z0-9-]{1,63}$"
-NODE_PATTERN = r"^[a-z0-9_-]{1,63}$"
+ZERO_CONFIG_OFF = (
+    "HARMONY_AGENT_NATS",
+    "HARMONY_AGENT_NATS__SERVERS",
+    "HARMONY_AGENT_NATS__EMBEDDED",
+)
+"""Variables that point the agent at a mesh of its own choosing: with any of them set, the
+zero-configuration local defaults (an embedded single-node mesh) no longer apply."""
 
 
 class ConfigError(Exception):
@@ -269,6 +285,30 @@ class NatsConfig(_Section):
 
 class MeshConfig(_Section):
     replicas: int = Field(default=3, ge=1, le=5)
+    """Replicas of harmony-state, harmony-trust and the events stream."""
+    stores: list[str] | None = None
+    """The lease stores (site names, one single-replica store each, on a server tagged
+    ``site:<name>``): only the agent that creates the mesh needs it; others read the mesh
+    descriptor and refuse to start if theirs differs. Default when alone on a
+    non-clustered server: ``[<own site>]``."""
+    bootstrap: bool = True
+    """Create missing buckets and stores (needs JetStream admin rights); false: bind only,
+    wait for `harmony-agent mesh init`."""
+
+    @field_validator("stores")
+    @classmethod
+    def _store_names(cls, stores: list[str] | None) -> list[str] | None:
+        import re
+
+        if stores is not None:
+            if not stores:
+                raise ValueError("must name at least one store")
+            for name in stores:
+                if not re.match(SITE_PATTERN, name):
+                    raise ValueError(f"{name!r} is not a site name ([a-z0-9-]{{1,63}})")
+            if len(set(stores)) != len(stores):
+                raise ValueError("stores must not repeat")
+        return stores
 
 
 class LeaseConfig(_Section):
@@ -342,10 +382,31 @@ class ControllerConfig(_Section):
     """Consecutive Score failures after which the holder releases the lease."""
 
 
+NODE_HOSTNAME_ENV = "HARMONY_NODE_HOSTNAME"
+"""Host name the default node name is derived from, instead of this machine's: the
+Kubernetes DaemonSet sets it to ``spec.nodeName`` (the pod's own host name is the pod's)."""
+
+
+def node_from_hostname(hostname: str) -> str:
+    """A valid node name ([a-z0-9_-]{1,63}) for a host name or FQDN.
+
+    The first DNS label, lower-cased: ``ip-10-0-1-23.eu-west-1.compute.internal`` gives
+    ``ip-10-0-1-23`` (a cluster's node names differ in their first label). When the label
+    itself must be altered (other characters, longer than 63, empty), the result ends with
+    8 hex digits of the full name's sha256, so two such names never meet on one node name.
+    """
+    raw = hostname.strip()
+    label = raw.split(".")[0].lower()
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "-" for c in label)
+    if cleaned == label and 0 < len(cleaned) <= 63:
+        return cleaned
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    stem = cleaned[: 63 - len(digest) - 1].strip("-_")
+    return f"{stem}-{digest}" if stem else f"node-{digest}"
+
+
 def default_node() -> str:
-    label = socket.gethostname().split(".")[0].lower()
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)[:63]
-    return cleaned or "node"
+    return node_from_hostname(os.environ.get(NODE_HOSTNAME_ENV) or socket.gethostname())
 
 
 class AgentConfig(BaseSettings):
@@ -372,6 +433,8 @@ class AgentConfig(BaseSettings):
     def _not_reserved(cls, site: str) -> str:
         if site == "app":
             raise ValueError("'app' is reserved (harmony.cmd.app.<name> addresses applications)")
+        if site == "operators":
+            raise ValueError("'operators' is reserved (the OU of people's certificates)")
         return site
 
     @classmethod
@@ -390,6 +453,23 @@ class AgentConfig(BaseSettings):
     def agent_id(self) -> str:
         return f"{self.site}/{self.node}"
 
+    @property
+    def timing(self) -> Timing:
+        topo = self.topology
+        command = getattr(topo, "command_timeout", None) or getattr(topo, "request_timeout", None)
+        return Timing.from_ttl(self.lease.ttl, self.lease.margin, command)
+
+    @model_validator(mode="after")
+    def _timing_rules(self) -> AgentConfig:
+        timing = self.timing
+        broken = timing.violations()
+        if broken:
+            raise ValueError(broken[0])
+        field = "request_timeout" if self.topology.kind == "kubernetes" else "command_timeout"
+        if getattr(self.topology, field) is None:
+            self.topology = self.topology.model_copy(update={field: timing.command_timeout})
+        return self
+
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
@@ -403,8 +483,16 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc or 'config'}: {msg}{more}"
 
 
-def _has_env_config() -> bool:
-    return any(k.startswith(ENV_PREFIX) and k != CONFIG_ENV for k in os.environ)
+def zero_config_blockers() -> list[str]:
+    """The variables that switch the zero-configuration defaults off (see ZERO_CONFIG_OFF)."""
+    return sorted(k for k in os.environ if k.upper() in ZERO_CONFIG_OFF)
+
+
+def _connectable(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"nats://{host}:{port}"
 
 
 def local_defaults() -> dict[str, Any]:
@@ -433,24 +521,36 @@ def load_config(path: str | Path | None = None, *, allow_zero_config: bool = Fal
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}"
-            ) from None
+            raise ConfigError(yaml_error(str(path), exc)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of fields at the top level")
         data = loaded
-    elif allow_zero_config and not _has_env_config():
-        data = local_defaults()
-        where = "built-in local defaults"
+    zero_config = False
+    if not path and allow_zero_config:
+        blockers = zero_config_blockers()
+        if blockers:
+            where = f"environment (zero-config off: {', '.join(blockers)} is set)"
+        else:
+            data, zero_config = local_defaults(), True
+            where = "built-in local defaults"
     try:
-        return AgentConfig(**data)
+        config = AgentConfig(**data)
     except ValidationError as exc:
         loc = [str(p) for p in exc.errors()[0]["loc"]]
         env_name = ENV_PREFIX + "__".join(loc[:2]).upper()
         if env_name in os.environ:
             where = env_name
         raise ConfigError(f"{where}: {_format_error(exc)}") from None
+    except SettingsError as exc:
+        raise ConfigError(
+            f"environment: {exc} (lists and mappings are JSON, e.g. "
+            """HARMONY_AGENT_NATS__SERVERS='["nats://10.0.0.1:4222"]')"""
+        ) from None
+    if zero_config:
+        # The local agent connects to the server it embeds, wherever HARMONY_AGENT_NATS__LISTEN
+        # moved it (servers cannot be set here: that variable switches zero-config off).
+        nats = config.nats.model_copy(update={"servers": [_connectable(config.nats.listen)]})
+        config = config.model_copy(update={"nats": nats})
+    return config

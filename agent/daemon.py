@@ -1,40 +1,57 @@
-"""``harmony-agent run``: wire the mesh, the session, health and the control loop together.
+"""``harmony-agent run``: the composition root. Everything is built here, in the order it
+starts, and stopped in ``shutdown``, in the order written there (after kopf's
+``running.py`` and Patroni's ``Patroni.__init__``).
 
-Start-up order matters: the embedded nats-server (if any) first, then the connection,
-bucket bootstrap and session, then the control loop; shutdown runs the other way round so
-that workloads stop and leases are released while the mesh is still reachable.
+Start: embedded nats-server -> connection -> mesh (buckets, descriptor, stores) -> topology
+and its fence (after stopping a previous incarnation's leftovers) -> session thread (its
+renewals feed the fence directly) -> lease manager -> controller (its first snapshot of
+Applications and marks before any runner) -> command plane -> status, summary, control loop.
+
+Stop (SIGTERM): command plane -> controller (every workload stops, bounded by its
+stop_timeout, *while the session keeps renewing*; then every lease is released or handed
+over) -> lease manager -> session close (``closed`` in every store) -> fence -> connection
+-> embedded server. The budget is the configuration's (``Timing.shutdown_budget``), not a
+fixed per-step grace, and the session is never closed before the workloads are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
-from agent import __version__, metrics
+from agent import __version__, metrics, sdnotify
+from agent.commands import CommandServer
 from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
+from agent.controller.controller import Controller
+from agent.controller.events import EventPublisher
+from agent.controller.statefile import StateFile, stop_leftovers
 from agent.health import HealthServer
 from agent.supervisor import Supervisor
 from agent.trust_sync import sync_bundle
-from mesh.bootstrap import Buckets, ensure_mesh
+from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
+from mesh.clock import boottime, now_rfc3339
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
-from mesh.embedded import EmbeddedServer, ServerSpec
-from mesh.names import agent_key, status_subject
-from mesh.session import RenewResult, Session, now_rfc3339
+from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
+from mesh.leases import LeaseManager
+from mesh.names import agent_key, inbox_prefix, status_subject
+from mesh.session import SessionThread, SessionView
+from topologies.base import Topology
+from topologies.build import build_topology
+from topologies.supervisor import FenceSupervisor
 
 log = structlog.get_logger("agent.daemon")
-
-CycleHook = Callable[[], Awaitable[None]]
 
 
 def connection_options(config: AgentConfig) -> ConnectionOptions:
@@ -47,6 +64,7 @@ def connection_options(config: AgentConfig) -> ConnectionOptions:
         connect_timeout=config.nats.connect_timeout,
         # Detect a dead server well within one ttl so the client fails over in time.
         ping_interval=max(1.0, config.lease.ttl / 3),
+        inbox_prefix=inbox_prefix(config.site, config.node),
     )
 
 
@@ -64,23 +82,33 @@ def embedded_spec(config: AgentConfig) -> ServerSpec:
     )
 
 
+class StartupError(RuntimeError):
+    """The agent cannot start with this configuration; one line, exit 2."""
+
+
 class Agent:
-    """One running agent. Owns its connection, session and supervised tasks."""
+    """One running agent; ``run()`` builds, supervises and stops everything."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.timing = config.timing
         self.started_at = now_rfc3339()
         self.started_mono = time.monotonic()
         self.supervisor = Supervisor()
         self.connection = MeshConnection(connection_options(config))
-        self.embedded: EmbeddedServer | None = None
-        self.buckets: Buckets | None = None
-        self.session: Session | None = None
-        self.last_cycle: float | None = None
-        self.cycle_hooks: list[CycleHook] = []
-        self.status_extensions: list[Callable[[], dict[str, Any]]] = []
-        """Extra live-status fields (the controller adds its applications here)."""
         self.stop_event = asyncio.Event()
+        self.embedded: EmbeddedServer | None = None
+        self.mesh: Mesh | None = None
+        self.topology: Topology | None = None
+        self.fence: FenceSupervisor | None = None
+        self.statefile = StateFile(config.state_dir)
+        self.session: SessionThread | None = None
+        self.leases: LeaseManager | None = None
+        self.controller: Controller | None = None
+        self.commands: CommandServer | None = None
+        self.last_cycle: float | None = None
+        self.started = False
+        """Every component is up (readiness waits for it)."""
 
     # --- facts -----------------------------------------------------------------------------
 
@@ -89,20 +117,19 @@ class Agent:
         return self.config.lease.ttl
 
     def in_quorum(self) -> bool:
-        return self.session is not None and self.session.in_quorum()
+        return self.session is not None and self.session.view().valid(boottime())
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         age = None if self.last_cycle is None else time.monotonic() - self.last_cycle
-        # Before the first cycle we are starting up, which counts as alive for one ttl.
-        ok = (age is not None and age < self.ttl) or (
-            self.last_cycle is None and time.monotonic() - self.started_mono < 2 * self.ttl
-        )
-        return ok, {"last_cycle_age": age}
+        starting = self.last_cycle is None and time.monotonic() - self.started_mono < 2 * self.ttl
+        ok = ((age is not None and age < self.ttl) or starting) and self.supervisor.healthy()
+        return ok, {"last_cycle_age": age, "failure": self.supervisor.failure}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail = {
+            "started": self.started,
             "connected": self.connection.connected,
-            "buckets": self.buckets is not None,
+            "buckets": self.mesh is not None,
             "in_quorum": self.in_quorum(),
         }
         return all(detail.values()), detail
@@ -111,142 +138,212 @@ class Agent:
         ready, detail = self.readiness()
         return {"ready": ready, "healthy": self.liveness()[0], **detail}
 
-    def heartbeat_payload(self) -> dict[str, Any]:
-        payload: dict[str, Any] = {
+    def summary(self) -> dict[str, Any]:
+        """``agent.<site>.<node>``: small, written on change (liveness is the session's)."""
+        return {
+            "agent": self.config.agent_id,
             "site": self.config.site,
             "node": self.config.node,
             "version": __version__,
             "started_at": self.started_at,
             "topology": self.config.topology.kind,
+            "ttl": self.ttl,
             "health": self.health(),
+            "state": "alive",
         }
-        for extend in self.status_extensions:
-            payload.update(extend())
-        return payload
 
     def live_status(self) -> dict[str, Any]:
-        s = self.session
-        return {
+        view = self.session.view() if self.session else None
+        now = boottime()
+        stores = {}
+        if view is not None:
+            for name, s in view.stores.items():
+                stores[name] = {
+                    "live": s.live,
+                    "fresh_for": round(max(0.0, s.fresh_until - now), 3),
+                    "error": s.error or None,
+                }
+        body: dict[str, Any] = {
             "ok": True,
             "id": self.config.agent_id,
-            **self.heartbeat_payload(),
+            **self.summary(),
             "uptime": round(time.monotonic() - self.started_mono, 3),
-            "server": self.connection.server_url,
+            "server": self.connection.server_url_redacted,
             "session": {
-                "epoch": s.epoch if s else None,
-                "valid_for": round(s.remaining(), 3) if s else 0.0,
-                "ttl": self.ttl,
+                "valid_for": round(max(0.0, view.deadline() - now), 3) if view else 0.0,
+                "stores": stores,
             },
             "tasks": self.supervisor.names,
         }
+        if self.controller is not None:
+            body.update(self.controller.status())
+        return body
 
-    # --- tasks ----------------------------------------------------------------------------
+    # --- start -----------------------------------------------------------------------------
 
-    async def _bootstrap(self) -> Buckets:
+    async def _connect_extra(self) -> Client:
+        """A second connection with the same identity, for the session thread."""
+        extra = MeshConnection(self.connection.options)
+        await extra.connect()
+        return extra.nc
+
+    async def _bind(self) -> Mesh:
+        cfg = self.config
+        js = self.connection.js
         backoff = 0.2
         while True:
             try:
-                return await ensure_mesh(self.connection.js, self.config.mesh.replicas)
+                if cfg.mesh.bootstrap:
+                    default = None if cfg.mesh.stores else await self._default_stores()
+                    return await ensure_mesh(
+                        js, cfg.mesh.replicas, stores=cfg.mesh.stores, default_stores=default
+                    )
+                return await bind_mesh(js, stores=cfg.mesh.stores)
+            except MeshMismatch:
+                raise
             except (NatsError, JsError, TimeoutError, OSError) as exc:
-                log.warning("mesh bootstrap failed; retrying", error=repr(exc))
+                log.warning("mesh not ready; retrying", error=repr(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _on_renew(self, result: RenewResult, latency: float) -> None:
-        if result is RenewResult.OK:
-            metrics.HEARTBEAT_SECONDS.observe(latency)
-        else:
-            metrics.HEARTBEAT_FAILURES.labels(result=result.value).inc()
-
-    async def control_loop(self) -> None:
-        """One cycle per tick: refresh gauges, then give each component its decision turn."""
-        interval = min(1.0, self.ttl / 3)
-        while True:
-            for hook in self.cycle_hooks:
-                await hook()
-            self.last_cycle = time.monotonic()
-            metrics.LOOP_CYCLES.inc()
-            metrics.MESH_CONNECTED.set(1 if self.connection.connected else 0)
-            metrics.IN_QUORUM.set(1 if self.in_quorum() else 0)
-            metrics.READY.set(1 if self.readiness()[0] else 0)
-            await asyncio.sleep(interval)
-
-    async def serve_status(self) -> None:
-        nc = self.connection.nc
-        subject = status_subject(self.config.site, self.config.node)
-        sub = await nc.subscribe(subject)
+    async def _default_stores(self) -> list[str] | None:
+        """Alone on a non-clustered server, one store named after our site; else nothing
+        (the descriptor must exist or ``mesh.stores`` be configured)."""
         try:
-            async for msg in sub.messages:
-                await self._answer_status(msg)
-        finally:
-            with contextlib.suppress(NatsError):
-                await sub.unsubscribe()
-
-    async def _answer_status(self, msg: Msg) -> None:
-        import json
-
-        if not msg.reply:
-            return
-        if len(msg.data) > MAX_REQUEST_BYTES:
-            body: dict[str, Any] = {"ok": False, "error": "request too large"}
-        else:
-            body = self.live_status()
-        with contextlib.suppress(NatsError):
-            await msg.respond(json.dumps(body).encode())
-
-    # --- lifecycle ------------------------------------------------------------------------
+            info = await self.connection.nc.request("$JS.API.INFO", b"", timeout=2.0)
+            data = json.loads(info.data)
+        except (NatsError, TimeoutError, ValueError):
+            return None
+        clustered = isinstance(data, dict) and data.get("cluster") not in (None, {})
+        return None if clustered else [self.config.site]
 
     async def _start(self) -> None:
         cfg = self.config
+        sup = self.supervisor
         if cfg.nats.embedded:
             self.embedded = EmbeddedServer(
                 embedded_spec(cfg), cfg.state_dir / "nats" / "nats-server.conf"
             )
-            self.supervisor.spawn("nats-server", self.embedded.run())
+            sup.spawn("nats-server", self.embedded.run())
             await self.embedded.wait_started()
 
         self.connection.on_state_change = self._connection_changed
         await self.connection.connect()
-        self.supervisor.on_shutdown("mesh-close", self.connection.close)
-        self.buckets = await self._bootstrap()
-        self.session = Session(
-            self.buckets.state,
-            agent_key(cfg.site, cfg.node),
-            cfg.agent_id,
-            ttl=self.ttl,
-            margin=cfg.lease.effective_margin,
-            payload=self.heartbeat_payload,
-        )
-        self.session.on_renew.append(self._on_renew)
-        await self.session.open()
-        self.supervisor.on_shutdown("session-close", self.session.close)
-        self.supervisor.spawn("session", self.session.run())
-        self.supervisor.spawn("status-responder", self.serve_status())
-        # Issue 5: the application controller (leases, workloads, reconcile); see agent/controller.
-        from agent.controller import attach as attach_controller
+        self.mesh = mesh = await self._bind()
 
-        self.controller = await attach_controller(self)
-        # Issue 6: the command plane (harmony.cmd.<site>.<node>.* and, for held applications,
-        # harmony.cmd.app.<name>.*); see agent/commands. Stopped before the controller.
-        from agent.commands import CommandServer
+        self.topology = topology = build_topology(cfg.topology)
+        fence = getattr(topology, "fence", None)
+        if isinstance(fence, FenceSupervisor):
+            for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):
+                log.warning(sentence)
+            self.fence = fence
+            await fence.start()
+            if fence.proc is not None:
+                self.statefile.set_fence(fence.proc.pid)
+            sup.spawn("fence", fence.run())
+        sup.spawn("statefile", self.statefile.run())
+
+        self.session = session = SessionThread(
+            self._connect_extra,
+            mesh.stores,
+            cfg.site,
+            cfg.node,
+            ttl=self.ttl,
+            margin=self.timing.margin,
+            stall_limit=self.timing.stall_limit,
+            on_renewed=self._feed_fence,
+        )
+        await session.start()
+        sup.spawn("session", self._watch_session(session))
+
+        self.leases = leases = LeaseManager(
+            self.connection.nc,
+            session,
+            mesh.stores,
+            step=self.timing.rank_step,
+            window=self.timing.handover_window,
+            cas_timeout=self.timing.cas_timeout,
+            recreate=self._recreate_store if cfg.mesh.bootstrap else None,
+        )
+        await self._retry("lease stores", leases.start)
+        sup.spawn("leases", leases.run())
+
+        events = EventPublisher(self.connection.nc, cfg.site, cfg.node)
+        self.controller = ctl = Controller(
+            nc=self.connection.nc,
+            state=mesh.state,
+            site=cfg.site,
+            node=cfg.node,
+            state_dir=cfg.state_dir,
+            timing=self.timing,
+            max_failures=cfg.controller.max_failures,
+            leases=leases,
+            alive=leases.agent_alive,
+            agents=leases.live_agents,
+            holder=leases.holder_of,
+            events=events,
+            topology=topology,
+            statefile=self.statefile,
+        )
+        leases.on_acquired.append(ctl.lease_changed)
+        leases.on_lost.append(ctl.lease_changed)
+        leases.on_renewed.append(ctl.renewed)
+        await self._retry("controller", ctl.start)
+        sup.spawn("controller", ctl.run())
 
         self.commands = CommandServer(
             self.connection.nc,
-            self.buckets.state,
+            mesh.state,
             site=cfg.site,
             node=cfg.node,
-            failover=self.controller.failover,
+            failover=ctl.failover,
+            handler_timeout=self.timing.handler_timeout,
+            state_dir=cfg.state_dir,
         )
         await self.commands.start()
-        self.controller.on_held_changed.append(self.commands.sync_apps)
-        self.supervisor.on_shutdown("commands-stop", self.commands.stop)
-        self.supervisor.spawn("control-loop", self.control_loop())
+        ctl.on_held_changed.append(self.commands.sync_apps)
+
+        sup.spawn("status-responder", self.serve_status())
+        sup.spawn("summary", self.publish_summary())
+        sup.spawn("control-loop", self.control_loop())
         if cfg.trust.bundle_file is not None:
-            self.supervisor.spawn(
+            sup.spawn(
                 "trust-sync",
-                sync_bundle(self.buckets.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
+                sync_bundle(mesh.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
             )
-        log.info("agent ready", tasks=self.supervisor.names)
+        self.started = True
+        await self._write_summary()
+        log.info("agent ready", tasks=sup.names, stores=mesh.stores)
+        sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
+
+    async def _retry(self, what: str, start: Any) -> None:
+        """Start-up steps wait out a mesh that is not there yet (a site booting while cut
+        off, JetStream without quorum) instead of failing the agent; SIGTERM cancels."""
+        backoff = 0.5
+        while True:
+            try:
+                await start()
+                return
+            except (TimeoutError, NatsError, JsError, OSError) as exc:
+                log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _recreate_store(self, store: str) -> None:
+        """A lease store vanished (deleted by hand, its disk lost): create it again. Tokens
+        keep increasing (terms are floored at the wall clock) and contenders ignore a
+        recreated store for a ttl (docs/leases.md)."""
+        await ensure_store(self.connection.js, store)
+
+    def _feed_fence(self, view: SessionView) -> None:
+        """Session thread: hand the fence the deadline it may follow without us."""
+        if self.fence is not None:
+            self.fence.session_deadline(view.anchored_deadline())
+
+    async def _watch_session(self, session: SessionThread) -> None:
+        """A supervised task that ends (failing the agent) if the session thread dies."""
+        await session.join()
+        raise RuntimeError("the session thread ended")
 
     def _server_pid(self) -> int | None:
         proc = self.embedded.process if self.embedded else None
@@ -256,6 +353,117 @@ class Agent:
         metrics.MESH_CONNECTED.set(1 if up else 0)
         if not up:
             metrics.MESH_DISCONNECTS.inc()
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    async def control_loop(self) -> None:
+        """Prove the main loop runs (health, the session watchdog) and refresh gauges."""
+        interval = self.timing.control_interval
+        while True:
+            if self.session is not None:
+                self.session.stamp()
+            self.last_cycle = time.monotonic()
+            sdnotify.watchdog()  # systemd WatchdogSec: a wedged loop stops these pings
+            metrics.LOOP_CYCLES.inc()
+            metrics.MESH_CONNECTED.set(1 if self.connection.connected else 0)
+            metrics.IN_QUORUM.set(1 if self.in_quorum() else 0)
+            metrics.READY.set(1 if self.readiness()[0] else 0)
+            await asyncio.sleep(interval)
+
+    async def _write_summary(self) -> bool:
+        assert self.mesh is not None
+        key = agent_key(self.config.site, self.config.node)
+        body = {**self.summary(), "time": now_rfc3339()}
+        try:
+            await self.mesh.state.put(key, json.dumps(body).encode())
+        except (NatsError, JsError, TimeoutError, OSError) as exc:
+            log.debug("summary not written", error=repr(exc))
+            return False
+        return True
+
+    async def publish_summary(self) -> None:
+        """Write ``agent.<site>.<node>`` when it changes (and every minute, for humans)."""
+        last: dict[str, Any] | None = None
+        written = 0.0
+        while True:
+            body = self.summary()
+            due = body != last or time.monotonic() - written > 60
+            if due and await self._write_summary():
+                last, written = body, time.monotonic()
+            await asyncio.sleep(1.0)
+
+    async def serve_status(self) -> None:
+        nc = self.connection.nc
+        sub = await nc.subscribe(status_subject(self.config.site, self.config.node))
+        try:
+            async for msg in sub.messages:
+                await self._answer_status(msg)
+        finally:
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+
+    async def _answer_status(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        if len(msg.data) > MAX_REQUEST_BYTES:
+            body: dict[str, Any] = {"ok": False, "error": "request too large"}
+        else:
+            body = self.live_status()
+        with contextlib.suppress(NatsError):
+            await msg.respond(json.dumps(body).encode())
+
+    # --- stop ------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop in the written order (module docstring); never close the session first."""
+        stop_timeouts = []
+        if self.controller is not None:
+            for r in self.controller.runners.values():
+                stop_timeouts.append(
+                    float(getattr(getattr(r.interpret, "spec", None), "stop_timeout", 5.0))
+                )
+        budget = self.timing.shutdown_budget(stop_timeouts)
+        log.info("stopping", budget=round(budget, 1))
+        # systemd: deactivating from here on (no watchdog); TimeoutStopSec bounds the rest.
+        sdnotify.stopping(self.supervisor.failure or "stopping: workloads, leases, session")
+        sup = self.supervisor
+        if self.commands is not None:
+            await self.commands.stop()
+        clean = True
+        if self.controller is not None:
+            await sup.cancel("controller")
+            try:
+                clean = await asyncio.wait_for(self.controller.shutdown(), budget)
+            except TimeoutError:
+                clean = False
+                log.error("workloads did not stop within the shutdown budget", budget=budget)
+        if self.leases is not None:
+            await sup.cancel("leases")
+            await self.leases.stop(release_budget=self.timing.release_budget)
+        for name in ("control-loop", "summary", "status-responder", "trust-sync", "session"):
+            await sup.cancel(name)
+        if self.mesh is not None:
+            with contextlib.suppress(Exception):
+                closed = {**self.summary(), "state": "closed", "time": now_rfc3339()}
+                key = agent_key(self.config.site, self.config.node)
+                await asyncio.wait_for(self.mesh.state.put(key, json.dumps(closed).encode()), 2.0)
+        if self.session is not None:
+            # ``closed`` frees our leases at once: written only when nothing of ours runs.
+            # Otherwise the session simply lapses (a contender waits a ttl, the fence kills
+            # whatever is left at the deadline): slower, never overlapping.
+            if not clean:
+                log.error("a workload may still run: letting the session lapse, not closing it")
+            await self.session.close(write=clean)
+        if self.fence is not None:
+            await sup.cancel("fence")
+            await self.fence.close()
+        await sup.cancel("statefile")
+        with contextlib.suppress(OSError):
+            self.statefile.save()
+        await self.connection.close()
+        await sup.cancel_all()
+        if self.embedded is not None:
+            await self.embedded.stop()
 
     async def run(self) -> int:
         cfg = self.config
@@ -281,13 +489,18 @@ class Agent:
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting
-                await self.supervisor.shutdown()
+                await self.shutdown()
                 return 0
-            if starting.exception() is not None:
-                log.error("startup failed", error=repr(starting.exception()))
-                await self.supervisor.shutdown()
+            exc = starting.exception()
+            if isinstance(exc, MeshMismatch | PortInUse):
+                await self.shutdown()
+                raise StartupError(str(exc))
+            if exc is not None:
+                log.error("startup failed", error=repr(exc))
+                await self.shutdown()
                 return 1
             code = await self.supervisor.run(self.stop_event)
+            await self.shutdown()
             log.info("agent stopped", exit_code=code, reason=self.supervisor.failure or "signal")
             return code
         finally:
@@ -295,5 +508,5 @@ class Agent:
                 await health.stop()
 
     def _request_stop(self, sig: signal.Signals) -> None:
-        log.info("stopping", signal=sig.name, pid=os.getpid())
+        log.info("stop requested", signal=sig.name, pid=os.getpid())
         self.stop_event.set()

@@ -7,8 +7,10 @@ connected, buckets ready, and a mesh write succeeded within the last ttl.
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -18,6 +20,44 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 log = structlog.get_logger("agent.health")
 
 Probe = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class ListenError(RuntimeError):
+    """An address this agent must listen on cannot be bound; the message is one line."""
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9808`` for IPv6) as (host, port); an empty host is loopback."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _bind_error(what: str, listen: str, exc: OSError) -> str:
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+    return f"{what} {listen}: cannot listen: {reason}"
+
+
+def addresses_in_use(wanted: Iterable[tuple[str, str | None]]) -> list[str]:
+    """One line per address in ``wanted`` ((what, host:port) pairs; empty ones skipped)
+    that cannot be bound now. A check, not a reservation: the real bind can still lose a
+    race, and reports it the same way (``ListenError``)."""
+    problems: list[str] = []
+    for what, listen in wanted:
+        if not listen:
+            continue
+        try:
+            host, port = split_listen(listen)
+        except ValueError:
+            problems.append(f"{what} {listen}: not a host:port address")
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+        except OSError as exc:
+            problems.append(_bind_error(what, listen, exc))
+    return problems
 
 
 def _answer(result: tuple[bool, dict[str, Any]]) -> web.Response:
@@ -31,9 +71,8 @@ def _answer(result: tuple[bool, dict[str, Any]]) -> web.Response:
 
 class HealthServer:
     def __init__(self, listen: str, *, liveness: Probe, readiness: Probe) -> None:
-        host, _, port = listen.rpartition(":")
-        self.host = host.strip("[]") or "127.0.0.1"
-        self.port = int(port)
+        self.listen = listen
+        self.host, self.port = split_listen(listen)
         self._liveness = liveness
         self._readiness = readiness
         self._runner: web.AppRunner | None = None
@@ -56,7 +95,12 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ListenError(_bind_error("health endpoint", self.listen, exc)) from None
         log.info("health endpoint listening", listen=f"{self.host}:{self.port}")
 
     async def stop(self) -> None:

@@ -6,25 +6,30 @@ Read from the KV buckets, not from one agent, because the question at 3 a.m. is 
 the code); ``snapshot()`` turns them into typed views. Decoding is tolerant: a value this
 version cannot parse becomes a ``problem`` line, never an exception.
 
-Health is judged by the reader: an agent is healthy when its heartbeat says ``alive``, its
-own health check says healthy, and its last heartbeat write (JetStream's timestamp of that
-write) is at most ``2 x ttl`` old on the reader's clock. The last rule catches an agent
-that died without closing its session; it is for display only (leases never use it) and
-is off by the clock offset between the reader and the mesh server.
+Health is judged by the reader: an agent is healthy when its summary
+(``agent.<site>.<node>``) says ``alive`` and healthy, and its session was renewed in some
+lease store at most ``2 x ttl`` ago (JetStream's timestamp of that write, on the reader's
+clock). The last rule catches an agent that died without closing its session; it is for
+display only (leases never use it) and is off by the clock offset between the reader and
+the mesh server.
+
+Holders and fencing tokens come from the lease stores: a claim counts when it is the newest
+held claim of its family in a majority of the stores the reader sees.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nats.js.kv import KeyValue
-
-from agent.application import Application
 from agent.commands.marks import Mark, parse_mark
-from mesh.names import LEASES_BUCKET, STATE_BUCKET, TRUST_BUCKET
+from mesh.names import STATE_BUCKET, STORE_PREFIX, TRUST_BUCKET
+from mesh.records import ClaimState, parse_claim, parse_key, parse_session
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
 
 STALE_FACTOR = 2.0
 INSTANCE_STATES = frozenset({"running", "standby", "stopped", "fenced", "failed"})
@@ -91,6 +96,8 @@ class AgentView:
     health: dict[str, Any]
     instances: tuple[dict[str, Any], ...]
     revision: int
+    stores: tuple[str, ...] = ()
+    """The lease stores where the agent's session is live."""
 
     def age(self, now: datetime) -> float | None:
         return None if self.last_seen is None else (now - self.last_seen).total_seconds()
@@ -129,20 +136,73 @@ class TrustView:
     revision: int
 
 
+TRAITS = frozenset({"stateful", "stateless"})
+STRATEGIES = frozenset({"AbsoluteConsistency", "SplitBrainAllowed"})
+RECONCILES = frozenset({"keep-newest", "keep-oldest"})
+
+
+@dataclass(frozen=True)
+class AppView:
+    """What a reader shows of a stored Application (``app.<name>``), decoded without the
+    pydantic models: ``apply`` validated it when it was written, and a display must stay
+    cheap (``status`` would otherwise spend most of its time importing pydantic)."""
+
+    name: str
+    trait: str
+    strategy: str
+    reconcile: str
+    sites: tuple[str, ...]
+    score: str
+
+    @classmethod
+    def decode(cls, name: str, raw: bytes) -> AppView | None:
+        """None when the value is not an Application this version can show."""
+        doc = _json(raw)
+        spec = doc.get("spec") if doc else None
+        if not isinstance(spec, dict) or doc is None or doc.get("kind") != "Application":
+            return None
+        failover = spec.get("failover") or {}
+        placement = spec.get("placement") or {}
+        score = spec.get("score") or {}
+        if not (
+            isinstance(failover, dict) and isinstance(placement, dict) and isinstance(score, dict)
+        ):
+            return None
+        trait = spec.get("trait")
+        strategy = failover.get("strategy", "AbsoluteConsistency")
+        reconcile = failover.get("reconcile", "keep-newest")
+        sites = placement.get("sites")
+        kind = score.get("kind")
+        if (
+            trait not in TRAITS
+            or strategy not in STRATEGIES
+            or reconcile not in RECONCILES
+            or not isinstance(sites, list)
+            or not sites
+            or not all(isinstance(x, str) for x in sites)
+            or not isinstance(kind, str)
+        ):
+            return None
+        return cls(name, trait, strategy, reconcile, tuple(sites), kind)
+
+
 @dataclass(frozen=True)
 class MeshSnapshot:
     agents: dict[str, AgentView]
-    apps: dict[str, Application]
+    apps: dict[str, AppView]
     leases: dict[str, LeaseView]
     trust: dict[str, TrustView]
     drains: dict[str, Mark]
     fences: dict[str, Mark]
     problems: list[str] = field(default_factory=list)
 
+    reports: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """app -> agent -> its instance report (``inst.<app>.<site>.<node>``)."""
+
     def sites(self) -> list[str]:
         names = {a.site for a in self.agents.values()} | set(self.trust) | set(self.drains)
         for app in self.apps.values():
-            names.update(app.spec.placement.sites)
+            names.update(app.sites)
         return sorted(names)
 
     def lease_of(self, app: str) -> LeaseView | None:
@@ -156,27 +216,26 @@ class MeshSnapshot:
 
     def instances_of(self, app: str, now: datetime) -> list[Instance]:
         out: list[Instance] = []
-        for agent in sorted(self.agents.values(), key=lambda a: a.id):
-            for item in agent.instances:
-                if item.get("app") != app:
-                    continue
-                state = item.get("state")
-                token = item.get("token")
-                out.append(
-                    Instance(
-                        app=app,
-                        agent=agent.id,
-                        state=state if state in INSTANCE_STATES else "failed",
-                        token=token if isinstance(token, int) else None,
-                        detail=str(item.get("detail") or ""),
-                        stale=not agent.healthy(now),
-                    )
+        for agent_id, item in sorted(self.reports.get(app, {}).items()):
+            agent = self.agents.get(agent_id)
+            state = item.get("state")
+            token = item.get("token")
+            out.append(
+                Instance(
+                    app=app,
+                    agent=agent_id,
+                    state=state if state in INSTANCE_STATES else "failed",
+                    token=token if isinstance(token, int) else None,
+                    detail=str(item.get("detail") or ""),
+                    stale=agent is None or not agent.healthy(now),
                 )
+            )
         return out
 
 
 class MeshState:
-    """Live entries of the three buckets, keyed by (bucket, key); fed by KV watches."""
+    """Live entries of the buckets and lease stores, keyed by (bucket, key); fed by KV
+    watches."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, str], Raw] = {}
@@ -193,13 +252,15 @@ class MeshState:
 
     def snapshot(self) -> MeshSnapshot:
         snap = MeshSnapshot({}, {}, {}, {}, {}, {})
+        stores: dict[str, dict[str, tuple[str, Raw]]] = {}
         for (bucket, key), raw in sorted(self.entries.items()):
             if bucket == STATE_BUCKET:
                 _state_entry(snap, key, raw)
-            elif bucket == LEASES_BUCKET:
-                _lease_entry(snap, key, raw)
             elif bucket == TRUST_BUCKET:
                 _trust_entry(snap, key, raw)
+            elif bucket.startswith(STORE_PREFIX):
+                stores.setdefault(bucket[len(STORE_PREFIX) :], {})[key] = (key, raw)
+        _store_entries(snap, stores)
         return snap
 
 
@@ -211,11 +272,16 @@ def _state_entry(snap: MeshSnapshot, key: str, raw: Raw) -> None:
             snap.problems.append(f"harmony-state {key}: not a heartbeat")
         else:
             snap.agents[agent.id] = agent
+    elif parts[0] == "inst" and len(parts) == 4:
+        data = _json(raw.value)
+        if data is not None:
+            snap.reports.setdefault(parts[1], {})[f"{parts[2]}/{parts[3]}"] = data
     elif parts[0] == "app" and len(parts) == 2:
-        try:
-            snap.apps[parts[1]] = Application.from_json(raw.value)
-        except (ValueError, RecursionError):
+        app = AppView.decode(parts[1], raw.value)
+        if app is None:
             snap.problems.append(f"harmony-state {key}: not a valid Application")
+        else:
+            snap.apps[parts[1]] = app
     else:
         mark = parse_mark(key, raw.value, raw.revision)
         if mark is not None:
@@ -251,22 +317,71 @@ def _agent(site: str, node: str, raw: Raw) -> AgentView | None:
     )
 
 
-def _lease_entry(snap: MeshSnapshot, key: str, raw: Raw) -> None:
-    parts = key.split(".")
-    if parts[0] != "app" or len(parts) not in (2, 3):
+def _store_entries(snap: MeshSnapshot, stores: dict[str, dict[str, tuple[str, Raw]]]) -> None:
+    """Sessions refresh each agent's ``last_seen``; claims become holders and tokens."""
+    n = len(stores)
+    families: dict[str, list[tuple[str, int, str, Raw]]] = {}
+    for store, keys in stores.items():
+        for key, raw in keys.values():
+            parts = parse_key(key)
+            if parts.kind == "session":
+                rec = parse_session(raw.value, key, raw.revision)
+                agent = snap.agents.get(parts.agent)
+                if agent is not None and rec is not None and rec.state.value == "alive":
+                    seen = agent.last_seen
+                    if raw.written is not None and (seen is None or raw.written > seen):
+                        seen = raw.written
+                    snap.agents[parts.agent] = replace(
+                        agent, last_seen=seen, epoch=rec.epoch, stores=(*agent.stores, store)
+                    )
+            elif parts.kind in ("lease", "slot"):
+                families.setdefault(parts.family, []).append((store, raw.revision, key, raw))
+    for family, claims in families.items():
+        _family(snap, family, claims, n)
+    for store, keys in stores.items():
+        for key, raw in keys.values():
+            if parse_key(key).kind in ("lease", "slot") and parse_claim(raw.value) is None:
+                snap.problems.append(f"{STORE_PREFIX}{store} {key}: not a lease claim")
+
+
+def _family(
+    snap: MeshSnapshot, family: str, claims: list[tuple[str, int, str, Raw]], n: int
+) -> None:
+    latest: dict[str, tuple[int, str, Raw]] = {}
+    for store, seq, key, raw in claims:
+        if store not in latest or seq > latest[store][0]:
+            latest[store] = (seq, key, raw)
+    votes: dict[tuple[str, int, str], int] = {}
+    newest: dict[tuple[str, int, str], Raw] = {}
+    for _, key, raw in latest.values():
+        rec = parse_claim(raw.value, key, raw.revision)
+        if rec is None:
+            continue
+        who = parse_key(key).agent
+        mark = (
+            who,
+            rec.term,
+            rec.state.value if rec.state is not ClaimState.HANDOVER else f"handover:{rec.to}",
+        )
+        votes[mark] = votes.get(mark, 0) + 1
+        newest[mark] = raw
+    parts = family.split(".")
+    app, site = parts[1], parts[2] if parts[0] == "slot" else None
+    label = f"app.{app}" if site is None else f"app.{app}.{site}"
+    if not votes:
         return
-    data = _json(raw.value) or {}
-    holder = data.get("holder")
-    handover = data.get("handover_to")
-    snap.leases[key] = LeaseView(
-        key=key,
-        app=parts[1],
-        site=parts[2] if len(parts) == 3 else None,
-        holder=holder if isinstance(holder, str) and holder else None,
-        state=str(data.get("state", "held")),
-        handover_to=handover if isinstance(handover, str) else None,
-        token=raw.revision,
-        written=raw.written or parse_time(data.get("acquired_at")),
+    (who, term, state), count = max(votes.items(), key=lambda kv: (kv[1], kv[0][1]))
+    handover = state.split(":", 1)[1] if state.startswith("handover:") else None
+    held = state == ClaimState.HELD.value and count >= n // 2 + 1
+    snap.leases[label] = LeaseView(
+        key=label,
+        app=app,
+        site=site,
+        holder=who if held or handover else None,
+        state="held" if held else ("handover" if handover else "free"),
+        handover_to=handover,
+        token=term,
+        written=newest[(who, term, state)].written,
     )
 
 

@@ -1,16 +1,16 @@
 """Named, supervised tasks (after kopf's reactor): the first unexpected exit stops them all.
 
 A daemon whose renewal loop died but whose process lives on is the worst kind of failure:
-it looks up and does nothing. So any task that ends on its own, returning or raising, is
-a fault: the supervisor stops the others in reverse start order and the agent exits 1,
-letting systemd or the kubelet restart it with a clean state.
+it looks up and does nothing. So any task that ends on its own, returning or raising, is a
+fault: ``run`` returns, the agent shuts down in its written order (``agent/daemon.py``) and
+exits 1, letting systemd or the kubelet restart it with a clean state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -21,52 +21,57 @@ log = structlog.get_logger("agent.supervisor")
 class Supervisor:
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
-        self._shutdown: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self.failure: str | None = None
+        self._changed = asyncio.Event()
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         if name in self._tasks:
             raise ValueError(f"task {name!r} already running")
         task = asyncio.create_task(coro, name=name)
         self._tasks[name] = task
+        self._changed.set()
         return task
-
-    def on_shutdown(self, name: str, hook: Callable[[], Awaitable[None]]) -> None:
-        """Run ``hook`` at shutdown, before tasks are cancelled; hooks run last-in first-out."""
-        self._shutdown.append((name, hook))
 
     @property
     def names(self) -> list[str]:
         return list(self._tasks)
 
-    async def run(self, stop: asyncio.Event) -> int:
-        """Wait for ``stop`` or the first task exit, then shut down; return the exit code."""
-        stopper = asyncio.create_task(stop.wait(), name="stop-signal")
-        done, _ = await asyncio.wait(
-            [stopper, *self._tasks.values()], return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in done:
-            if task is stopper:
-                continue
-            exc = task.exception() if not task.cancelled() else None
-            self.failure = f"task {task.get_name()} exited" + (f": {exc!r}" if exc else "")
-            log.error(
-                "supervised task exited unexpectedly; stopping",
-                task=task.get_name(),
-                error=repr(exc) if exc else None,
-            )
-        stopper.cancel()
-        await self.shutdown()
-        return 1 if self.failure else 0
+    def healthy(self) -> bool:
+        return self.failure is None and all(not t.done() for t in self._tasks.values())
 
-    async def shutdown(self, grace: float = 5.0) -> None:
-        for name, hook in reversed(self._shutdown):
-            try:
-                await asyncio.wait_for(hook(), grace)
-            except Exception as exc:
-                log.warning("shutdown hook failed", hook=name, error=repr(exc))
+    async def run(self, stop: asyncio.Event) -> int:
+        """Wait for ``stop`` or the first task exit; return the exit code (0 or 1)."""
+        stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+        try:
+            while True:
+                self._changed.clear()
+                changed = asyncio.create_task(self._changed.wait())
+                done, _ = await asyncio.wait(
+                    [stopper, changed, *self._tasks.values()], return_when=asyncio.FIRST_COMPLETED
+                )
+                changed.cancel()
+                failed = [t for t in done if t is not stopper and t is not changed]
+                for task in failed:
+                    exc = task.exception() if not task.cancelled() else None
+                    self.failure = f"task {task.get_name()} exited" + (f": {exc!r}" if exc else "")
+                    log.error(
+                        "supervised task exited unexpectedly; stopping",
+                        task=task.get_name(),
+                        error=repr(exc) if exc else None,
+                    )
+                if failed or stopper in done:
+                    return 1 if self.failure else 0
+        finally:
+            stopper.cancel()
+
+    async def cancel(self, name: str, grace: float = 5.0) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            await _cancel(task, grace)
+
+    async def cancel_all(self, grace: float = 5.0) -> None:
         for name in reversed(list(self._tasks)):
-            await _cancel(self._tasks[name], grace)
+            await self.cancel(name, grace)
 
 
 async def _cancel(task: asyncio.Task[Any], grace: float) -> None:
@@ -78,7 +83,7 @@ async def _cancel(task: asyncio.Task[Any], grace: float) -> None:
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
     if task.done() and not task.cancelled():
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             task.exception()
     elif not task.done():
         log.error("task ignored cancellation; abandoning it", task=task.get_name())

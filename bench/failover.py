@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from common import pct, quiet, save, table
+from tests.mesh.holder_proc import holder_argv, kill9, read_events, spawn_holder
 
 from tests.harness.nats import NatsCluster
-from tests.mesh.holder_proc import holder_argv, kill9, read_events, spawn_holder
 from tests.mesh.lease_world import Contender
 
 Scenario = Callable[[NatsCluster, argparse.Namespace, Path], Awaitable[dict[str, Any]]]

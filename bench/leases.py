@@ -22,10 +22,10 @@ from typing import Any
 
 import nats
 from common import pct, quiet, save, table
+from tests.mesh.holder_proc import holder_argv, kill9, read_events, spawn_holder
 
 from mesh.names import LEASES_BUCKET, STATE_BUCKET
 from tests.harness.nats import NatsCluster
-from tests.mesh.holder_proc import holder_argv, kill9, read_events, spawn_holder
 from tests.mesh.lease_world import Contender
 
 

@@ -68,12 +68,13 @@ class ConnectionOptions:
     credentials: Path | None = None
     user: str | None = None
     password_file: Path | None = None
-    inbox_prefix: str | None = None
-    """``_INBOX_<site>_<node>`` under per-agent permissions (``mesh.authz``)."""
     connect_timeout: float = 2.0
     reconnect_wait: float = 0.5
     ping_interval: float = 5.0
     max_outstanding_pings: int = 2
+    inbox_prefix: str = "_INBOX"
+    """A private prefix (``_INBOX_<site>_<node>`` for an agent), so per-agent permissions
+    can allow only our own replies (``mesh.authz``)."""
 
 
 class MeshConnection:
@@ -131,6 +132,16 @@ class MeshConnection:
         url = self.nc.connected_url
         return url.geturl() if url is not None else None
 
+    @property
+    def server_url_redacted(self) -> str | None:
+        """The server we talk to, without any password (for logs and status replies)."""
+        url = self.nc.connected_url
+        if url is None:
+            return None
+        host = url.hostname or ""
+        port = f":{url.port}" if url.port else ""
+        return f"{url.scheme}://{host}{port}"
+
     def _changed(self, up: bool) -> None:
         self.last_change = time.monotonic()
         if self.on_state_change:
@@ -140,13 +151,13 @@ class MeshConnection:
         if self.closing:
             return
         self.disconnects += 1
-        log.warning("mesh disconnected", server=self.server_url)
+        log.warning("mesh disconnected", server=self.server_url_redacted)
         self.refresh_tls()  # the reconnect then presents renewed certificates
         self._changed(False)
 
     async def _reconnected(self) -> None:
         self.reconnects += 1
-        log.info("mesh reconnected", server=self.server_url)
+        log.info("mesh reconnected", server=self.server_url_redacted)
         self._changed(True)
 
     async def _error(self, exc: Exception) -> None:
@@ -161,8 +172,6 @@ class MeshConnection:
             attempt += 1
             try:
                 extra: dict[str, object] = {}
-                if opts.inbox_prefix:
-                    extra["inbox_prefix"] = opts.inbox_prefix
                 if opts.user is not None:
                     extra["user"] = opts.user
                     extra["password"] = self._password()
@@ -180,6 +189,7 @@ class MeshConnection:
                     reconnected_cb=self._reconnected,
                     error_cb=self._error,
                     allow_reconnect=True,
+                    inbox_prefix=opts.inbox_prefix,
                     **extra,  # type: ignore[arg-type]
                 )
             except (OSError, TimeoutError, ValueError, nats.errors.Error) as exc:
@@ -191,7 +201,7 @@ class MeshConnection:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
-            log.info("mesh connected", server=self.server_url)
+            log.info("mesh connected", server=self.server_url_redacted)
             self._changed(True)
             return
 

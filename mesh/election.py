@@ -1,253 +1,383 @@
-"""Pure lease decisions: given what we observed and the monotonic time, what to do next.
+"""Pure lease decisions over a quorum of stores: what we observed in, what to do out.
 
-No I/O here. ``mesh.leases.LeaseManager`` feeds ``decide`` with its watch cache and executes
-the ``Decision`` (each acquisition or expiry is a compare-and-set it performs); this split
-lets the rules below be unit-tested with a fake clock, and every decision carries a human
-sentence that is logged and shown in status (as Patroni does).
+No I/O here: ``mesh.leases.LeaseManager`` feeds ``decide`` from its watch cache and carries
+the ``Decision`` out with compare-and-set writes, so every rule is unit-tested with a fake
+clock, and every decision carries one sentence for logs and status (as Patroni does).
 
-The rules (docs/leases.md has the safety argument):
+Per store, a lease family is classified (``classify``) as:
 
-* A lease value names the holder's *session* (key, epoch, and the session key's revision
-  when the lease was taken). The lease is valid exactly as long as that session epoch.
-* A lease is **free** when its key is absent or deleted; or its session key now shows a
-  different epoch *at a later revision* than the one recorded, or the same epoch marked
-  ``closed``/``expired``; or it carries a handover marker for us (immediately) or for
-  someone else who did not take it within ``handover_window`` of our watching it.
-* A session whose epoch is alive is ended only by ``expire``: after *we* watched its key
-  stay at one revision for its full ttl on *our* monotonic clock (never a wall-clock
-  comparison between machines).
-* When free, a contender of preference rank ``r`` acquires ``r * step`` after it saw the
-  lease become free, so the most preferred live site wins without a vote; a healthy holder
-  is never pre-empted (only an explicit release or handover moves it).
-* Observations older than the lease (session revision below the recorded one) are stale
-  reads: we wait for the watch to catch up rather than act on them.
+* ``MINE``: our claim with our *current* epoch in that store is the newest claim;
+* ``FREE`` since some instant: no claim; or the newest claim is released; handed over to us
+  (at once) or to someone who did not take it within ``window``; or its holder's session
+  in *that store* was expired, closed, or moved to another epoch; or it is our own claim of
+  an earlier holding;
+* ``HELD`` by another agent whose session epoch in that store is alive: the session's
+  family sequence and since when *we* have seen it unchanged;
+* ``UNKNOWN``: the store is not ready (unreachable, watch not current, quarantined).
+
+Then for the lease (``decide``):
+
+* holding: we keep it while our claims stand in a quorum of stores; stores where it is free
+  again (our epoch there changed) are repaired; fewer than a quorum means lost;
+* not holding: a quorum of ``FREE`` (or ``MINE``) stores lets us acquire, ``rank * step``
+  after a quorum became free, with term = 1 + the highest term seen (at least ``floor``);
+  otherwise a holder seen unchanged for a full ttl in enough stores to reach a quorum is
+  expired there (its session, by CAS over the sequence we watched); else we wait.
+
+No decision compares the wall clocks of two machines; the only times are ours.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
-from mesh.session import SessionView
+from mesh.records import ClaimRecord, ClaimState
+from mesh.stores import quorum
 
-HELD = "held"
-HANDOVER = "handover"
-
-
-@dataclass(frozen=True)
-class LeaseValue:
-    """The JSON stored under a lease key. Written only on acquisition and release."""
-
-    holder: str
-    """``<site>/<node>`` of the holding agent."""
-    session: str
-    """The holder's session key (``agent.<site>.<node>`` in ``harmony-state``)."""
-    epoch: str
-    session_rev: int
-    """Revision of the session key when the lease was taken: guards against stale reads."""
-    ttl: float
-    acquired_at: str
-    """Wall-clock time, for display only: no decision reads it."""
-    state: str = HELD
-    handover_to: str | None = None
-    """With ``state == "handover"``: the agent id or site allowed to take it at once."""
-
-    def encode(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if v is not None}
-        return json.dumps(body, separators=(",", ":")).encode()
-
-    @classmethod
-    def parse(cls, raw: bytes | None) -> LeaseValue | None:
-        """None for anything that is not a lease value (never raises)."""
-        if not raw:
-            return None
-        try:
-            data: dict[str, Any] = json.loads(raw)
-            return cls(
-                holder=str(data["holder"]),
-                session=str(data["session"]),
-                epoch=str(data["epoch"]),
-                session_rev=int(data["session_rev"]),
-                ttl=float(data["ttl"]),
-                acquired_at=str(data.get("acquired_at", "")),
-                state=str(data.get("state", HELD)),
-                handover_to=(str(data["handover_to"]) if data.get("handover_to") else None),
-            )
-        except (ValueError, KeyError, TypeError):
-            return None
+NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class LeaseObs:
-    """What our watch last showed for one lease key."""
-
-    revision: int | None
-    """Revision of the last entry (a delete marker has one too); None: never seen."""
-    value: LeaseValue | None
-    """None when absent, deleted or unreadable (see ``readable``)."""
-    since: float
-    """Our monotonic time when we first saw this revision (or the key's absence)."""
-    readable: bool = True
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionObs:
-    """What our watch last showed for the holder's session key."""
+    """One agent's session family in one store, as our watch last showed it."""
 
-    revision: int
-    view: SessionView | None
-    """None when the key was deleted or holds something unreadable."""
+    seq: int
+    """Last sequence of the family (its live record or an expiry of it)."""
     since: float
-    """Our monotonic time when we first saw this revision."""
+    """Our clock when we first saw ``seq``."""
+    epoch: str | None
+    """Epoch of the live record; None when there is none or it is unreadable."""
+    alive: bool
+    ttl: float
+    expired_epoch: str | None = None
+    """An expiry newer than the live record names this epoch."""
+    live_since: float = NEG_INF
+    """Our clock when we first saw the live record's current sequence (its last renewal)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class ClaimObs:
+    agent: str
+    """The claimant, from the key (server-vouched), not from the value."""
+    seq: int
+    since: float
+    record: ClaimRecord | None
+    """None: unreadable value (treated as held by ``agent`` with an unknown epoch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyObs:
+    """One lease family in one store."""
+
+    store: str
+    ready: bool
+    seq: int
+    """Last sequence of the family (0: empty)."""
+    since: float
+    """Our clock when we first saw the family at ``seq`` (or started watching it)."""
+    claims: tuple[ClaimObs, ...] = ()
+    sessions: Mapping[str, SessionObs] = field(default_factory=dict)
+    """Sessions (in this store) of the agents that have claims here."""
+    usable_at: float = NEG_INF
+    """Not ready until then (a recreated store's quarantine): decide again at that time."""
+
+    @property
+    def latest(self) -> ClaimObs | None:
+        return max(self.claims, key=lambda c: c.seq, default=None)
+
+    @property
+    def max_term(self) -> int:
+        return max((c.record.term for c in self.claims if c.record is not None), default=0)
+
+
+@dataclass(frozen=True, slots=True)
 class Me:
-    """The deciding agent and its own session, as it knows them now."""
-
     agent: str
     site: str
-    session_key: str
-    epoch: str
+    epochs: Mapping[str, str]
+    """Our live epoch per store."""
     valid: bool
-    """Our session is valid now (``Session.valid()``): we may hold leases."""
     ttl: float
+
+
+class Kind(StrEnum):
+    UNKNOWN = "unknown"
+    FREE = "free"
+    MINE = "mine"
+    HELD = "held"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Kind
+    why: str
+    seq: int = 0
+    """The family sequence a write must CAS over."""
+    since: float = NEG_INF
+    """FREE: since when; HELD: since when the holder's session was seen unchanged."""
+    holder: str | None = None
+    term: int = 0
+    session_seq: int = 0
+    ttl: float = 0.0
+
+
+def _claim_state(c: ClaimObs, f: FamilyObs, ttl: float) -> tuple[str, float, str]:
+    """Is another agent's claim alive in this store? (``live``, ``free`` or ``pending``) and
+    from when it stops counting (``pending``) or since when it is free (``free``).
+
+    A claim lives while its claimant's session *in this store* is alive with the claim's
+    epoch. Keys are per agent and never deleted, so every claim of the family is looked at,
+    not only the newest: a claim written out of turn (a compromised agent writes its keys
+    without the compare-and-set) cannot hide the real holder's. An expiry frees the claim
+    only a full ttl after we last saw the holder's session renewed: a forged expiry (no
+    compare-and-set, written while the holder was renewing) cannot shorten a takeover.
+    """
+    rec = c.record
+    sess = f.sessions.get(c.agent)
+    who = c.agent
+    if rec is not None and rec.state is not ClaimState.HELD:
+        return "free", c.since, f"{rec.state.value} by {who}"
+    if sess is None:  # no session here: only a forgetful store does this
+        return "pending", c.since + ttl, f"{who} has no session in {f.store}"
+    if rec is None or sess.epoch is None:  # unreadable: live until unchanged for a ttl
+        return "live", sess.since, f"held by {who}"
+    if sess.expired_epoch == rec.epoch:
+        return "pending", max(sess.since, sess.live_since + ttl), f"session of {who} expired"
+    if sess.epoch != rec.epoch:
+        return "free", sess.since, f"{who} opened a new epoch"
+    if not sess.alive:
+        return "free", sess.since, f"session of {who} closed"
+    return "live", sess.since, f"held by {who}"
+
+
+def classify(f: FamilyObs, me: Me, *, window: float, dropped: int = 0) -> Verdict:
+    """One store's view of one lease (see the module docstring)."""
+    if not f.ready:
+        return Verdict(Kind.UNKNOWN, f"store {f.store} not reachable", since=f.usable_at)
+    latest = f.latest
+    if latest is None:
+        return Verdict(Kind.FREE, "no claim", f.seq, f.since)
+    ttl = me.ttl
+    live: list[ClaimObs] = []
+    until = freed = NEG_INF
+    reasons: list[str] = []
+    for c in f.claims:
+        if c.agent == me.agent:
+            continue
+        state, at, why = _claim_state(c, f, ttl)
+        if state == "live":
+            live.append(c)
+        elif state == "pending":
+            until = max(until, at)
+            reasons.append(why)
+        else:
+            freed = max(freed, at)
+            reasons.append(why)
+    if live:
+        c = max(live, key=lambda c: (c.record.term if c.record else 0, c.seq))
+        sess = f.sessions[c.agent]
+        return Verdict(
+            Kind.HELD,
+            f"held by {c.agent}",
+            f.seq,
+            sess.since,
+            holder=c.agent,
+            term=c.record.term if c.record is not None else 0,
+            session_seq=sess.seq,
+            ttl=max(sess.ttl, ttl),
+        )
+    rec, holder = latest.record, latest.agent
+    if rec is not None and rec.state is ClaimState.HANDOVER:
+        # Checked before ownership: our own handover to someone else binds us too.
+        if rec.to in (me.agent, me.site):
+            return Verdict(Kind.FREE, f"handed over to us by {holder}", f.seq, max(NEG_INF, until))
+        return Verdict(
+            Kind.FREE,
+            f"handed over to {rec.to}, not taken",
+            f.seq,
+            max(latest.since + window, until),
+        )
+    ours = next((c for c in f.claims if c.agent == me.agent), None)
+    if ours is not None and ours.record is not None:
+        r = ours.record
+        if r.state is ClaimState.HELD and r.epoch == me.epochs.get(f.store) and r.term > dropped:
+            return Verdict(Kind.MINE, f"our claim, term {r.term}", f.seq, term=r.term)
+    why = "; ".join(sorted(set(reasons))) or "our own earlier claim"
+    if until > NEG_INF:
+        return Verdict(Kind.FREE, f"{why} (free once a ttl passed)", f.seq, until)
+    return Verdict(Kind.FREE, why, f.seq, max(freed, latest.since if holder == me.agent else freed))
 
 
 class Action(StrEnum):
     HOLD = "hold"
-    """We hold it (``token``); if we did not know it yet, adopt it (our write landed)."""
-    ACQUIRE = "acquire"
-    """Write our value by CAS on revision ``last`` (None: create)."""
-    EXPIRE = "expire"
-    """End the holder's session by CAS on ``session``'s revision, then decide again."""
-    WAIT = "wait"
-    """Nothing to do; decide again at ``retry_at`` or on the next change."""
+    """We hold it (``term``, supported by ``support``); write ``writes`` to repair."""
     LOST = "lost"
-    """We held it and must stop believing so now."""
+    ACQUIRE = "acquire"
+    """Write our claim with ``term`` in ``writes`` (store -> family sequence to CAS over)."""
+    EXPIRE = "expire"
+    """Expire ``target``'s session in ``writes`` (store -> session family sequence)."""
+    WAIT = "wait"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
     why: str
-    """One sentence for logs, status and tests."""
-    token: int | None = None
-    last: int | None = None
-    session: SessionView | None = None
+    term: int | None = None
+    writes: Mapping[str, int] = field(default_factory=dict)
+    support: frozenset[str] = frozenset()
+    target: str | None = None
     retry_at: float | None = None
 
 
-def _wait(why: str, retry_at: float | None = None) -> Decision:
-    return Decision(Action.WAIT, why, retry_at=retry_at)
-
-
-def _free_since(
-    lease: LeaseObs, value: LeaseValue, holder: SessionObs | None, me: Me, window: float
-) -> tuple[float, str] | Decision | None:
-    """When the lease became free, with the reason; a Decision if we must wait; None if the
-    holder's session epoch is alive (the caller applies the takeover timing)."""
-    if value.state == HANDOVER:
-        if value.handover_to in (me.agent, me.site):
-            return float("-inf"), f"handed over to us by {value.holder}"
-        return lease.since + window, f"handed over to {value.handover_to}, who did not take it"
-    if holder is None:
-        return _wait(f"held by {value.holder}; its session {value.session} not seen yet")
-    if holder.revision < value.session_rev:
-        return _wait(
-            f"held by {value.holder}; our view of {value.session} (rev {holder.revision}) "
-            f"is older than the lease (rev {value.session_rev}): waiting for the watch"
-        )
-    view = holder.view
-    if view is None:
-        return holder.since, f"session {value.session} of {value.holder} was deleted"
-    if view.epoch == value.epoch:
-        if not view.alive:
-            return holder.since, f"session of {value.holder} is {view.state}"
-        return None
-    if holder.revision > value.session_rev:
-        return holder.since, f"{value.holder} started a new session epoch since taking it"
-    return _wait(f"inconsistent view of {value.session}: waiting for the watch")
+@dataclass(frozen=True, slots=True)
+class Held:
+    term: int
+    claims: Mapping[str, int]
+    """Store -> sequence of our claim there (landed, not seen overwritten)."""
 
 
 def decide(
     *,
-    lease: LeaseObs,
-    holder: SessionObs | None,
+    families: Mapping[str, FamilyObs],
+    n: int,
     me: Me,
     now: float,
-    held_token: int | None,
+    held: Held | None,
     rank: int = 0,
     step: float = 0.1,
-    handover_window: float | None = None,
+    window: float | None = None,
     dropped: int = 0,
+    want_since: float = NEG_INF,
+    floor: int = 0,
 ) -> Decision:
     """One decision for one wanted lease. Pure: same inputs, same answer.
 
-    ``held_token`` is the token we believe we hold (None if we do not). ``holder`` is the
-    observation of the session key named by the lease value (None if not observed).
-    ``dropped`` is the highest token of this key we already stopped holding: a value of ours
-    at or below it is our own release still in flight, never to be adopted again.
+    ``n`` is the number of stores of the mesh (quorum is a majority of ``n``, whatever is
+    observed); ``dropped`` is the highest term we already stopped holding (never adopted
+    again); ``want_since`` is when we started wanting it (a lease free from the start goes
+    by rank from then); ``floor`` is the lowest term a new holding may use.
     """
-    value = lease.value
-    ours = (
-        value is not None
-        and value.state == HELD
-        and value.session == me.session_key
-        and value.epoch == me.epoch
-    )
-    if held_token is not None:
-        if not me.valid:
-            return Decision(Action.LOST, "our session is no longer valid", token=held_token)
-        rev = lease.revision
-        if rev is not None and rev > held_token and not ours:
-            by = value.holder if value is not None else "a delete"
-            return Decision(Action.LOST, f"lease rewritten at rev {rev} by {by}", token=held_token)
-        return Decision(Action.HOLD, f"we hold it (token {held_token})", token=held_token)
+    q = quorum(n)
+    win = me.ttl if window is None else window
+    verdicts = {b: classify(f, me, window=win, dropped=dropped) for b, f in families.items()}
 
+    if held is not None:
+        return _holding(verdicts, held, q, me, families)
     if not me.valid:
-        return _wait("our session is not valid: we cannot hold leases now")
-    if ours and (lease.revision or 0) <= dropped:
-        return _wait(f"our release of rev {lease.revision} is in flight")
-    if ours:
-        assert lease.revision is not None
+        return Decision(Action.WAIT, "our session is not valid: we cannot hold leases now")
+
+    mine = {b: v for b, v in verdicts.items() if v.kind is Kind.MINE}
+    terms = {v.term for v in mine.values()}
+    if len(mine) >= q and len(terms) == 1:
+        term = terms.pop()
         return Decision(
             Action.HOLD,
-            f"our acquisition landed at rev {lease.revision} without an answer: adopting it",
-            token=lease.revision,
+            f"our acquisition (term {term}) landed in {len(mine)} stores without an answer: "
+            "adopting it",
+            term=term,
+            support=frozenset(mine),
         )
-    if value is None and not lease.readable:
-        return _wait(f"unreadable value at rev {lease.revision}: not touching it")
-
-    window = me.ttl if handover_window is None else handover_window
-    if value is None:
-        since, reason = lease.since, "the key is free"
-    else:
-        free = _free_since(lease, value, holder, me, window)
-        if isinstance(free, Decision):
-            return free
-        if free is None:
-            assert holder is not None and holder.view is not None
-            view = holder.view
-            ttl = max(view.ttl, me.ttl)
-            due = holder.since + ttl
-            if now >= due:
-                return Decision(
-                    Action.EXPIRE,
-                    f"session of {value.holder} unchanged at rev {holder.revision} for "
-                    f"{now - holder.since:.2f}s >= ttl {ttl:g}s: expiring it",
-                    session=view,
-                )
-            return _wait(
-                f"held by {value.holder} (token {lease.revision}); its session is alive, "
-                f"renewed {now - holder.since:.2f}s ago by our watch",
-                retry_at=due,
+    free = {b: v for b, v in verdicts.items() if v.kind in (Kind.FREE, Kind.MINE)}
+    if len(free) >= q:
+        times = sorted(
+            max(v.since if v.kind is Kind.FREE else NEG_INF, want_since) for v in free.values()
+        )
+        at = times[q - 1] + rank * step
+        reasons = sorted({v.why for v in free.values() if v.kind is Kind.FREE})
+        if now >= at:
+            top = max((f.max_term for f in families.values() if f.ready), default=0)
+            term = max(top, dropped, floor - 1) + 1
+            return Decision(
+                Action.ACQUIRE,
+                f"acquiring with term {term}: free in {len(free)} of {n} stores "
+                f"({'; '.join(reasons) or 'ours'}; rank {rank})",
+                term=term,
+                writes={b: v.seq for b, v in free.items()},
             )
-        since, reason = free
+        return Decision(
+            Action.WAIT,
+            f"free in {len(free)} of {n} stores; deferring {at - now:.2f}s to better-ranked sites",
+            retry_at=at,
+        )
 
-    at = since + rank * step
-    if now >= at:
-        return Decision(Action.ACQUIRE, f"acquiring: {reason} (rank {rank})", last=lease.revision)
-    return _wait(f"{reason}; deferring {at - now:.2f}s to better-ranked sites", retry_at=at)
+    holders: dict[str, dict[str, Verdict]] = {}
+    for b, v in verdicts.items():
+        if v.kind is Kind.HELD and v.holder is not None:
+            holders.setdefault(v.holder, {})[b] = v
+    retry = [
+        v.since for v in verdicts.values() if v.kind in (Kind.FREE, Kind.UNKNOWN) and v.since > now
+    ]
+    for holder, vs in sorted(holders.items(), key=lambda kv: -len(kv[1])):
+        stale = {b: v for b, v in vs.items() if now >= v.since + v.ttl}
+        if stale and len(free) + len(stale) >= q:
+            ages = ", ".join(f"{b} {now - v.since:.2f}s" for b, v in sorted(stale.items()))
+            return Decision(
+                Action.EXPIRE,
+                f"session of {holder} unchanged for a full ttl in {len(stale)} stores "
+                f"({ages}): expiring it",
+                target=holder,
+                writes={b: v.session_seq for b, v in stale.items()},
+            )
+        retry += [v.since + v.ttl for v in vs.values() if now < v.since + v.ttl]
+    who = ", ".join(f"{h} in {len(vs)}" for h, vs in sorted(holders.items())) or "nobody"
+    unknown = sum(1 for v in verdicts.values() if v.kind is Kind.UNKNOWN)
+    tail = f"; {unknown} stores unreachable" if unknown else ""
+    return Decision(
+        Action.WAIT,
+        f"held by {who} of {n} stores, free in {len(free)}{tail}",
+        retry_at=min(retry, default=None),
+    )
+
+
+def _same_epoch(f: FamilyObs | None, me: Me) -> bool:
+    """Our own claim in this family still names our live epoch in its store."""
+    if f is None:
+        return True
+    ours = next((c for c in f.claims if c.agent == me.agent), None)
+    if ours is None:
+        return True  # our watch has not seen our claim yet
+    rec = ours.record
+    return rec is not None and rec.state is ClaimState.HELD and rec.epoch == me.epochs.get(f.store)
+
+
+def _holding(
+    verdicts: Mapping[str, Verdict],
+    held: Held,
+    q: int,
+    me: Me,
+    families: Mapping[str, FamilyObs],
+) -> Decision:
+    if not me.valid:
+        return Decision(Action.LOST, "our session is no longer valid", term=held.term)
+    # Our claim stands in a store while our epoch there is the one it names: a legitimate
+    # contender only writes over it after that epoch ended (and a newer claim written out
+    # of turn by a compromised agent does not end it).
+    overwritten = {
+        b
+        for b, v in verdicts.items()
+        if b in held.claims
+        and v.kind is not Kind.UNKNOWN
+        and v.kind is not Kind.MINE
+        and not _same_epoch(families.get(b), me)
+    }
+    landed_late = {b for b, v in verdicts.items() if v.kind is Kind.MINE and v.term == held.term}
+    support = (set(held.claims) - overwritten) | landed_late
+    if len(support) < q:
+        gone = ", ".join(f"{b}: {verdicts[b].why}" for b in sorted(overwritten))
+        return Decision(
+            Action.LOST,
+            f"our claim (term {held.term}) stands in only {len(support)} stores ({gone})",
+            term=held.term,
+        )
+    repair = {b: v.seq for b, v in verdicts.items() if b not in support and v.kind is Kind.FREE}
+    tail = f"; repairing {', '.join(sorted(repair))}" if repair else ""
+    return Decision(
+        Action.HOLD,
+        f"we hold it (term {held.term}) in {len(support)} stores{tail}",
+        term=held.term,
+        support=frozenset(support),
+        writes=repair,
+    )

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,38 @@ log = structlog.get_logger("mesh.embedded")
 
 class NatsServerNotFound(RuntimeError):
     pass
+
+
+class PortInUse(RuntimeError):
+    """An address the embedded server must listen on is taken; the message is one line.
+
+    Without this check nats-server would exit at once, be restarted for ever, and the agent
+    would connect to whatever else listens there: someone else's NATS."""
+
+
+def busy_addresses(spec: ServerSpec) -> list[str]:
+    """The listen addresses of ``spec`` that cannot be bound right now, one line each."""
+    problems = []
+    for what, listen in (
+        ("client", spec.listen),
+        ("monitor", spec.monitor_listen),
+        ("cluster", spec.cluster_listen),
+    ):
+        if not listen:
+            continue
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+        except (OSError, ValueError) as exc:
+            why = (
+                "address already in use" if getattr(exc, "errno", None) == errno.EADDRINUSE else exc
+            )
+            problems.append(f"embedded nats-server {what} port {listen}: cannot listen: {why}")
+    return problems
 
 
 def find_nats_server() -> str:
@@ -290,24 +324,35 @@ class EmbeddedServer:
                 stdout=out,
                 stderr=out,
                 preexec_fn=_die_with_parent,
+                # Its own session: a signal to the agent's process group (a terminal's
+                # Ctrl-C, `timeout`) must not stop the mesh before the agent has released.
+                start_new_session=True,
             )
 
     async def wait_started(self) -> None:
-        """Return once the server runs; raise what stopped ``run()`` from starting it."""
+        """Return once the server was spawned; raise what stopped ``run`` before that (an
+        insecure listener, an unwritable state dir, a port in use)."""
         await self._started.wait()
         if self._failed is not None:
-            raise RuntimeError(f"embedded nats-server not started: {self._failed}")
+            raise self._failed
 
     async def run(self) -> None:
         try:
-            self.write_config()
-        except Exception as exc:  # an insecure listener, an unwritable state dir
-            self._failed = exc
-            self._started.set()
+            await self._run()
+        except BaseException as exc:
+            if not self._started.is_set():
+                self._failed = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                self._started.set()
             raise
+
+    async def _run(self) -> None:
+        self.write_config()
         backoff = 0.2
         try:
             while True:
+                busy = busy_addresses(self.spec)
+                if busy:
+                    raise PortInUse(busy[0])
                 self.process = await self._spawn()
                 log.info("nats-server started", pid=self.process.pid, config=str(self.config_path))
                 if self._on_start:

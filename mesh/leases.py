@@ -1,454 +1,460 @@
-"""Leases on JetStream KV, bound to the holder's session, with fencing tokens.
+"""Leases over a quorum of stores: the scheduler that turns observations into writes.
 
-``LeaseManager`` is the NATS side of ``mesh.election``: one KV watch on ``harmony-leases``
-and one on the ``agent.>`` session keys of ``harmony-state`` feed a cache; a single loop
-runs ``decide`` for each wanted lease whose inputs changed (or whose timer is due) and
-executes the decision. Every write it makes is a compare-and-set:
+``LeaseManager`` joins the three parts of the lease engine: the observation cache
+(``mesh.observe``, fed by one KV watch per store), the pure rules (``mesh.election``) and
+the CAS writer (``mesh.writer``). A single loop decides for every wanted lease whose inputs
+changed (or whose timer is due) and carries the decision out; a lease never has two writes
+in flight. The session (``mesh.session``) runs on its own thread; its changes are marshalled
+here with ``call_soon_threadsafe``.
 
-* acquire: ``kv.create(key)`` when the key never existed, else ``kv.update(key, last=rev)``
-  over the exact revision that was judged free. The revision returned is the **fencing
-  token**: lease keys are written only on acquisition and release, never on renewal, so
-  the key's revision is the token for any reader, and it strictly increases per key.
-* take over: ``session.expire`` = ``kv.update(session_key, last=rev)`` over the holder's
-  session revision we watched stay unchanged for a full ttl; then acquire as above.
-* release: ``kv.delete(key, last=token)``; handover: ``kv.update(key, marker, last=token)``.
-
-Renewal costs nothing per lease: only the session is renewed (three writes per ttl per
-agent). A lease is held while the session epoch that took it is valid; the session's own
-deadline timer ends every lease at ``valid_until`` even when the mesh is silent.
+A held lease is valid until ``SessionView.deadline(support)``: the instant until which a
+quorum of the stores where our claim stands still have a fresh renewal of the epoch the
+claim names. A timer drops it then, whatever the mesh does; ``on_lost`` fires at the latest
+at that instant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
 
 import structlog
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.errors import NotFoundError
 
 from mesh import metrics
-from mesh.election import (
-    HANDOVER,
-    HELD,
-    Action,
-    Decision,
-    LeaseObs,
-    LeaseValue,
-    Me,
-    SessionObs,
-    decide,
-)
-from mesh.names import LEASES_BUCKET, STATE_BUCKET
-from mesh.session import (
-    RenewResult,
-    Session,
-    decode,
-    expire,
-    now_rfc3339,
-    raise_if_cancelling,
-)
+from mesh.clock import Clock, boottime, wall_ms
+from mesh.election import Action, Decision, Held, Me, decide
+from mesh.names import lease_claim_key, lease_family, slot_claim_key, slot_family, store_bucket
+from mesh.observe import StoreCache
+from mesh.records import ClaimRecord, ClaimState
+from mesh.session import SessionView
 from mesh.watch import Change, KvWatch
+from mesh.writer import Writer
 
 log = structlog.get_logger("mesh.leases")
 
 StopHook = Callable[[], Awaitable[None]]
-AcquiredCallback = Callable[[str, int, float], None]
-LostCallback = Callable[[str, int, str], None]
-DeadlineCallback = Callable[[float], None]
+NEG_INF = float("-inf")
+
+
+class SessionSource(Protocol):
+    """What the lease manager needs of the session (``SessionThread`` in the agent)."""
+
+    @property
+    def agent(self) -> str: ...
+
+    def view(self) -> SessionView: ...
+
+    def subscribe(self, cb: Callable[[SessionView], None]) -> None:
+        """``cb`` may run on another thread."""
+        ...
+
+    def anchor(self, store: str, epoch: str) -> None: ...
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel until done: on Python 3.11 ``asyncio.wait_for`` can swallow a cancellation
-    that races with its inner future completing, so one ``cancel()`` is not enough."""
+    """Cancel until done: on Python 3.11 ``asyncio.wait_for`` can swallow a cancellation."""
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
     if not task.cancelled():
-        task.exception()  # retrieve it so it is not reported as never retrieved
+        task.exception()
 
 
 @dataclass(frozen=True)
 class Tenure:
-    """One holding of one lease by this manager, as it believed it (monotonic times)."""
+    """One holding of one lease, as this manager believed it (CLOCK_BOOTTIME)."""
 
     name: str
-    key: str
-    token: int
+    term: int
     start: float
-    """When the acquiring write was acknowledged (or adopted)."""
     end: float
-    """When we stopped believing: min(loss noticed, session validity at that moment)."""
     why: str
 
 
 @dataclass(frozen=True)
 class LeaseStatus:
-    """One wanted lease as this manager sees it now (for status and tests)."""
-
     name: str
-    key: str
     rank: int
     held: bool
-    token: int | None
-    """Our token if held, else the key's revision as last watched."""
+    term: int | None
     holder: str | None
     deadline: float | None
     decision: str
+    support: tuple[str, ...] = ()
 
 
 @dataclass
 class _Want:
     name: str
     key: str
+    family: str
     rank: int
     since: float
-    """When we started wanting it: a key that was already free counts as freed then, so a
-    new lease (every agent starts wanting it at once) also goes by rank."""
 
 
 @dataclass
 class _Held:
-    key: str
-    token: int
+    term: int
     start: float
+    claims: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """store -> (sequence of our claim, the epoch it names)."""
+
+    def support(self) -> dict[str, str]:
+        return {b: epoch for b, (_, epoch) in self.claims.items()}
 
 
 class LeaseManager:
-    """Acquire, hold, release and hand over leases for one agent.
+    """Acquire, hold, release and hand over leases for one agent (see module docstring).
 
-    Usage (the controller)::
-
-        mgr = LeaseManager(js, session)           # session: a running mesh.session.Session
-        mgr.on_acquired.append(start_workload)    # (name, token, deadline)
-        mgr.on_lost.append(stop_workload)         # (name, token, why): stop NOW
-        mgr.on_deadline.append(feed_guards)       # (deadline) after each renewal
-        await mgr.start()
-        mgr.want("ledger", app_key("ledger"), rank=0)
-        ...
-        await mgr.release("ledger", stop=stop_workload_and_wait)   # or handover(..., to=)
-
-    Callbacks run synchronously on the event loop and must not block. ``deadline`` is the
-    session's monotonic ``valid_until`` (same clock as ``time.monotonic`` unless the
-    session was built with another): a guard must kill the workload at that instant unless
-    a later deadline arrived. ``on_lost`` fires at the latest at the deadline, by timer.
+    Callbacks run on the event loop and must not block: ``on_acquired(name, term,
+    deadline)``, ``on_lost(name, term, why)`` (stop the workload now), ``on_renewed()``
+    (deadlines moved: ``deadline(name)`` has the new values).
     """
 
     def __init__(
         self,
-        js: JetStreamContext,
-        session: Session,
+        nc: Client,
+        session: SessionSource,
+        stores: list[str],
         *,
-        leases_bucket: str = LEASES_BUCKET,
-        state_bucket: str = STATE_BUCKET,
-        site: str | None = None,
         step: float = 0.1,
-        handover_window: float | None = None,
+        window: float | None = None,
         cas_timeout: float = 2.0,
         watch_heartbeat: float = 1.0,
         max_in_flight: int = 64,
         history: int = 10_000,
+        clock: Clock = boottime,
+        recreate: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        self.js = js
+        self.nc = nc
+        self._recreate = recreate
+        """Called when a store's stream is gone (deleted, lost): recreate it, if we may."""
         self.session = session
-        self.agent = session.agent_id
-        self.site = site or self.agent.split("/", 1)[0]
+        self.agent = session.agent
+        self.site, self.node = self.agent.split("/", 1)
+        self.stores = list(stores)
         self.step = step
-        """Preference step: a contender of rank r waits r * step after a lease frees."""
-        self.handover_window = session.ttl if handover_window is None else handover_window
-        self.cas_timeout = cas_timeout
-        self._bucket = leases_bucket
-        self._state_bucket = state_bucket
+        self.ttl = session.view().ttl
+        self.window = self.ttl if window is None else window
+        self.clock = clock
+        self.writer = Writer(nc, stores, self.site, self.node, cas_timeout=cas_timeout, clock=clock)
+        self.caches = {b: StoreCache(b, clock) for b in stores}
         self._heartbeat = watch_heartbeat
-        self._clock = session.clock
-        self._kv: KeyValue | None = None
+        self._watches: dict[str, KvWatch] = {}
+        self._watch_tasks: dict[str, asyncio.Task[None]] = {}
+        self._created: dict[str, datetime] = {}
+        """Creation time of each store as first watched: a different one is a recreation."""
         self._wants: dict[str, _Want] = {}
-        self._by_key: dict[str, str] = {}
+        self._by_family: dict[str, str] = {}
         self._held: dict[str, _Held] = {}
-        self._leases: dict[str, LeaseObs] = {}
-        self._raw: dict[str, tuple[int, bytes | None, float]] = {}
-        """Lease keys nobody here wants: revision, raw value, first seen (parsed lazily)."""
-        self._sessions: dict[str, SessionObs] = {}
-        self._naming: dict[str, set[str]] = {}
-        """Session key -> lease keys whose value names it (to wake the right leases)."""
+        self._dropped: dict[str, int] = {}
+        self._decisions: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._timers: dict[str, float] = {}
         self._in_flight: set[str] = set()
-        self._releasing: set[str] = set()
-        self._expiring: set[tuple[str, int]] = set()
-        self._decisions: dict[str, str] = {}
-        self._dropped: dict[str, int] = {}
-        """Lease key -> highest token we stopped holding (never adopted again)."""
-        self._deadline = float("-inf")
-        self._ready_at: float | None = None
-        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._limit = asyncio.Semaphore(max_in_flight)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._watches: list[KvWatch] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._view = session.view()
+        self._anchors: dict[str, str] = {}
         self.tenures: deque[Tenure] = deque(maxlen=history)
-        self.on_acquired: list[AcquiredCallback] = []
-        self.on_lost: list[LostCallback] = []
-        self.on_deadline: list[DeadlineCallback] = []
-        session.on_lost.append(self._session_lost)
-        session.on_new_epoch.append(self._session_new)
-        session.on_renew.append(self._session_renewed)
+        self.on_acquired: list[Callable[[str, int, float], None]] = []
+        self.on_lost: list[Callable[[str, int, str], None]] = []
+        self.on_renewed: list[Callable[[], None]] = []
 
-    # --- public API -----------------------------------------------------------------------
+    # --- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, timeout: float = 10.0, *, max_backoff: float = 2.0) -> None:
-        """Bind the bucket, start both watches, wait for their first snapshot, then run.
-
-        A JetStream outage (a stream leader election stalls the API for 4-9 s) is waited
-        out: each attempt gets ``timeout`` seconds, then we retry with backoff for ever.
-        Cancel to give up. Nothing can be held before this returns.
-        """
-        backoff = 0.2
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self._start_watches(timeout)
-                break
-            except (TimeoutError, NatsError, OSError) as exc:
-                for watch in self._watches:
-                    await watch.stop()
-                self._watches = []
-                self._leases.clear()
-                self._raw.clear()
-                self._sessions.clear()
-                self._naming.clear()
-                log.warning("lease watches not ready; retrying", error=repr(exc), attempt=attempt)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, max_backoff)
-        self._ready_at = self._clock()
+    async def start(self, timeout: float = 10.0) -> None:
+        """Watch every store; return once a quorum of them delivered their snapshot (the
+        others keep trying in the background). Nothing is acquired before this returns."""
+        self._loop = asyncio.get_running_loop()
+        self.session.subscribe(self._session_threadsafe)
+        for b in self.stores:
+            self._watch_tasks[b] = asyncio.create_task(self._keep_watching(b), name=f"watch:{b}")
+        need = len(self.stores) // 2 + 1
+        deadline = self.clock() + timeout
+        while sum(c.ready for c in self.caches.values()) < need:
+            if self.clock() > deadline:
+                raise TimeoutError(f"fewer than {need} lease stores answered within {timeout:g}s")
+            await asyncio.sleep(0.05)
         self._dirty.update(self._wants)
-        self._loop_task = asyncio.create_task(self._run(), name=f"leases-{self.agent}")
 
-    async def _start_watches(self, timeout: float) -> None:
-        self._kv = await asyncio.wait_for(self.js.key_value(self._bucket), timeout)
-        self._watches = [
-            KvWatch(self.js, self._bucket, ">", self._on_lease, heartbeat=self._heartbeat),
-            KvWatch(
-                self.js, self._state_bucket, "agent.>", self._on_session, heartbeat=self._heartbeat
-            ),
-        ]
-        for watch in self._watches:
-            await asyncio.wait_for(watch.start(), timeout)
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self._watches)), timeout)
+    async def run(self) -> None:
+        """The decision loop, for ever (a supervised task of the agent: if it ends, the
+        agent must restart, never carry on without anyone deciding)."""
+        await self._run()
 
-    async def stop(self) -> None:
-        """Stop watching and deciding; leases still held are reported lost (no write)."""
+    def spawn(self) -> asyncio.Task[None]:
+        """Run the decision loop as a task this manager owns (tests, benchmarks)."""
+        self._loop_task = asyncio.create_task(self._run(), name=f"leases:{self.agent}")
+        return self._loop_task
+
+    async def _keep_watching(self, store: str) -> None:
+        backoff = 0.2
+        while True:
+            cache = self.caches[store]
+            watch = KvWatch(
+                self.nc,
+                store_bucket(store),
+                ">",
+                lambda ch, b=store: self._on_change(b, ch),  # type: ignore[misc]
+                heartbeat=self._heartbeat,
+            )
+            try:
+                cache.reset()
+                await watch.start()
+                self._watches[store] = watch
+                await watch.ready.wait()
+                known = self._created.get(store)
+                recreated = known is not None and watch.created != known
+                if watch.created is not None:
+                    self._created[store] = watch.created
+                cache.mark_ready(recreated=recreated, quarantine=self.ttl)
+                log.info("lease store watched", store=store, quarantined=recreated)
+                if recreated:  # decide again when the quarantine ends
+                    for name in self._wants:
+                        self._timers[name] = min(
+                            self._timers.get(name, float("inf")), cache.quarantine_until
+                        )
+                self._dirty.update(self._wants)
+                self._wake.set()
+                backoff = 0.2
+                await watch.closed.wait()
+                log.warning("lease store watch ended; restarting", store=store)
+            except NotFoundError:
+                log.error("lease store is gone", store=store)
+                if self._recreate is not None:
+                    with contextlib.suppress(Exception):
+                        await self._recreate(store)
+                        log.warning("lease store recreated", store=store)
+            except (TimeoutError, NatsError, OSError) as exc:
+                log.debug("lease store not watchable yet", store=store, error=repr(exc))
+            finally:
+                await watch.stop()
+            self._dirty.update(self._wants)
+            self._wake.set()
+            await asyncio.sleep(backoff + random.random() * backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def stop(self, release_budget: float = 0.0) -> None:
+        """Stop deciding and watching; leases still held are reported lost (no write)."""
         if self._loop_task is not None:
             await cancel_and_wait(self._loop_task)
             self._loop_task = None
         for task in list(self._tasks):
+            if release_budget > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), release_budget)
             await cancel_and_wait(task)
-        for watch in self._watches:
+        for task in self._watch_tasks.values():
+            await cancel_and_wait(task)
+        for watch in self._watches.values():
             await watch.stop()
         for name in list(self._held):
             self._drop(name, "lease manager stopped", "stopped")
 
-    def want(self, name: str, key: str, *, rank: int = 0) -> None:
-        """Contend for lease ``key`` under ``name`` with preference ``rank`` (0 = best).
+    # --- public API --------------------------------------------------------------------------
 
-        Idempotent; changing the rank of a held lease changes nothing until it frees.
-        Acquisition happens in the background and is announced by ``on_acquired``.
-        """
+    def want_lease(self, name: str, *, rank: int = 0) -> None:
+        """Contend for the stateful lease of application ``name``."""
+        self._want(name, lease_claim_key(name, self.site, self.node), lease_family(name), rank)
+
+    def want_slot(self, name: str) -> None:
+        """Contend for the stateless slot of ``name`` at our own site."""
+        key = slot_claim_key(name, self.site, self.node)
+        self._want(f"{name}@{self.site}", key, slot_family(name, self.site), 0)
+
+    def _want(self, name: str, key: str, family: str, rank: int) -> None:
         old = self._wants.get(name)
-        if old is not None and old.key != key:
-            raise ValueError(f"lease {name} is already wanted under key {old.key}")
-        since = old.since if old is not None else self.session.clock()
-        self._wants[name] = _Want(name, key, rank, since)
-        self._by_key[key] = name
-        raw = self._raw.get(key)
-        if raw is not None:
-            self._record(key, *raw)
+        if old is not None and old.family != family:
+            raise ValueError(f"lease {name} is already wanted in family {old.family}")
+        since = old.since if old is not None else self.clock()
+        self._wants[name] = _Want(name, key, family, rank, since)
+        self._by_family[family] = name
         self._touch(name)
+
+    def wanted(self, name: str) -> bool:
+        return name in self._wants
 
     async def release(
         self, name: str, *, to: str | None = None, stop: StopHook | None = None
     ) -> bool:
-        """Stop wanting ``name``; if held: await ``stop()``, stop believing, then CAS.
-
-        The write is ``kv.delete(key, last=token)``, or with ``to`` (an agent id
-        ``site/node`` or a site) a handover marker by ``kv.update(key, last=token)``
-        that only ``to`` may take at once (others after ``handover_window``). A waiting
-        contender sees either through its watch and acquires without any expiry wait.
-        True if our write landed; False if we did not hold it or the CAS failed (then the
-        lease was not ours any more, or is freed with our session).
-        """
+        """Stop wanting ``name``; if held: await ``stop()``, stop believing, then write
+        ``released`` (or a handover to ``to``, an agent id or a site) in every store where
+        our claim stands. The writes finish in the background even if the caller is
+        cancelled (the store shows them done, or shows someone else's write). Returns True
+        when a quorum of stores took it before the session deadline."""
         want = self._wants.pop(name, None)
         if want is not None:
-            self._by_key.pop(want.key, None)
+            self._by_family.pop(want.family, None)
             self._timers.pop(name, None)
+        held = self._held.get(name)
+        if held is None or want is None:
+            if held is not None:
+                self._drop(name, "released", "released")
+            return False
+        if stop is not None:
+            await stop()
+        if self._held.get(name) is not held:
+            return False  # lost while stopping: nothing of ours to release any more
+        why = "released" if to is None else f"handed over to {to}"
+        self._drop(name, why, "released")
+        state = ClaimState.RELEASED if to is None else ClaimState.HANDOVER
+        quorum = asyncio.Event()
+        done: list[str] = []
+
+        async def one(store: str, seq: int, epoch: str) -> None:
+            record = ClaimRecord(epoch, held.term, state, to, self.ttl)
+            end = await self.writer.retract(store, want.key, want.family, seq, record, NEG_INF)
+            if end == "done":
+                done.append(store)
+                if len(done) >= len(self.stores) // 2 + 1 and not quorum.is_set():
+                    quorum.set()
+                    log.info(why, lease=name, term=held.term, stores=sorted(done))
+
+        for b, (seq, epoch) in held.claims.items():
+            task = asyncio.create_task(one(b, seq, epoch), name=f"release:{name}:{b}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        budget = max(2 * self.ttl, self._view.deadline() - self.clock())
+        try:
+            await asyncio.wait_for(asyncio.shield(quorum.wait()), budget)
+        except TimeoutError:
+            log.warning("release not confirmed by a quorum yet; still retrying", lease=name)
+            return False
+        return True
+
+    def held(self) -> dict[str, int]:
+        """Leases held now: name -> fencing token (term)."""
+        now = self.clock()
+        return {n: h.term for n, h in self._held.items() if self.deadline(n) > now}
+
+    def open_tenures(self) -> list[Tenure]:
+        """Leases held now as tenures ending at their current deadline (if not renewed)."""
+        return [
+            Tenure(n, h.term, h.start, max(h.start, self.deadline(n)), "held")
+            for n, h in self._held.items()
+        ]
+
+    def deadline(self, name: str) -> float:
+        held = self._held.get(name)
+        return self._view.deadline(held.support()) if held is not None else NEG_INF
+
+    def follows_session(self, name: str) -> bool:
+        """True when the session's anchored deadline never exceeds this lease's deadline,
+        so a fence may follow the session thread's renewals for it directly."""
         held = self._held.get(name)
         if held is None:
             return False
-        self._releasing.add(held.key)
-        try:
-            if stop is not None:
-                await stop()
-            if self._held.get(name) is not held:
-                return False  # lost while stopping: nothing of ours to release any more
-            s = self.session
-            self._drop(name, "released" if to is None else f"handed over to {to}", "released")
-            kv = self._require_kv()
-            if to is None:
-                await asyncio.wait_for(kv.delete(held.key, last=held.token), self.cas_timeout)
-            else:
-                marker = LeaseValue(
-                    holder=self.agent,
-                    session=s.key,
-                    epoch=s.epoch,
-                    session_rev=s.revision or 0,
-                    ttl=s.ttl,
-                    acquired_at=now_rfc3339(),
-                    state=HANDOVER,
-                    handover_to=to,
-                )
-                await asyncio.wait_for(
-                    kv.update(held.key, marker.encode(), last=held.token), self.cas_timeout
-                )
-        except APIError as exc:
-            # 10071: wrong last sequence: the key moved on (our session was expired and
-            # the lease taken): there is nothing of ours left to release.
-            log.info("lease release refused", lease=name, error=repr(exc), code=exc.err_code)
-            return False
-        except (TimeoutError, NatsError, OSError) as exc:
-            # Ambiguous: retry the CAS in the background (it fails harmlessly if it landed).
-            log.warning("lease release write failed; retrying", lease=name, error=repr(exc))
-            self._spawn(f"release:{held.key}", self._delete_orphan(held.key, held.token, 0.2))
-            return False
-        finally:
-            self._releasing.discard(held.key)
-        log.info("lease released", lease=name, token=held.token, to=to)
-        return True
+        support = held.support()
+        anchors = {s.store: s.anchor for s in self._view.stores.values() if s.anchor}
+        return bool(anchors) and all(support.get(b) == e for b, e in anchors.items())
 
-    async def handover(self, name: str, to: str, *, stop: StopHook | None = None) -> bool:
-        """``release(name, to=to, stop=stop)``: planned move to one agent or site."""
-        return await self.release(name, to=to, stop=stop)
+    def agent_alive(self, agent: str) -> bool:
+        """``agent``'s session was seen renewing within a ttl in some store we watch."""
+        now = self.clock()
+        for cache in self.caches.values():
+            obs = cache.session(agent)
+            live = obs is not None and obs.alive and obs.expired_epoch != obs.epoch
+            if live and obs is not None and now - obs.since < max(obs.ttl, self.ttl):
+                return True
+        return False
 
-    def held(self) -> dict[str, int]:
-        """Leases held now: name -> fencing token."""
-        return {name: h.token for name, h in self._held.items() if self.session.valid()}
+    def live_agents(self) -> list[str]:
+        agents = {a for cache in self.caches.values() for a in cache.sessions}
+        return sorted(a for a in agents if self.agent_alive(a))
 
-    def open_tenures(self) -> list[Tenure]:
-        """Leases held now as tenures that end at the current deadline (if not renewed)."""
-        end = self.session.valid_until
-        return [
-            Tenure(name, h.key, h.token, h.start, max(h.start, end), "held")
-            for name, h in self._held.items()
-        ]
-
-    def deadline(self) -> float:
-        """Monotonic instant at which every lease held now ends unless the session renews."""
-        return self.session.valid_until
+    def holder_of(self, name: str) -> str | None:
+        """Who holds ``name`` as our caches show it (informational)."""
+        if name in self._held:
+            return self.agent
+        want = self._wants.get(name)
+        if want is None:
+            return None
+        for cache in self.caches.values():
+            latest = cache.family(want.family).latest
+            record = latest.record if latest is not None else None
+            if latest is not None and record is not None and record.state is ClaimState.HELD:
+                return latest.agent
+        return None
 
     def observe(self) -> dict[str, LeaseStatus]:
-        """Every wanted lease with who holds it and the last decision's sentence."""
         out: dict[str, LeaseStatus] = {}
         for name, want in self._wants.items():
-            obs = self._leases.get(want.key)
-            mine = self._held.get(name)
-            value = obs.value if obs is not None else None
+            held = self._held.get(name)
+            holder = None
+            for cache in self.caches.values():
+                latest = cache.family(want.family).latest
+                record = latest.record if latest is not None else None
+                if latest is not None and record is not None and record.state is ClaimState.HELD:
+                    holder = latest.agent
+                    break
             out[name] = LeaseStatus(
                 name=name,
-                key=want.key,
                 rank=want.rank,
-                held=mine is not None,
-                token=mine.token if mine else (obs.revision if obs else None),
-                holder=value.holder if value is not None and value.state == HELD else None,
-                deadline=self.session.valid_until if mine else None,
+                held=held is not None,
+                term=held.term if held else None,
+                holder=self.agent if held else holder,
+                deadline=self.deadline(name) if held else None,
                 decision=self._decisions.get(name, "not decided yet"),
+                support=tuple(sorted(held.claims)) if held else (),
             )
         return out
 
-    # --- watch callbacks ------------------------------------------------------------------
+    # --- inputs --------------------------------------------------------------------------
 
-    def _on_lease(self, change: Change) -> None:
-        prev = self._leases.get(change.key)
-        if prev is not None and prev.revision is not None and change.revision <= prev.revision:
-            return  # redelivered after the ordered consumer was recreated
-        raw = self._raw.get(change.key)
-        if raw is not None and change.revision <= raw[0]:
-            return
-        name = self._by_key.get(change.key)
-        epoch = self.session.epoch.encode()
-        if name is None and not (change.value and epoch and epoch in change.value):
-            # Not ours to decide about: keep it unparsed (parsed by want() if it becomes
-            # so). With 1,000 leases, most of the watch is other agents' business.
-            self._forget(change.key)
-            self._raw[change.key] = (change.revision, change.value, self._clock())
-            return
-        self._record(change.key, change.revision, change.value, self._clock())
-        value = self._leases[change.key].value
-        if name is not None:
-            self._touch(name)
-        elif value is not None and self._is_orphan(change.key, value):
-            self._spawn(f"orphan:{change.key}", self._delete_orphan(change.key, change.revision))
+    def _on_change(self, store: str, change: Change) -> None:
+        family, agent = self.caches[store].apply(change.key, change.revision, change.value)
+        if family is not None and family in self._by_family:
+            self._touch(self._by_family[family])
+        if agent is not None:
+            for fam in self.caches[store].claimed_by.get(agent, ()):
+                name = self._by_family.get(fam)
+                if name is not None:
+                    self._touch(name)
 
-    def _forget(self, key: str) -> None:
-        prev = self._leases.pop(key, None)
-        if prev is not None and prev.value is not None:
-            self._naming.get(prev.value.session, set()).discard(key)
+    def _session_threadsafe(self, view: SessionView) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._session_changed, view)
 
-    def _record(self, key: str, revision: int, raw: bytes | None, since: float) -> None:
-        self._forget(key)
-        self._raw.pop(key, None)
-        value = LeaseValue.parse(raw)
-        if value is not None:
-            self._naming.setdefault(value.session, set()).add(key)
-        self._leases[key] = LeaseObs(revision, value, since, raw is None or value is not None)
-
-    def _on_session(self, change: Change) -> None:
-        prev = self._sessions.get(change.key)
-        if prev is not None and change.revision <= prev.revision:
-            return
-        view = decode(change.value, change.revision)
-        self._sessions[change.key] = SessionObs(change.revision, view, self._clock())
-        for key in self._naming.get(change.key, ()):
-            name = self._by_key.get(key)
-            if name is not None:
-                self._touch(name)
-
-    def _is_orphan(self, key: str, value: LeaseValue) -> bool:
-        """Ours (current epoch), held, but neither wanted nor held: a release that failed."""
-        return (
-            value.state == HELD
-            and value.session == self.session.key
-            and value.epoch == self.session.epoch
-            and key not in self._releasing
-            and all(h.key != key for h in self._held.values())
-        )
-
-    # --- session callbacks ----------------------------------------------------------------
-
-    def _session_lost(self, epoch: str) -> None:
+    def _session_changed(self, view: SessionView) -> None:
+        old = self._view
+        self._view = view
+        epochs_changed = {b: s.epoch for b, s in view.stores.items()} != {
+            b: s.epoch for b, s in old.stores.items()
+        }
+        now = self.clock()
         for name in list(self._held):
-            self._drop(name, f"session epoch {epoch} ended", "session")
+            if self.deadline(name) <= now:
+                self._drop(name, "validity ran out without a quorum of renewals", "session")
+        if epochs_changed or not view.valid(now):
+            self._dirty.update(self._wants)
+            self._wake.set()
+        self._update_anchors()
+        for cb in self.on_renewed:
+            cb()
 
-    def _session_new(self, epoch: str) -> None:
-        self._deadline = self.session.valid_until
-        for name in self._wants:
-            self._touch(name)
+    def _update_anchors(self) -> None:
+        for b, s in self._view.stores.items():
+            if not s.live or s.anchor == s.epoch:
+                continue
+            if all(h.claims.get(b, (0, ""))[1] == s.epoch for h in self._held.values()):
+                self.session.anchor(b, s.epoch)
 
-    def _session_renewed(self, result: RenewResult, latency: float) -> None:
-        if result is not RenewResult.OK:
-            return
-        metrics.RENEW_SECONDS.observe(latency)
-        self._deadline = self.session.valid_until
-        if self._held:
-            for cb in self.on_deadline:
-                cb(self._deadline)
-
-    # --- the decision loop ----------------------------------------------------------------
+    # --- the decision loop ------------------------------------------------------------------
 
     def _touch(self, name: str) -> None:
         self._dirty.add(name)
@@ -456,177 +462,200 @@ class LeaseManager:
 
     async def _run(self) -> None:
         while True:
-            raise_if_cancelling()
             self._wake.clear()
-            nxt = self._evaluate()
-            if nxt is None:
-                await self._wake.wait()
-                continue
+            now = self.clock()
+            for name, at in list(self._timers.items()):
+                if at <= now:
+                    del self._timers[name]
+                    self._dirty.add(name)
+            dirty, self._dirty = self._dirty, set()
+            for name in dirty:
+                want = self._wants.get(name)
+                if want is not None and name not in self._in_flight:
+                    self._step(want, now)
+            due = [*self._timers.values(), *(self.deadline(n) for n in self._held)]
+            timeout = max(0.0, min(due) - self.clock()) if due else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, nxt - self._clock()))
-
-    def _evaluate(self) -> float | None:
-        """Decide for every dirty or due lease; return when to look again (None: on change)."""
-        now = self._clock()
-        for name, at in list(self._timers.items()):
-            if at <= now:
-                del self._timers[name]
-                self._dirty.add(name)
-        dirty, self._dirty = self._dirty, set()
-        for name in dirty:
-            want = self._wants.get(name)
-            if want is not None and name not in self._in_flight:
-                self._step(want, now)
-        return min(self._timers.values(), default=None)
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            now = self.clock()
+            for name in list(self._held):
+                if self.deadline(name) <= now:
+                    self._drop(name, "validity ran out without a quorum of renewals", "session")
 
     def _me(self, now: float) -> Me:
-        s = self.session
+        view = self._view
         return Me(
             agent=self.agent,
             site=self.site,
-            session_key=s.key,
-            epoch=s.epoch,
-            valid=s.valid(now),
-            ttl=s.ttl,
+            epochs={b: view.epoch(b) for b in self.stores},
+            valid=view.valid(now),
+            ttl=self.ttl,
+        )
+
+    def decide(self, want: _Want, now: float) -> Decision:
+        held = self._held.get(want.name)
+        return decide(
+            families={b: c.family(want.family) for b, c in self.caches.items()},
+            n=len(self.stores),
+            me=self._me(now),
+            now=now,
+            held=Held(held.term, {b: seq for b, (seq, _) in held.claims.items()}) if held else None,
+            rank=want.rank,
+            step=self.step,
+            window=self.window,
+            dropped=self._dropped.get(want.name, 0),
+            want_since=want.since,
+            floor=wall_ms(),
         )
 
     def _step(self, want: _Want, now: float) -> None:
-        assert self._ready_at is not None
-        lease = self._leases.get(want.key) or LeaseObs(None, None, self._ready_at)
-        if lease.value is None and lease.since < want.since:
-            lease = replace(lease, since=want.since)
-        holder = self._sessions.get(lease.value.session) if lease.value is not None else None
+        d = self.decide(want, now)
+        if self._decisions.get(want.name) != d.why:
+            self._decisions[want.name] = d.why
+            log.debug("lease decision", lease=want.name, action=str(d.action), why=d.why)
         held = self._held.get(want.name)
-        d = decide(
-            lease=lease,
-            holder=holder,
-            me=self._me(now),
-            now=now,
-            held_token=held.token if held is not None else None,
-            rank=want.rank,
-            step=self.step,
-            handover_window=self.handover_window,
-            dropped=self._dropped.get(want.key, 0),
-        )
-        self._note(want.name, d)
-        if d.action is Action.HOLD and held is None and d.token is not None:
-            self._gain(want, d.token, now)
+        if d.action is Action.HOLD and d.term is not None:
+            if held is None:
+                self._adopt(want, d)
+            else:
+                for b in set(held.claims) - d.support:
+                    del held.claims[b]
+                if d.writes:
+                    self._spawn(want.name, self._claim(want, d, repair=True))
+            self._update_anchors()
         elif d.action is Action.LOST:
-            why = d.why
-            self._drop(want.name, why, "session" if "session" in why else "rewritten")
+            self._drop(want.name, d.why, "rewritten")
         elif d.action is Action.ACQUIRE:
-            self._in_flight.add(want.name)
-            self._spawn(want.name, self._acquire(want, d.last))
-        elif d.action is Action.EXPIRE and d.session is not None and lease.value is not None:
-            token = (lease.value.session, d.session.revision)
-            if token not in self._expiring:
-                self._expiring.add(token)
-                self._spawn(f"expire:{token}", self._expire(lease.value.session, d))
+            self._spawn(want.name, self._claim(want, d, repair=False))
+        elif d.action is Action.EXPIRE and d.target is not None:
+            self._spawn(want.name, self._expire(want, d))
         elif d.action is Action.WAIT and d.retry_at is not None:
             self._timers[want.name] = d.retry_at
 
-    def _note(self, name: str, d: Decision) -> None:
-        if self._decisions.get(name) != d.why:
-            self._decisions[name] = d.why
-            log.debug("lease decision", lease=name, action=str(d.action), why=d.why)
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._in_flight.add(name)
 
-    def _gain(self, want: _Want, token: int, acked: float) -> None:
-        self._held[want.name] = _Held(want.key, token, acked)
-        self._deadline = self.session.valid_until
+        async def guarded() -> None:
+            try:
+                async with self._limit:
+                    await coro
+            except Exception as exc:
+                log.error("lease write failed", lease=name, error=repr(exc))
+            finally:
+                self._in_flight.discard(name)
+                self._touch(name)
+
+        task = asyncio.create_task(guarded(), name=f"lease:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def _records(self, term: int, stores: list[str]) -> dict[str, ClaimRecord] | None:
+        view = self._view
+        records = {}
+        for b in stores:
+            epoch = view.epoch(b)
+            if not epoch:
+                return None
+            records[b] = ClaimRecord(epoch, term, ClaimState.HELD, None, self.ttl)
+        return records
+
+    async def _claim(self, want: _Want, d: Decision, *, repair: bool) -> None:
+        assert d.term is not None
+        writes = {b: seq for b, seq in d.writes.items() if self._view.epoch(b)}
+        records = self._records(d.term, list(writes))
+        if not writes or records is None:
+            return
+        results = await self.writer.claim(want.key, want.family, writes, records)
+        landed = {b: (r.seq, records[b].epoch) for b, r in results.items() if r.seq is not None}
+        for b, r in results.items():
+            if r.conflict:
+                await self._refresh(b, want.family)
+        held = self._held.get(want.name)
+        if repair:
+            if held is not None and held.term == d.term and landed:
+                held.claims.update(landed)
+                log.info("lease claim repaired", lease=want.name, stores=sorted(landed))
+                self._update_anchors()
+            return
+        now = self.clock()
+        if self._wants.get(want.name) is not want or held is not None:
+            await self._undo(want, d.term, landed)
+            return
+        claim = _Held(d.term, now, landed)
+        if self._view.deadline(claim.support()) > now:
+            self._gain(want, claim)
+        elif landed:
+            log.info("lost the race for a lease", lease=want.name, landed=sorted(landed))
+            await self._undo(want, d.term, landed)
+            self._timers[want.name] = now + random.uniform(0.05, 0.05 + self.step * 2)
+
+    async def _undo(self, want: _Want, term: int, landed: dict[str, tuple[int, str]]) -> None:
+        until = self.clock() + self.ttl
+        await asyncio.gather(
+            *(
+                self.writer.retract(
+                    b, want.key, want.family, seq, ClaimRecord(ep, term, ClaimState.RELEASED), until
+                )
+                for b, (seq, ep) in landed.items()
+            )
+        )
+
+    async def _expire(self, want: _Want, d: Decision) -> None:
+        assert d.target is not None
+        writes: dict[str, tuple[int, str]] = {}
+        for b, seq in d.writes.items():
+            obs = self.caches[b].session(d.target)
+            writes[b] = (seq, obs.epoch if obs is not None and obs.epoch else "")
+        results = await self.writer.expire(d.target, writes)
+        ok = sorted(b for b, r in results.items() if r.ok)
+        if ok:
+            metrics.SESSION_EXPIRIES.inc()
+            log.info("session expired", session=d.target, stores=ok, why=d.why)
+        for b, r in results.items():
+            if r.conflict:
+                await self._refresh(b, f"sess.{d.target.replace('/', '.')}.>")
+
+    async def _refresh(self, store: str, family: str) -> None:
+        """A CAS conflict means our watch is behind: read the family's newest entry now."""
+        with contextlib.suppress(Exception):
+            entry = await self.writer.last(store, family)
+            if entry is not None:
+                self._on_change(store, Change(entry.key, entry.seq, entry.value or None))
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def _adopt(self, want: _Want, d: Decision) -> None:
+        assert d.term is not None
+        claims = {}
+        for b in d.support:
+            latest = self.caches[b].family(want.family).latest
+            if latest is not None and latest.record is not None:
+                claims[b] = (latest.seq, latest.record.epoch)
+        self._gain(want, _Held(d.term, self.clock(), claims))
+
+    def _gain(self, want: _Want, held: _Held) -> None:
+        self._held[want.name] = held
+        deadline = self.deadline(want.name)
         metrics.ACQUISITIONS.inc()
         metrics.LEASES_HELD.inc()
-        log.info("lease acquired", lease=want.name, token=token, deadline=self._deadline)
+        log.info("lease acquired", lease=want.name, term=held.term, stores=sorted(held.claims))
+        self._update_anchors()
         for cb in self.on_acquired:
-            cb(want.name, token, self._deadline)
+            cb(want.name, held.term, deadline)
 
     def _drop(self, name: str, why: str, reason: str) -> None:
         held = self._held.pop(name, None)
         if held is None:
             return
-        self._dropped[held.key] = max(held.token, self._dropped.get(held.key, 0))
-        now = self._clock()
-        end = min(now, self._deadline)
-        self.tenures.append(Tenure(name, held.key, held.token, held.start, end, why))
+        self._dropped[name] = max(held.term, self._dropped.get(name, 0))
+        end = min(self.clock(), self._view.deadline(held.support()))
+        self.tenures.append(Tenure(name, held.term, held.start, max(held.start, end), why))
         metrics.LEASES_HELD.dec()
         metrics.LOSSES.labels(reason).inc()
-        log.info("lease lost", lease=name, token=held.token, why=why)
+        log.info("lease lost", lease=name, term=held.term, why=why)
         for cb in self.on_lost:
-            cb(name, held.token, why)
+            cb(name, held.term, why)
         if name in self._wants:
             self._touch(name)
-
-    # --- writes (all compare-and-set) -----------------------------------------------------
-
-    def _require_kv(self) -> KeyValue:
-        if self._kv is None:
-            raise RuntimeError("LeaseManager.start() was not awaited")
-        return self._kv
-
-    def _spawn(self, label: str, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro, name=f"lease-{label}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _retry(self, name: str, delay: float = 0.2) -> None:
-        self._timers[name] = min(self._timers.get(name, float("inf")), self._clock() + delay)
-        self._wake.set()
-
-    async def _acquire(self, want: _Want, last: int | None) -> None:
-        s = self.session
-        try:
-            async with self._limit:
-                if not s.valid() or s.revision is None:
-                    return
-                epoch = s.epoch
-                value = LeaseValue(
-                    holder=self.agent,
-                    session=s.key,
-                    epoch=epoch,
-                    session_rev=s.revision,
-                    ttl=s.ttl,
-                    acquired_at=now_rfc3339(),
-                ).encode()
-                kv = self._require_kv()
-                try:
-                    if last is None:
-                        rev = await asyncio.wait_for(kv.create(want.key, value), self.cas_timeout)
-                    else:
-                        rev = await asyncio.wait_for(
-                            kv.update(want.key, value, last=last), self.cas_timeout
-                        )
-                except KeyWrongLastSequenceError:
-                    log.debug("lease race lost", lease=want.name, last=last)
-                    self._retry(want.name)
-                    return
-                except (TimeoutError, NatsError, OSError) as exc:
-                    # Ambiguous: it may still land; then the watch shows it and we adopt it.
-                    log.debug("lease acquire failed", lease=want.name, error=repr(exc))
-                    self._retry(want.name)
-                    return
-            acked = self._clock()
-            valid = s.epoch == epoch and s.valid(acked)
-            if valid and self._wants.get(want.name) is want:
-                self._gain(want, rev, acked)
-            elif valid:
-                await self._delete_orphan(want.key, rev)  # released while in flight
-        finally:
-            self._in_flight.discard(want.name)
-            self._touch(want.name)
-
-    async def _expire(self, session_key: str, d: Decision) -> None:
-        assert d.session is not None
-        ok = await expire(
-            self.session.kv, session_key, d.session, by=self.agent, timeout=self.cas_timeout
-        )
-        if ok:
-            metrics.SESSION_EXPIRIES.inc()
-            log.info("session expired", session=session_key, why=d.why)
-        else:
-            self._expiring.discard((session_key, d.session.revision))
-
-    async def _delete_orphan(self, key: str, revision: int, delay: float = 0.0) -> None:
-        """Delete a lease value of ours nobody wants, by CAS on its revision."""
-        await asyncio.sleep(delay)
-        with contextlib.suppress(TimeoutError, NatsError, OSError):
-            await asyncio.wait_for(self._require_kv().delete(key, last=revision), self.cas_timeout)
-            log.info("orphaned lease released", key=key, token=revision)

@@ -1,437 +1,543 @@
-"""Agent sessions: one key per agent, renewed by compare-and-set, that all its leases hang on.
+"""An agent's session: one record per lease store, renewed by family compare-and-set.
 
-Why a session: renewing 1,000 leases one by one costs 1,000 writes per ttl. Like Consul, we
-bind leases to a per-agent session and renew only the session, so the write rate is three
-per ttl per agent whatever the lease count. The session key is the agent's heartbeat key
-``agent.<site>.<node>`` in ``harmony-state``: one write both says "alive" and renews.
+Why a session: renewing 1,000 leases one by one costs 1,000 writes per ttl. Leases are bound
+to the holder's session instead (as Consul does), so renewal costs one write per store per
+ttl/3, whatever the number of leases held.
 
-Safety rules (DESIGN-NOTES, "Only a successful CAS write proves you hold a lease"):
+Why one record per store and a quorum: each store is a single-replica bucket on one site
+(``mesh.stores``), so there is no Raft election on this path. The session is valid while a
+*quorum* of stores has a fresh renewal; one store going dark (its site cut off) changes
+nothing, and a contender must expire the session in a quorum of stores before it may take a
+lease over (docs/leases.md has the argument).
 
-* Every renewal is ``update(key, last=revision)``. It succeeds only if nobody else wrote the
-  key since our last renewal, so the holder learns it lost the session the moment it tries.
-* The holder's session is valid until *the monotonic time at which it sent* its last
-  successful renewal + ttl - margin. A renewal that fails, times out, or is never answered
-  extends nothing, and the session lapses on time even if the mesh is unreachable.
-* A contender that wants the session's leases first *expires* the session with its own CAS
-  (see ``expire``), after watching it unchanged for a full ttl. Once that write lands the
-  holder's next renewal fails, so holder and contender can never both believe.
-* A lapsed session is never resurrected: the holder opens a new epoch and must win each
-  lease again by CAS.
-* The holder stops believing at ``valid_until`` by a timer, even if the mesh is silent: it
-  does not wait for its next renewal attempt to fail.
-* ``open`` never overwrites a *live foreign* epoch at once. The agent id may be running
-  twice (a duplicate agent) or the previous process may have died a moment ago after a
-  renewal: replacing its epoch immediately would free its leases while it (or its
-  workload, until its deadline) still believes it holds them. So ``open`` waits until it
-  has watched that epoch stay unchanged for a full ttl, exactly as a contender would.
-  Closed or expired values, and epochs this process itself abandoned, are replaced at once.
-* A renewal that timed out may still land later. A CAS failure is therefore checked: if
-  the key holds our epoch with a renewal we sent, we adopt it with the validity of *that*
-  send (safe: a contender only overwrites a revision after watching it for a full ttl).
+The rules, per store ``b`` (``SessionCore``):
+
+* Every write is a CAS over the family ``sess.<site>.<node>.>`` at the sequence of our own
+  last write there, so any foreign write (a contender's expiry, a duplicate agent, a
+  recreated store) makes our next renewal fail: we learn at once that ``b`` is lost.
+* ``fresh_until[b]`` = the CLOCK_BOOTTIME time at which we *sent* the last renewal that
+  landed + ttl - margin. A renewal that fails or times out extends nothing.
+* An epoch is never re-armed in a store after a foreign write: we open a new epoch there
+  (a new id), and claims naming the old one are dead in ``b`` (the lease manager repairs
+  them). Re-arming the same epoch would let a contender's expiry in ``b`` be undone behind
+  its back (docs/leases.md, "why never re-arm").
+* A store we could not reach for a while is simply renewed again by CAS over our own last
+  sequence: if nobody wrote the family meanwhile, no contender counted it as expired.
+* ``open`` never overwrites a live epoch that is not ours at once (a previous incarnation
+  killed a moment ago, or a duplicate agent): it waits until that record stayed unchanged
+  for a full ttl, as a contender would.
+
+``SessionThread`` runs all of this on its own thread with its own event loop and NATS
+connection, so renewals never wait for the agent's main loop (a start storm of 1,000
+workloads, a slow status request): local work cannot starve them. A watchdog still stops
+renewing when the main loop has not stamped progress for ``stall_limit`` seconds, so a
+wedged agent lets its leases go instead of holding them for ever (Patroni's rule).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
+import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 import structlog
-from nats.errors import Error as NatsError
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.aio.client import Client
+
+from mesh.clock import Clock, boottime
+from mesh.names import session_family, session_key
+from mesh.records import SessionRecord, SessionState, parse_session
+from mesh.stores import Entry, Store, StoreError, quorum_deadline
 
 log = structlog.get_logger("mesh.session")
 
-Clock = Callable[[], float]
+NEG_INF = float("-inf")
 
 
-def raise_if_cancelling() -> None:
-    """Honour a cancellation that ``asyncio.wait_for`` swallowed (Python 3.11 race: the
-    inner future completed as the cancel arrived); long loops call this every cycle."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+@dataclass(frozen=True, slots=True)
+class StoreSession:
+    """Our session in one store, as of the last renewal attempt."""
+
+    store: str
+    epoch: str = ""
+    """Our epoch in this store ("" until opened)."""
+    seq: int = 0
+    """Family sequence of our last write that we know landed."""
+    fresh_until: float = NEG_INF
+    """CLOCK_BOOTTIME instant until which this store counts for us."""
+    live: bool = False
+    """Opened and not lost since (a lapse keeps it live: renewing resumes it)."""
+    anchor: str = ""
+    """The epoch the lease manager's claims in this store name (fence deadline)."""
+    error: str = ""
 
 
-class RenewResult(StrEnum):
-    OK = "ok"
-    """Written: the session is valid until sent + ttl - margin."""
-    LOST = "lost"
-    """Someone else wrote our key (a contender expired us): the epoch is over."""
-    ERROR = "error"
-    """No answer or a mesh error: validity is unchanged and runs out on its own."""
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionView:
-    """What a reader can tell from a session key's value."""
+    """An immutable snapshot of the session, safe to read from any thread."""
 
     agent: str
-    epoch: str
-    state: str
     ttl: float
-    revision: int
-    data: dict[str, Any]
+    margin: float
+    stores: Mapping[str, StoreSession]
+    closed: bool = False
 
     @property
-    def alive(self) -> bool:
-        return self.state == "alive"
+    def n(self) -> int:
+        return len(self.stores)
+
+    def epoch(self, store: str) -> str:
+        s = self.stores.get(store)
+        return s.epoch if s is not None and s.live else ""
+
+    def deadline(self, support: Mapping[str, str] | None = None) -> float:
+        """Until when a quorum of stores is fresh; with ``support`` (store -> epoch), only
+        stores whose live epoch is still that one count (a claim's view of validity)."""
+        if self.closed:
+            return NEG_INF
+        values = [
+            s.fresh_until
+            for s in self.stores.values()
+            if s.live and (support is None or support.get(s.store) == s.epoch)
+        ]
+        return quorum_deadline(values, self.n)
+
+    def anchored_deadline(self) -> float:
+        """Validity counting only stores whose epoch is the anchored one: what the fence
+        may extend a workload to without asking the main loop."""
+        return self.deadline({s.store: s.anchor for s in self.stores.values() if s.anchor})
+
+    def valid(self, now: float) -> bool:
+        return now < self.deadline()
 
 
-def decode(value: bytes | None, revision: int) -> SessionView | None:
-    """Parse a session value; None for anything that is not one (never raises)."""
-    if not value:
-        return None
-    try:
-        data = json.loads(value)
-        return SessionView(
-            agent=str(data["agent"]),
-            epoch=str(data["epoch"]),
-            state=str(data.get("state", "alive")),
-            ttl=float(data["ttl"]),
-            revision=revision,
-            data=data,
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-class Session:
-    """The holder's side of a session. Not thread-safe; one renewal in flight at a time."""
+class SessionCore:
+    """The per-store renewal logic on whatever event loop runs it (a thread in the agent,
+    the test's loop in unit tests)."""
 
     def __init__(
         self,
-        kv: KeyValue,
-        key: str,
-        agent_id: str,
+        nc: Client,
+        stores: list[str],
+        site: str,
+        node: str,
         *,
         ttl: float,
         margin: float,
-        payload: Callable[[], dict[str, Any]] | None = None,
-        clock: Clock = time.monotonic,
+        clock: Clock = boottime,
+        cas_timeout: float = 2.0,
     ) -> None:
         if not 0 <= margin < ttl:
             raise ValueError("margin must be in [0, ttl)")
-        self.kv = kv
-        self.key = key
-        self.agent_id = agent_id
+        self.agent = f"{site}/{node}"
         self.ttl = ttl
         self.margin = margin
-        self._payload = payload or dict
-        self._clock = clock
-        self.epoch = ""
-        self.revision: int | None = None
-        self.valid_until = float("-inf")
-        self.last_write_sent: float | None = None
-        """Monotonic send time of the last successful write: the quorum evidence."""
-        self.last_latency: float | None = None
-        self.seq = 0
-        self._sent: dict[int, float] = {}
-        """seq -> monotonic send time of our recent writes (to adopt a late-landing one)."""
+        self.clock = clock
+        self.cas_timeout = cas_timeout
+        self.key = session_key(site, node)
+        self.family = session_family(site, node)
+        self.stores = {name: Store(nc, name) for name in stores}
+        self._state = {name: StoreSession(name) for name in stores}
+        self._counter = 0
+        self._sent: dict[str, dict[int, float]] = {name: {} for name in stores}
         self._own_epochs: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.on_renew: list[Callable[[RenewResult, float], None]] = []
-        self.on_new_epoch: list[Callable[[str], None]] = []
-        self.on_lost: list[Callable[[str], None]] = []
-
-    @property
-    def clock(self) -> Clock:
-        """The monotonic clock every deadline of this session is measured on."""
-        return self._clock
+        self.on_change: list[Callable[[SessionView], None]] = []
 
     @property
     def interval(self) -> float:
         return self.ttl / 3
 
-    def valid(self, now: float | None = None) -> bool:
-        return (self._clock() if now is None else now) < self.valid_until
+    def view(self) -> SessionView:
+        return SessionView(self.agent, self.ttl, self.margin, dict(self._state), self._closed)
 
-    def remaining(self) -> float:
-        return max(0.0, self.valid_until - self._clock())
+    def _set(self, store: str, **changes: object) -> None:
+        self._state[store] = replace(self._state[store], **changes)  # type: ignore[arg-type]
 
-    def in_quorum(self, now: float | None = None) -> bool:
-        """A mesh write succeeded within the last ttl (measured from when it was sent)."""
-        now = self._clock() if now is None else now
-        return self.last_write_sent is not None and now - self.last_write_sent < self.ttl
+    def _changed(self) -> None:
+        view = self.view()
+        for cb in list(self.on_change):
+            try:
+                cb(view)
+            except Exception as exc:
+                log.error("session callback failed", error=repr(exc))
 
-    def _value(self, state: str = "alive", sent: float | None = None) -> bytes:
-        self.seq += 1
-        self._sent[self.seq] = self._clock() if sent is None else sent
-        for old in [k for k in self._sent if k <= self.seq - 8]:
-            del self._sent[old]
-        body = {
-            **self._payload(),
-            "agent": self.agent_id,
-            "epoch": self.epoch,
-            "state": state,
-            "ttl": self.ttl,
-            "seq": self.seq,
-            "time": now_rfc3339(),
-        }
-        return json.dumps(body, separators=(",", ":")).encode()
+    def anchor(self, store: str, epoch: str) -> None:
+        if store in self._state:
+            self._set(store, anchor=epoch)
 
-    def _accepted(self, sent: float, revision: int) -> None:
-        acked = self._clock()
-        self.revision = revision
-        self.last_write_sent = sent
-        self.last_latency = acked - sent
-        self.valid_until = max(self.valid_until, sent + self.ttl - self.margin)
-        self._arm_timer()
+    # --- one store ---------------------------------------------------------------------------
 
-    def _arm_timer(self) -> None:
-        """Fire ``check_deadline`` at ``valid_until``, whatever the mesh does meanwhile."""
-        if self._timer is not None:
-            self._timer.cancel()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._timer = loop.call_later(max(0.0, self.remaining()), self.check_deadline)
+    def _record(self, store: str, epoch: str, state: SessionState, sent: float) -> bytes:
+        self._counter += 1
+        sent_map = self._sent[store]
+        sent_map[self._counter] = sent
+        for old in [k for k in sent_map if k <= self._counter - 16]:
+            del sent_map[old]
+        return SessionRecord(epoch, state, self.ttl, self._counter).encode()
 
-    def check_deadline(self) -> None:
-        """End the epoch if its validity ran out without a successful renewal."""
-        self._timer = None
-        if self.revision is not None and not self.valid():
-            self._lose("validity ran out without a successful renewal")
-        elif self.revision is not None:
-            self._arm_timer()  # renewed meanwhile (timer not yet re-armed) or clock early
+    def _landed(self, store: str, sent: float, seq: int) -> None:
+        s = self._state[store]
+        self._set(
+            store,
+            seq=seq,
+            fresh_until=max(s.fresh_until, sent + self.ttl - self.margin),
+            error="",
+        )
 
-    async def _current(self, timeout: float) -> SessionView | int:
-        """The key's current value as a view; else the revision to CAS over (0: absent)."""
-        try:
-            entry = await asyncio.wait_for(self.kv.get(self.key), timeout)
-        except KeyNotFoundError as exc:
-            # A deleted key still has a revision to CAS against (the delete marker).
-            marker = getattr(exc, "entry", None)
-            return int(marker.revision) if marker is not None and marker.revision else 0
-        view = decode(entry.value, entry.revision or 0)
-        return view if view is not None else int(entry.revision or 0)
-
-    async def _wait_unchanged(self, view: SessionView) -> bool:
-        """Watch a live foreign epoch; True once it stayed at one revision for a full ttl.
-
-        False if it changed meanwhile (the caller reads again) or the watch failed.
-        """
-        ttl = max(view.ttl, self.ttl)
+    async def _wait_unchanged(self, store: Store, seq: int, ttl: float) -> bool:
+        """Poll a live foreign record; True once it stayed at ``seq`` for a full ttl."""
         log.warning(
-            "agent id already has a live session: duplicate agent, or a restart right after "
-            "a crash; waiting for it to stay unchanged for a full ttl",
-            key=self.key,
-            epoch=view.epoch,
+            "our agent id already has a live session in this store (a duplicate agent, or a "
+            "restart right after a crash): waiting for it to stay unchanged for a full ttl",
+            store=store.name,
             ttl=ttl,
         )
-        deadline = self._clock() + ttl
-        try:
-            watcher = await self.kv.watch(self.key)
-        except (TimeoutError, NatsError, OSError):
-            return False
-        try:
-            while (left := deadline - self._clock()) > 0:
-                try:
-                    entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
-                except (TimeoutError, NatsError):
-                    continue
-                if entry is not None and (entry.revision or 0) > view.revision:
-                    return False
-            return True
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        until = self.clock() + ttl
+        while self.clock() < until:
+            await asyncio.sleep(min(0.25, max(0.0, until - self.clock())))
+            try:
+                entry = await store.last(self.family, self.cas_timeout)
+            except StoreError:
+                return False
+            if entry is None or entry.seq != seq:
+                return False
+        return True
 
-    async def open(self, timeout: float | None = None) -> bool:
-        """Start a new epoch by CAS over whatever the key holds. False on mesh error.
-
-        A live epoch that is not one of ours is first watched for a full ttl (see the
-        module docstring); ``open`` may therefore take up to ttl after a crash-restart.
-        """
-        timeout = timeout or self.interval
-        self._cancel_timer()
-        self.epoch = uuid.uuid4().hex[:16]
-        self._own_epochs.add(self.epoch)
-        self.revision = None
-        self.valid_until = float("-inf")
+    async def open(self, name: str) -> bool:
+        """Start a new epoch in one store by CAS over whatever the family holds."""
+        store = self.stores[name]
+        epoch = uuid.uuid4().hex[:16]
+        self._own_epochs.add(epoch)
         for _ in range(5):
             try:
-                current = await self._current(timeout)
-                if isinstance(current, SessionView):
-                    foreign = current.alive and current.epoch not in self._own_epochs
-                    if foreign and not await self._wait_unchanged(current):
-                        continue
-                    last = current.revision
-                else:
-                    last = current
-                sent = self._clock()
-                value = self._value(sent=sent)
-                if last == 0:
-                    rev = await asyncio.wait_for(self.kv.create(self.key, value), timeout)
-                else:
-                    rev = await asyncio.wait_for(
-                        self.kv.update(self.key, value, last=last), timeout
+                entry = await store.last(self.family, self.cas_timeout)
+                expect = 0 if entry is None else entry.seq
+                if entry is not None and entry.key == self.key:
+                    rec = parse_session(entry.value, entry.key, entry.seq)
+                    foreign = rec is None or (
+                        rec.state is SessionState.ALIVE and rec.epoch not in self._own_epochs
                     )
-            except KeyWrongLastSequenceError:
-                continue  # raced with another writer (a contender expiring us): read again
-            except (TimeoutError, NatsError, OSError) as exc:
-                log.debug("session open failed", key=self.key, error=repr(exc))
+                    ttl = max(self.ttl, rec.ttl if rec is not None else 0.0)
+                    if foreign and not await self._wait_unchanged(store, entry.seq, ttl):
+                        continue
+                sent = self.clock()
+                seq = await store.cas(
+                    self.key,
+                    self._record(name, epoch, SessionState.ALIVE, sent),
+                    self.family,
+                    expect,
+                    self.cas_timeout,
+                )
+            except StoreError as exc:
+                if exc.conflict:
+                    continue
+                self._set(name, error=str(exc))
                 return False
-            self._accepted(sent, rev)
-            log.info("session opened", key=self.key, epoch=self.epoch, revision=rev)
-            for cb in self.on_new_epoch:
-                cb(self.epoch)
+            anchor = self._state[name].anchor or epoch
+            self._set(name, epoch=epoch, seq=0, fresh_until=NEG_INF, live=True, anchor=anchor)
+            self._landed(name, sent, seq)
+            log.info("session opened", store=name, epoch=epoch, seq=seq)
             return True
         return False
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    async def _landed_late(self, timeout: float) -> int | None:
-        """After a CAS failure: the revision of our own renewal if one landed unanswered."""
+    async def renew(self, name: str) -> bool:
+        """One CAS renewal in one store; True when it landed (or our late write did)."""
+        s = self._state[name]
+        if not s.live:
+            return await self.open(name)
+        store = self.stores[name]
+        sent = self.clock()
+        left = s.fresh_until - sent
+        timeout = max(0.05, min(self.interval, left)) if left > 0 else self.interval
         try:
-            current = await self._current(timeout)
-        except (TimeoutError, NatsError, OSError):
-            return None
-        if not isinstance(current, SessionView):
-            return None
-        seq = current.data.get("seq")
-        if (
-            current.agent == self.agent_id
-            and current.epoch == self.epoch
-            and current.alive
-            and isinstance(seq, int)
-            and seq in self._sent
-            and self.revision is not None
-            and current.revision > self.revision
-        ):
-            self._accepted(self._sent[seq], current.revision)
-            return current.revision
-        return None
-
-    async def renew(self) -> RenewResult:
-        if self.revision is None:
-            return RenewResult.LOST
-        epoch, last = self.epoch, self.revision
-        sent = self._clock()
-        timeout = max(
-            0.05, min(self.interval, self.valid_until - sent) if self.valid(sent) else self.interval
-        )
-        try:
-            rev = await asyncio.wait_for(
-                self.kv.update(self.key, self._value(sent=sent), last=last), timeout
+            seq = await store.cas(
+                self.key,
+                self._record(name, s.epoch, SessionState.ALIVE, sent),
+                self.family,
+                s.seq,
+                min(timeout, self.cas_timeout),
             )
-        except KeyWrongLastSequenceError:
-            result = RenewResult.LOST
-            if self.epoch == epoch and await self._landed_late(timeout) is not None:
-                result = RenewResult.OK
-        except (TimeoutError, NatsError, OSError) as exc:
-            log.debug("session renewal failed", key=self.key, error=repr(exc))
-            result = RenewResult.ERROR
-        else:
-            result = RenewResult.OK
-            if self.epoch == epoch and self.revision == last:
-                self._accepted(sent, rev)
-        if self.epoch != epoch or self.revision is None:
-            # The epoch ended while we waited (deadline timer, close): the answer is moot.
-            result = RenewResult.LOST if result is RenewResult.LOST else RenewResult.ERROR
-        elif result is RenewResult.LOST:
-            self._lose("expired by another agent")
-        for cb in self.on_renew:
-            cb(result, self._clock() - sent)
-        return result
+        except StoreError as exc:
+            if not exc.conflict:
+                self._set(name, error=str(exc))
+                return False
+            return await self._after_conflict(name, s)
+        if self._state[name].epoch == s.epoch and self._state[name].live:
+            self._landed(name, sent, seq)
+        return True
 
-    def _lose(self, why: str) -> None:
-        self._cancel_timer()
-        epoch, self.revision, self.valid_until = self.epoch, None, float("-inf")
-        level = log.info if why == "closed" else log.warning
-        level("session ended", key=self.key, epoch=epoch, why=why)
-        for cb in self.on_lost:
-            cb(epoch)
+    async def _after_conflict(self, name: str, s: StoreSession) -> bool:
+        """Our CAS failed: adopt a late write of our own, or give the epoch up here."""
+        store = self.stores[name]
+        try:
+            entry = await store.last(self.family, self.cas_timeout)
+        except StoreError as exc:
+            self._set(name, error=str(exc))
+            return False
+        if entry is not None and entry.key == self.key:
+            rec = parse_session(entry.value, entry.key, entry.seq)
+            sent = self._sent[name].get(rec.seq) if rec is not None else None
+            if rec is not None and rec.epoch == s.epoch and sent is not None:
+                self._landed(name, sent, entry.seq)
+                return True
+        who = entry.key if entry is not None else "the family is gone (store recreated?)"
+        log.warning("session lost in one store: foreign write", store=name, by=who)
+        self._set(name, live=False, fresh_until=NEG_INF, error=f"lost: {who}")
+        self._changed()
+        return await self.open(name)
 
-    async def run(self) -> None:
-        """Renew every ttl/3 for ever; reopen a new epoch after losing one. Cancel to stop.
+    async def close_store(self, name: str) -> None:
+        """Write ``closed`` over our last sequence (retrying over our own late writes).
 
-        A lapse (validity ran out without a successful renewal) also ends the epoch: the
-        contender may have expired us while we could not hear it, so we start over.
-        """
-        self._closed = False
-        while not self._closed:
-            raise_if_cancelling()
-            started = self._clock()
-            pause = self.interval
-            if self.revision is None:
-                await self.open()
-            else:
-                result = await self.renew()
-                if result is RenewResult.ERROR:
-                    # Retry soon: during a JetStream leader election every attempt that
-                    # lands earlier buys validity; the attempt's own timeout paces us.
-                    pause = min(pause, 0.25)
-                    if self.revision is not None and not self.valid():
-                        self._lose("validity ran out without a successful renewal")
-            elapsed = self._clock() - started
-            await asyncio.sleep(max(0.0, pause - elapsed))
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """Mark the session closed so readers (and contenders) see it ended on purpose.
-
-        We stop believing *before* the write is sent: once it lands, contenders treat our
-        leases as free at once, so no moment may exist where they do and we still hold.
-        """
-        self._closed = True
-        last = self.revision
-        if last is None:
-            return
-        epoch = self.epoch
-        self._lose("closed")
+        A store where we are not live may still hold an ``alive`` record of ours: an open
+        cancelled by the close after its write landed. That ghost is closed too, so no
+        contender waits a full ttl for a session nobody renews."""
+        store = self.stores[name]
+        if not self._state[name].live:
+            entry = await _quiet_last(store, self.family, self.cas_timeout)
+            rec = parse_session(entry.value) if entry and entry.key == self.key else None
+            ours = rec is not None and rec.epoch in self._own_epochs
+            if entry is not None and rec is not None and ours and rec.state is SessionState.ALIVE:
+                self._set(name, epoch=rec.epoch, seq=entry.seq, live=True)
         for _ in range(3):
+            s = self._state[name]
+            if not s.live:
+                return
+            self._set(name, fresh_until=NEG_INF)
             try:
-                await asyncio.wait_for(
-                    self.kv.update(self.key, self._value("closed"), last=last), timeout
+                seq = await store.cas(
+                    self.key,
+                    self._record(name, s.epoch, SessionState.CLOSED, self.clock()),
+                    self.family,
+                    s.seq,
+                    self.cas_timeout,
                 )
-                return
-            except KeyWrongLastSequenceError:
-                # A renewal of ours that was in flight may have landed first: close over it.
-                try:
-                    current = await self._current(timeout)
-                except (TimeoutError, NatsError, OSError):
+            except StoreError as exc:
+                if exc.conflict:
+                    entry = await _quiet_last(store, self.family, self.cas_timeout)
+                    rec = parse_session(entry.value) if entry and entry.key == self.key else None
+                    if entry is not None and rec is not None and rec.epoch == s.epoch:
+                        self._set(name, seq=entry.seq)
+                        continue
+                    self._set(name, live=False)
                     return
-                mine = isinstance(current, SessionView) and current.epoch == epoch
-                if not (mine and isinstance(current, SessionView) and current.alive):
-                    return  # expired by someone else, or already replaced: nothing to close
-                last = current.revision
-            except TimeoutError:
-                continue  # a loaded mesh: ask again (a write that landed meanwhile is seen
-                # as a revision mismatch above and closed over)
-            except (NatsError, OSError) as exc:
-                log.debug("session close failed", key=self.key, error=repr(exc))
-                return
+                continue
+            self._set(name, seq=seq, live=False)
+            return
+
+    # --- all stores -------------------------------------------------------------------------
+
+    async def run_store(self, name: str, watchdog: Callable[[], bool]) -> None:
+        """Renew one store every ttl/3 for ever; retry soon after an error."""
+        while not self._closed:
+            started = self.clock()
+            pause = self.interval
+            if watchdog():
+                before = self._state[name]
+                ok = await self.renew(name)
+                if not ok:
+                    pause = 0.25
+                if self._state[name] != before:
+                    self._changed()
+            await asyncio.sleep(max(0.0, pause - (self.clock() - started)))
+
+    async def close(self) -> None:
+        """Stop believing first, then write ``closed`` in every store."""
+        self._closed = True
+        self._changed()
+        await asyncio.gather(*(self.close_store(n) for n in self.stores), return_exceptions=True)
+        self._changed()
 
 
-async def expire(kv: KeyValue, key: str, view: SessionView, by: str, timeout: float = 2.0) -> bool:
-    """A contender ends another agent's session: CAS on the revision it watched go stale.
+async def _quiet_last(store: Store, family: str, timeout: float) -> Entry | None:
+    with contextlib.suppress(StoreError):
+        return await store.last(family, timeout)
+    return None
 
-    Returns True only if our write landed on exactly that revision; then the holder's next
-    renewal fails and its leases may be taken over by CAS on each lease key.
+
+Connect = Callable[[], Awaitable[Client]]
+
+
+@dataclass
+class _Watchdog:
+    stall_limit: float
+    clock: Clock
+    stamp: float = field(default_factory=boottime)
+    stalled: bool = False
+    suspended: bool = False
+
+    def ok(self) -> bool:
+        if self.suspended:
+            return False
+        stalled = self.clock() - self.stamp > self.stall_limit
+        if stalled and not self.stalled:
+            log.error(
+                "the agent's main loop made no progress: no more renewals, leases will lapse",
+                stall_limit=self.stall_limit,
+            )
+        elif self.stalled and not stalled:
+            log.info("the agent's main loop is back: renewing again")
+        self.stalled = stalled
+        return not stalled
+
+
+class SessionThread:
+    """``SessionCore`` on a dedicated thread with its own loop and NATS connection.
+
+    Thread-safe API: ``view()``, ``stamp()``, ``anchor()``, ``subscribe()``; ``start()`` and
+    ``close()`` are awaited from the main loop.
     """
-    body = {**view.data, "state": "expired", "expired_by": by, "time": now_rfc3339()}
-    try:
-        await asyncio.wait_for(
-            kv.update(key, json.dumps(body, separators=(",", ":")).encode(), last=view.revision),
-            timeout,
+
+    def __init__(
+        self,
+        connect: Connect,
+        stores: list[str],
+        site: str,
+        node: str,
+        *,
+        ttl: float,
+        margin: float,
+        stall_limit: float | None = None,
+        clock: Clock = boottime,
+        on_renewed: Callable[[SessionView], None] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._args = (stores, site, node)
+        self.ttl = ttl
+        self.margin = margin
+        self.clock = clock
+        self.watchdog = _Watchdog(float("inf") if stall_limit is None else stall_limit, clock)
+        self._core: SessionCore | None = None
+        self._view = SessionView(
+            f"{site}/{node}", ttl, margin, {s: StoreSession(s) for s in stores}
         )
-    except (KeyWrongLastSequenceError, TimeoutError, NatsError, OSError):
-        return False
-    return True
+        self._subscribers: list[Callable[[SessionView], None]] = []
+        if on_renewed is not None:
+            self._subscribers.append(on_renewed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready: Future[None] = Future()
+        self._done: asyncio.Future[None] | None = None
+        self._lock = threading.Lock()
+        self._write_close = True
+
+    @property
+    def agent(self) -> str:
+        return self._view.agent
+
+    def view(self) -> SessionView:
+        return self._view
+
+    async def join(self) -> None:
+        """Wait until the thread ends."""
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def alive(self) -> bool:
+        """The thread runs (False once it ended, by ``close`` or by a crash)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stamp(self) -> None:
+        """The main loop is alive (called every control cycle)."""
+        self.watchdog.stamp = self.clock()
+
+    def suspend(self, suspended: bool = True) -> None:
+        """Stop (or resume) renewing, as a hung agent would: validity runs out on its own."""
+        self.watchdog.suspended = suspended
+
+    def subscribe(self, cb: Callable[[SessionView], None]) -> None:
+        """``cb(view)`` runs on the session thread after every change: keep it tiny and
+        thread-safe (``loop.call_soon_threadsafe``, an ``os.write``)."""
+        with self._lock:
+            self._subscribers.append(cb)
+
+    def anchor(self, store: str, epoch: str) -> None:
+        core, loop = self._core, self._loop
+        if core is not None and loop is not None:
+            loop.call_soon_threadsafe(core.anchor, store, epoch)
+
+    def _publish(self, view: SessionView) -> None:
+        self._view = view
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for cb in subscribers:
+            try:
+                cb(view)
+            except Exception as exc:
+                log.error("session subscriber failed", error=repr(exc))
+
+    async def start(self) -> None:
+        """Start the thread; returns once its connection is up and the first open ran."""
+        self._thread = threading.Thread(target=self._main, name="session", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(self._ready)
+
+    def _main(self) -> None:
+        try:
+            import uvloop
+
+            uvloop.run(self._run())
+        except BaseException as exc:  # reported through the ready/done futures
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            log.error("session thread ended", error=repr(exc))
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        nc = await self._connect()
+        stores, site, node = self._args
+        core = SessionCore(
+            nc, stores, site, node, ttl=self.ttl, margin=self.margin, clock=self.clock
+        )
+        core.on_change.append(self._publish)
+        self._core = core
+        await asyncio.gather(*(core.open(s) for s in stores))
+        self._publish(core.view())
+        self._ready.set_result(None)
+        tasks = [
+            asyncio.create_task(core.run_store(s, self.watchdog.ok), name=f"renew:{s}")
+            for s in stores
+        ]
+        ticker = asyncio.create_task(self._tick(core), name="session-deadline")
+        try:
+            await self._done
+        finally:
+            for task in [*tasks, ticker]:
+                task.cancel()
+            await asyncio.gather(*tasks, ticker, return_exceptions=True)
+            if self._write_close:
+                await core.close()
+            self._publish(core.view())
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2.0)
+
+    async def _tick(self, core: SessionCore) -> None:
+        """Publish a view when the deadline passes, even if every store is silent."""
+        was_valid = False
+        while True:
+            valid = core.view().valid(self.clock())
+            if was_valid and not valid:
+                log.warning("session validity ran out without a quorum of renewals")
+                self._publish(core.view())
+            was_valid = valid
+            await asyncio.sleep(0.1)
+
+    async def close(self, timeout: float = 5.0, *, write: bool = True) -> None:
+        """Write ``closed`` in every store and stop the thread (``write=False``: stop
+        without a word, as a crash would; others then expire the session)."""
+        self._write_close = write
+        loop, done = self._loop, self._done
+        if loop is None or done is None or self._thread is None:
+            return
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(finish)
+        await asyncio.to_thread(self._thread.join, timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,19 +63,29 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
-class RunContext:
-    """Who runs the workload and until when, handed to ``apply``.
+class Deadline:
+    """Until when a workload may run: a CLOCK_BOOTTIME instant (system-wide, and it keeps
+    counting through suspend, so the fence process compares it with its own clock).
 
-    ``deadline`` is a ``time.monotonic()`` value. CLOCK_MONOTONIC is system-wide on Linux,
-    so the guard process of a Process workload can compare it with its own clock.
+    ``follows_session``: the agent's session thread moves this deadline on every renewal
+    without the main loop (the fence follows it); otherwise it is fixed until changed.
     """
+
+    at: float
+    follows_session: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Who runs the workload and until when, handed to ``apply``."""
 
     app: str
     site: str
     node: str
     fencing_token: int
     state_dir: Path
-    deadline: float | None = None
+    deadline: Deadline | None = None
+    """None: no deadline (SplitBrainAllowed keeps serving through a partition)."""
 
     @property
     def workload_dir(self) -> Path:
@@ -93,9 +104,10 @@ class RunContext:
 class Interpret(ABC):
     """How one Score is realised on one Topology; every method is idempotent.
 
-    ``enforces_deadline`` tells the agent whether ``extend_deadline`` actually bounds the
-    workload's life (Process does, outside the event loop); for the others the agent must
-    stop the workload itself before its lease ends.
+    ``enforces_deadline`` tells the agent whether ``set_deadline`` actually bounds the
+    workload's life outside the agent's event loop (Process does, through the fence); for
+    the others the agent stops the workload itself before its lease ends, which a hung
+    agent cannot do (``check`` and ``status`` say so).
     """
 
     enforces_deadline: ClassVar[bool] = False
@@ -119,13 +131,15 @@ class Interpret(ABC):
         """Turn the active instance into a standby; by default the same as ``stop``."""
         return await self.stop()
 
-    def extend_deadline(self, monotonic_deadline: float) -> None:
-        """Allow the workload to run until ``monotonic_deadline``; cheap, call it often."""
-        del monotonic_deadline
+    def watch(self, cb: Callable[[], None]) -> None:
+        """Call ``cb`` when the workload's state changes by itself (an exit). Interprets
+        that cannot tell (systemd, Kubernetes) do nothing: the agent polls them instead."""
+        del cb
 
-    def clear_deadline(self) -> None:
-        """Let the workload run without a deadline (SplitBrainAllowed)."""
-        return None
+    def set_deadline(self, deadline: Deadline | None) -> None:
+        """Allow the workload to run until ``deadline`` (None: no deadline); cheap, the agent
+        calls it whenever the lease's validity moves."""
+        del deadline
 
     async def close(self) -> None:
         """Release resources (connections) without touching the workload."""

@@ -7,14 +7,16 @@ answer is computed from ``required_capabilities`` and ``Topology.capabilities()`
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from pydantic import BaseModel
 
 from scores.base import Interpret, Score
+from scores.health import HealthSpec
 from topologies.base import Topology
 from topologies.build import capabilities_of
-from topologies.capabilities import capability_name
+from topologies.capabilities import KubernetesApi, capability_name
 from topologies.config import KubernetesConfig, LinuxSshConfig, LocalhostConfig
 
 _TopologyLike = Topology | LocalhostConfig | LinuxSshConfig | KubernetesConfig | frozenset[type]
@@ -67,3 +69,53 @@ def interpret_for(score: Score, topology: Topology, **labels: Any) -> Interpret:
         raise CapabilityError(f"score {score.kind} has no Interpret")
     result: Interpret = interpret(topology)
     return result
+
+
+DEADLINE_ENFORCED = "deadline enforced outside the agent"
+DEADLINE_NOT_ENFORCED = "deadline not enforced outside the agent"
+
+
+def interpret_class(score: Score) -> type[Interpret] | None:
+    """The Interpret class ``score.interpret()`` returns, read from its annotation, so the
+    question can be answered without a topology (``harmony-agent check``)."""
+    method = getattr(type(score), "interpret", None)
+    returned = getattr(method, "__annotations__", {}).get("return")
+    if isinstance(returned, str):  # ``from __future__ import annotations``: a name
+        returned = vars(sys.modules[method.__module__]).get(returned)
+    return returned if isinstance(returned, type) and issubclass(returned, Interpret) else None
+
+
+def deadline_enforcement(score: Score) -> tuple[bool, str]:
+    """(``Interpret.enforces_deadline``, the sentence ``check`` and ``status`` show).
+
+    An Interpret may say how in a ``deadline_note`` class attribute, e.g. "deadline
+    enforced outside the agent (transient systemd timer)".
+    """
+    cls = interpret_class(score)
+    enforced = bool(getattr(cls, "enforces_deadline", False))
+    note = getattr(cls, "deadline_note", None)
+    if isinstance(note, str) and note:
+        return enforced, note
+    return enforced, DEADLINE_ENFORCED if enforced else DEADLINE_NOT_ENFORCED
+
+
+async def probe_problems(
+    health: HealthSpec | None, score: Score, topology: Topology | Any
+) -> list[tuple[str, str]]:
+    """(field, problem) for the health probe of ``score`` on a built ``topology``: a probe
+    the topology cannot run, an exec program that is not executable there. Checking an exec
+    program runs ``command -v`` over SSH on a linux-ssh topology."""
+    from scores.probes import ProbeUnsupported, probe_for, probe_program_problem
+
+    if health is None or health.probe is None:
+        return []
+    if KubernetesApi in provided(topology):
+        if score.kind == "KubernetesDeployment":
+            return []  # rendered as the container's readinessProbe; runs in the pod
+        return [("spec.health.probe", f"score {score.kind} cannot run an agent probe")]
+    try:
+        probe_for(health.probe, topology)
+    except ProbeUnsupported as exc:
+        return [("spec.health.probe", str(exc))]
+    problem = await probe_program_problem(health.probe, topology)
+    return [("spec.health.probe.exec", problem)] if problem else []

@@ -7,9 +7,7 @@ Lives in ``scores`` because both Scores (``stop_timeout``) and the agent configu
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
-
-from pydantic import BeforeValidator, PlainSerializer
+from typing import TYPE_CHECKING, Annotated, Any
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -43,9 +41,31 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-]
-"""A duration in seconds, parsed from the operator's notation."""
+def _duration_type() -> Any:
+    from pydantic import BeforeValidator, PlainSerializer
+
+    return Annotated[
+        float,
+        BeforeValidator(parse_duration),
+        PlainSerializer(format_duration, return_type=str, when_used="json"),
+    ]
+
+
+if TYPE_CHECKING:
+    from pydantic import BeforeValidator, PlainSerializer
+
+    Duration = Annotated[
+        float,
+        BeforeValidator(parse_duration),
+        PlainSerializer(format_duration, return_type=str, when_used="json"),
+    ]
+    """A duration in seconds, parsed from the operator's notation."""
+else:
+
+    def __getattr__(name: str) -> Any:
+        # ``Duration`` is built on first use, so that parsing a ``--timeout`` (the CLI)
+        # does not import pydantic; models that annotate with it import pydantic anyway.
+        if name == "Duration":
+            globals()["Duration"] = value = _duration_type()
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

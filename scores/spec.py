@@ -7,17 +7,26 @@ from typing import Annotated
 from pydantic import Field
 
 from scores.k8s import KubernetesDeploymentSpec, KubernetesManifestsSpec
+from scores.postgres import PostgresSpec
+from scores.postgres.cnpg import CloudNativePGSpec
 from scores.process import ProcessSpec
 from scores.systemd import SystemdUnitSpec
 
 ScoreSpec = Annotated[
-    ProcessSpec | SystemdUnitSpec | KubernetesDeploymentSpec | KubernetesManifestsSpec,
+    ProcessSpec
+    | SystemdUnitSpec
+    | KubernetesDeploymentSpec
+    | KubernetesManifestsSpec
+    | PostgresSpec
+    | CloudNativePGSpec,
     Field(discriminator="kind"),
 ]
 
 __all__ = [
+    "CloudNativePGSpec",
     "KubernetesDeploymentSpec",
     "KubernetesManifestsSpec",
+    "PostgresSpec",
     "ProcessSpec",
     "ScoreSpec",
     "SystemdUnitSpec",

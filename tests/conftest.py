@@ -16,7 +16,7 @@ from tests.harness.netns import Sites
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsNode]:
     """One JetStream-enabled nats-server on a free loopback port."""
-    node = NatsNode(name="solo", workdir=tmp_path / "nats")
+    node = NatsNode(name="solo", workdir=tmp_path / "nats", tags=("site:solo",))
     node.start()
     try:
         await node.wait_ready()

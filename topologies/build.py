@@ -30,9 +30,15 @@ def capabilities_of(config: TopologyConfig) -> frozenset[type]:
 def build_topology(config: TopologyConfig) -> Topology:
     """Build the topology; connections (SSH, HTTP) are opened on first use, not here."""
     if isinstance(config, LocalhostConfig):
+        from topologies.config import resolve_user
         from topologies.localhost import LocalhostTopology
 
-        return LocalhostTopology(unit_dir=config.unit_dir, command_timeout=config.command_timeout)
+        uid, gid = resolve_user(config.run_as) if config.run_as else (None, None)
+        return LocalhostTopology(
+            unit_dir=config.unit_dir,
+            command_timeout=config.command_timeout or 10.0,
+            run_as=(uid, gid),
+        )
     if isinstance(config, LinuxSshConfig):
         from topologies.ssh import LinuxSshTopology
 

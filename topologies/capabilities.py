@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from topologies.supervisor import Exit, Launch
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +66,34 @@ class RemoteShell(HostShell, Protocol):
 
 @runtime_checkable
 class ProcessRuntime(Protocol):
-    """Start processes on the agent's own machine, so they can be supervised and fenced."""
+    """Run workloads on the agent's own machine under its fence (``topologies/fence.py``).
 
-    async def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: Path | None = None,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        stderr: int | None = None,
-        new_session: bool = False,
-    ) -> asyncio.subprocess.Process: ...
+    The fence is a process outside the agent's event loop: it owns every workload, kills a
+    workload's whole process group at its deadline even while the agent is hung or paused,
+    and terminates everything when the agent dies. Workloads run as ``run_as`` (a user other
+    than the agent's, so they cannot read its keys), never with the agent's environment.
+    """
+
+    @property
+    def run_as(self) -> tuple[int | None, int | None]:
+        """(uid, gid) workloads run as; (None, None): the agent's own."""
+        ...
+
+    async def launch(self, launch: Launch) -> tuple[int, asyncio.Future[Exit]]:
+        """Start a workload; its pid, and a future that resolves when it exits.
+
+        Raises LaunchError (one line) when it cannot start."""
+        ...
+
+    def stop_workload(self, wid: str) -> None:
+        """SIGTERM the workload's process group, SIGKILL after its stop_timeout."""
+        ...
+
+    def kill_workload(self, wid: str) -> None: ...
+
+    def set_deadline(self, wid: str, mode: str, deadline: float | None = None) -> None:
+        """``follow`` the session deadline, a ``fixed`` one (CLOCK_BOOTTIME), or ``none``."""
+        ...
 
 
 @runtime_checkable
@@ -94,6 +110,11 @@ class SystemdManager(Protocol):
     async def remove_unit(self, name: str) -> None: ...
 
     async def systemctl(self, *args: str) -> CommandResult: ...
+
+    async def sh(self, script: str, *args: str) -> CommandResult:
+        """``sh -c script sh args...`` on the systemd host: for systemctl and systemd-run
+        calls that must run together, in one process independent of the agent."""
+        ...
 
 
 @runtime_checkable
@@ -129,6 +150,17 @@ class KubernetesApi(Protocol):
     async def delete(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
     ) -> bool: ...
+
+    async def list(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The objects of ``kind`` in the namespace, filtered by a label selector."""
+        ...
 
 
 ALL_CAPABILITIES: tuple[type, ...] = (

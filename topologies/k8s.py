@@ -125,7 +125,7 @@ class KubernetesTopology:
             namespace=config.namespace,
             auth_headers=headers,
             ssl_context=context,
-            timeout=config.request_timeout,
+            timeout=config.request_timeout or 10.0,
         )
 
     def capabilities(self) -> frozenset[type]:
@@ -216,3 +216,18 @@ class KubernetesTopology:
         path = resource_path(api_version, kind, self._ns(kind, namespace), name)
         status, _ = await self._request("DELETE", path)
         return status != 404
+
+    async def list(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        path = resource_path(api_version, kind, self._ns(kind, namespace), None)
+        params = {"labelSelector": label_selector} if label_selector else None
+        status, payload = await self._request("GET", path, params=params)
+        if status == 404:
+            raise KubernetesError(404, f"{kind}: resource type not found")
+        return [dict(item) for item in payload.get("items") or []]

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,6 +16,7 @@ from topologies.capabilities import (
     ProcessRuntime,
     SystemdManager,
 )
+from topologies.supervisor import Exit, FenceSupervisor, Launch
 from topologies.systemd import ShellSystemd, SystemdOverShell
 
 
@@ -30,10 +31,18 @@ class LocalhostTopology(SystemdOverShell):
     kind: ClassVar[str] = "localhost"
 
     def __init__(
-        self, *, unit_dir: str = "/etc/systemd/system", command_timeout: float = 30.0
+        self,
+        *,
+        unit_dir: str = "/etc/systemd/system",
+        command_timeout: float = 30.0,
+        run_as: tuple[int | None, int | None] = (None, None),
+        fence: FenceSupervisor | None = None,
     ) -> None:
         self._command_timeout = command_timeout
         self._systemd = ShellSystemd(self, unit_dir, command_timeout)
+        self._run_as = run_as
+        self.fence = fence or FenceSupervisor()
+        """Started by the agent as a supervised task (``fence.run()``)."""
 
     def capabilities(self) -> frozenset[type]:
         return self.CAPABILITIES
@@ -42,26 +51,21 @@ class LocalhostTopology(SystemdOverShell):
         return None
 
     # ProcessRuntime
-    async def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: Path | None = None,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        stderr: int | None = None,
-        new_session: bool = False,
-    ) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            env=dict(env),
-            cwd=cwd,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            start_new_session=new_session,
-        )
+    @property
+    def run_as(self) -> tuple[int | None, int | None]:
+        return self._run_as
+
+    async def launch(self, launch: Launch) -> tuple[int, asyncio.Future[Exit]]:
+        return await self.fence.spawn(launch)
+
+    def stop_workload(self, wid: str) -> None:
+        self.fence.stop(wid)
+
+    def kill_workload(self, wid: str) -> None:
+        self.fence.kill(wid)
+
+    def set_deadline(self, wid: str, mode: str, deadline: float | None = None) -> None:
+        self.fence.set_deadline(wid, mode, deadline)
 
     # HostShell
     async def run(
@@ -86,7 +90,10 @@ class LocalhostTopology(SystemdOverShell):
             await proc.wait()
             return CommandResult(tuple(argv), 124, "", f"timed out after {timeout}s")
         return CommandResult(
-            tuple(argv), proc.returncode or 0, out.decode(errors="replace"), err.decode("replace")
+            tuple(argv),
+            proc.returncode or 0,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
         )
 
     async def read_file(self, path: str) -> bytes | None:

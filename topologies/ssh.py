@@ -34,7 +34,7 @@ class LinuxSshTopology(SystemdOverShell):
         self._config = config
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
-        self._systemd = ShellSystemd(self, config.unit_dir, config.command_timeout)
+        self._systemd = ShellSystemd(self, config.unit_dir, config.command_timeout or 10.0)
 
     def capabilities(self) -> frozenset[type]:
         return self.CAPABILITIES
@@ -80,7 +80,7 @@ class LinuxSshTopology(SystemdOverShell):
         self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
     ) -> CommandResult:
         argv_t = tuple(argv)
-        limit = timeout or self._config.command_timeout
+        limit = timeout or self._config.command_timeout or 10.0
         try:
             conn = await self.connection()
             result = await asyncio.wait_for(
@@ -103,7 +103,7 @@ class LinuxSshTopology(SystemdOverShell):
             conn = await self.connection()
             result = await asyncio.wait_for(
                 conn.run(shlex.join(argv), encoding=None, check=False),
-                self._config.command_timeout,
+                self._config.command_timeout or 10.0,
             )
         except (TimeoutError, asyncssh.Error) as exc:
             raise OSError(f"reading {path} on {self.address}: {exc or 'timed out'}") from exc

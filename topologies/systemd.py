@@ -49,6 +49,9 @@ class ShellSystemd:
     async def systemctl(self, *args: str) -> CommandResult:
         return await self._shell.run(["systemctl", *args], timeout=self._timeout)
 
+    async def sh(self, script: str, *args: str) -> CommandResult:
+        return await self._shell.run(["sh", "-c", script, "sh", *args], timeout=self._timeout)
+
 
 class SystemdOverShell:
     """Mixin: a host topology provides ``SystemdManager`` by delegating to ``ShellSystemd``
@@ -71,3 +74,6 @@ class SystemdOverShell:
 
     async def systemctl(self, *args: str) -> CommandResult:
         return await self._systemd.systemctl(*args)
+
+    async def sh(self, script: str, *args: str) -> CommandResult:
+        return await self._systemd.sh(script, *args)

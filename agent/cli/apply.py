@@ -3,24 +3,31 @@
 Validation happens entirely before the first write, so a file with one bad document
 changes nothing (exit 2). Writes are compare-and-set per key: two operators applying at
 once cannot silently overwrite each other's concurrent edit, and re-applying the same file
-is a no-op that prints ``unchanged``.
+is a no-op that prints ``unchanged``. ``--diff`` writes nothing and prints a unified diff
+of what is stored against the file, exiting like ``kubectl diff``: 0 no differences,
+1 differences, 2 bad input, 3 the mesh failed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
+from typing import TYPE_CHECKING, Any
 
 import click
-from nats.errors import Error as NatsError
-from nats.js.errors import Error as JsError
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 
-from agent.application import NAME_PATTERN, Application, ApplicationError, parse_documents
-from agent.cli.common import EXIT_BAD_INPUT, fail, parse_timeout, server_option, servers
-from agent.commands.client import MeshError, open_mesh
-from mesh.names import STATE_BUCKET, app_key
+from agent.cli.common import EXIT_BAD_INPUT, EXIT_RUNTIME, fail
+from agent.cli.completion_names import complete_apps
+from agent.cli.options import mesh_options, settings
+from agent.patterns import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from agent.application import Application
+    from agent.cli.profile import Profile
+
+EXIT_DIFFERS = 1
+EXIT_DIFF_FAILED = 3
 
 
 def read_source(path: str) -> tuple[str, str]:
@@ -35,6 +42,8 @@ def read_source(path: str) -> tuple[str, str]:
 
 
 def load_applications(path: str) -> list[Application]:
+    from agent.application import ApplicationError, parse_documents
+
     text, label = read_source(path)
     try:
         return parse_documents(text, label)
@@ -43,6 +52,11 @@ def load_applications(path: str) -> list[Application]:
 
 
 async def _current(kv: KeyValue, name: str) -> tuple[Application | None, int | None]:
+    from nats.js.errors import KeyNotFoundError
+
+    from agent.application import Application
+    from mesh.names import app_key
+
     try:
         entry = await kv.get(app_key(name))
     except KeyNotFoundError:
@@ -55,6 +69,11 @@ async def _current(kv: KeyValue, name: str) -> tuple[Application | None, int | N
 
 async def store(kv: KeyValue, app: Application, *, dry_run: bool) -> str:
     """Create or update one Application by CAS; returns created/updated/unchanged."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    from agent.commands.client import MeshError
+    from mesh.names import app_key
+
     for _ in range(5):
         current, revision = await _current(kv, app.name)
         if current == app:
@@ -73,8 +92,16 @@ async def store(kv: KeyValue, app: Application, *, dry_run: bool) -> str:
     raise MeshError(f"{app.name}: changed concurrently by someone else; try again")
 
 
-async def _apply(urls: list[str], timeout: float, apps: list[Application], dry_run: bool) -> None:
-    async with open_mesh(urls, timeout) as mesh:
+async def _apply(profile: Profile, timeout: float, apps: list[Application], dry_run: bool) -> None:
+    import asyncio
+
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+
+    from agent.commands.client import MeshError, open_mesh
+    from mesh.names import STATE_BUCKET
+
+    async with open_mesh(profile, timeout) as mesh:
         kv = await mesh.bucket(STATE_BUCKET)
         suffix = " (dry run)" if dry_run else ""
         for app in apps:
@@ -85,6 +112,62 @@ async def _apply(urls: list[str], timeout: float, apps: list[Application], dry_r
             click.echo(f"application/{app.name} {verdict}{suffix}")
 
 
+def as_yaml(doc: Any) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+
+
+async def _stored_texts(profile: Profile, timeout: float, names: list[str]) -> dict[str, str]:
+    """The stored form of each application, as YAML ('' when absent)."""
+    import asyncio
+    import json
+
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+    from nats.js.errors import KeyNotFoundError
+
+    from agent.commands.client import MeshError, open_mesh
+    from mesh.names import STATE_BUCKET, app_key
+
+    out: dict[str, str] = {}
+    async with open_mesh(profile, timeout) as mesh:
+        kv = await mesh.bucket(STATE_BUCKET)
+        for name in names:
+            try:
+                entry = await asyncio.wait_for(kv.get(app_key(name)), timeout)
+            except KeyNotFoundError:
+                out[name] = ""
+                continue
+            except (NatsError, JsError, TimeoutError) as exc:
+                raise MeshError(f"{name}: read failed: {mesh.explain(exc)}") from None
+            try:
+                out[name] = as_yaml(json.loads(entry.value or b""))
+            except ValueError:
+                out[name] = (entry.value or b"").decode("utf-8", errors="replace")
+    return out
+
+
+def diff(apps: list[Application], stored: dict[str, str], label: str) -> str:
+    """A unified diff, stored (``a``) against the file (``b``), per application."""
+    import difflib
+
+    chunks: list[str] = []
+    for app in apps:
+        mine = as_yaml(app.model_dump(mode="json", by_alias=True))
+        theirs = stored.get(app.name, "")
+        if mine == theirs:
+            continue
+        old = f"mesh/application/{app.name}" if theirs else "/dev/null"
+        chunks += difflib.unified_diff(
+            theirs.splitlines(keepends=True),
+            mine.splitlines(keepends=True),
+            fromfile=old,
+            tofile=f"{label}/application/{app.name}",
+        )
+    return "".join(chunks)
+
+
 @click.command()
 @click.option(
     "-f",
@@ -93,21 +176,53 @@ async def _apply(urls: list[str], timeout: float, apps: list[Application], dry_r
     required=True,
     help="YAML file with one or more Application documents; - reads stdin.",
 )
-@server_option
 @click.option("--dry-run", is_flag=True, help="Validate and compare, but write nothing.")
-@click.option("--timeout", default="5s", show_default=True, help="Mesh deadline.")
-def apply(path: str, server: str, dry_run: bool, timeout: str) -> None:
-    """Validate Applications, then store them in the mesh (created/updated/unchanged)."""
-    seconds = parse_timeout(timeout)
+@click.option(
+    "--diff",
+    "show_diff",
+    is_flag=True,
+    help="Write nothing; print a unified diff of the stored Applications against the file "
+    "(exit 0: no differences, 1: differences, 2: bad input, 3: mesh failure).",
+)
+@mesh_options(timeout="5s")
+@click.pass_context
+def apply(ctx: click.Context, path: str, dry_run: bool, show_diff: bool) -> None:
+    """Validate Applications, then store them in the mesh.
+
+    Each is reported created, updated or unchanged; nothing is written if any document is
+    invalid.
+    """
+    import asyncio
+
+    from agent.commands.client import MeshError
+
+    opts = settings(ctx)
     apps = load_applications(path)
+    if show_diff:
+        try:
+            stored = asyncio.run(_stored_texts(opts.profile, opts.timeout, [a.name for a in apps]))
+        except MeshError as exc:
+            fail(str(exc), EXIT_DIFF_FAILED)
+        text = diff(apps, stored, "<stdin>" if path == "-" else path)
+        click.echo(text, nl=False)
+        sys.exit(EXIT_DIFFERS if text else 0)
     try:
-        asyncio.run(_apply(servers(server), seconds, apps, dry_run))
+        asyncio.run(_apply(opts.profile, opts.timeout, apps, dry_run))
     except MeshError as exc:
         fail(str(exc))
 
 
-async def _delete(urls: list[str], timeout: float, name: str) -> None:
-    async with open_mesh(urls, timeout) as mesh:
+async def _delete(profile: Profile, timeout: float, name: str) -> None:
+    import asyncio
+
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+    from nats.js.errors import KeyNotFoundError
+
+    from agent.commands.client import MeshError, open_mesh
+    from mesh.names import STATE_BUCKET, app_key
+
+    async with open_mesh(profile, timeout) as mesh:
         kv = await mesh.bucket(STATE_BUCKET)
         try:
             await asyncio.wait_for(kv.get(app_key(name)), timeout)
@@ -121,17 +236,20 @@ async def _delete(urls: list[str], timeout: float, name: str) -> None:
 
 
 @click.command()
-@click.argument("app")
-@server_option
-@click.option("--timeout", default="5s", show_default=True, help="Mesh deadline.")
-def delete(app: str, server: str, timeout: str) -> None:
+@click.argument("app", shell_complete=complete_apps)
+@mesh_options(timeout="5s")
+@click.pass_context
+def delete(ctx: click.Context, app: str) -> None:
     """Remove an Application from the mesh; its agents stop it."""
+    import asyncio
     import re
+
+    from agent.commands.client import MeshError
 
     if not re.match(NAME_PATTERN, app):
         fail(f"APP: {app!r} is not a valid application name ([a-z0-9-]{{1,63}})", EXIT_BAD_INPUT)
-    seconds = parse_timeout(timeout)
+    opts = settings(ctx)
     try:
-        asyncio.run(_delete(servers(server), seconds, app))
+        asyncio.run(_delete(opts.profile, opts.timeout, app))
     except MeshError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_RUNTIME)

@@ -4,61 +4,34 @@
 The site CA key lives in ``--dir`` (default ``/etc/harmony-agent/ca``, 0700, outside the
 agent's state directory, root only); the trust-admin key is created offline and only ever
 read by ``trust add`` / ``trust revoke`` on the admin's machine: neither is stored in the
-mesh. Connections use TLS and credentials from the environment, like every subcommand:
-``HARMONY_NATS_CA``, ``HARMONY_NATS_CERT``, ``HARMONY_NATS_KEY``, ``HARMONY_NATS_CREDS``.
+mesh. ``trust`` talks to the mesh like every other command: the connection options (TLS
+files, credentials, a context), a deadline (``--timeout``, default 5s) on the connection
+and on every read and write, one line when anything fails.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import nats
-from cryptography import x509
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
-from agent.cli.common import EXIT_BAD_INPUT, fail, server_option, servers
-from mesh.authz import AuthzError, MeshNames, Roles, inbox_prefix_for, render_accounts
-from mesh.names import TRUST_BUCKET, trust_key
-from mesh.redact import redact
-from mesh.rotation import leaf_of, renew_leaf, renew_time, renewal_due
-from mesh.tlsfiles import FileProblem, private
-from mesh.trust import (
-    DEFAULT_CA_DIR,
-    Rejected,
-    SiteCA,
-    TrustError,
-    TrustState,
-    cert_pem,
-    create_admin_key,
-    describe,
-    fingerprint,
-    load_admin_key,
-    load_ca_certificate,
-    next_serial,
-    parse_admin_public_key,
-    rfc3339,
-    sign_entry,
-    site_of,
-    verify_entry,
-    write_atomically,
-    write_private,
-)
+from agent.cli.common import EXIT_BAD_INPUT, fail
+from agent.cli.completion_names import complete_sites
+from agent.cli.options import mesh_options, settings
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from nats.js.kv import KeyValue
 
 T = TypeVar("T")
+DEFAULT_CA_DIR = "/etc/harmony-agent/ca"
+"""Outside the agent's state directory (root only): workloads must not read the key."""
 ADMIN_PUBLIC_KEY_ENV = "HARMONY_TRUST_ADMIN_PUBLIC_KEY"
-CREDS_ENV = "HARMONY_NATS_CREDS"
-CA_ENV = "HARMONY_NATS_CA"
-CERT_ENV = "HARMONY_NATS_CERT"
-KEY_ENV = "HARMONY_NATS_KEY"
 
 
 def ca_dir_option(func: Any) -> Any:
@@ -66,8 +39,8 @@ def ca_dir_option(func: Any) -> Any:
         "--dir",
         "directory",
         type=click.Path(file_okay=False, path_type=Path),
-        default=lambda: Path(os.environ.get("HARMONY_CA_DIR", str(DEFAULT_CA_DIR))),
-        show_default="$HARMONY_CA_DIR or " + str(DEFAULT_CA_DIR),
+        default=lambda: Path(os.environ.get("HARMONY_CA_DIR", DEFAULT_CA_DIR)),
+        show_default="$HARMONY_CA_DIR or " + DEFAULT_CA_DIR,
         help="Where this site's CA lives (0700, root only; the key never leaves it).",
     )(func)
 
@@ -94,7 +67,10 @@ def admin_public_key_option(func: Any) -> Any:
 
 @click.group()
 def ca() -> None:
-    """This site's certificate authority (ECDSA P-256, 10 years; leaves 90 days)."""
+    """This site's certificate authority.
+
+    ECDSA P-256, valid 10 years; it issues leaf certificates of 90 days.
+    """
 
 
 @ca.command("init")
@@ -102,6 +78,8 @@ def ca() -> None:
 @ca_dir_option
 def ca_init(site: str, directory: Path) -> None:
     """Create the site's root CA (once), key 0600 in a 0700 directory."""
+    from mesh.trust import SiteCA, TrustError, fingerprint
+
     try:
         authority = SiteCA.create(site, directory)
     except TrustError as exc:
@@ -129,6 +107,8 @@ def ca_issue(
     server's carries the DNS name other sites' route URLs use. Files are replaced
     atomically, key first, so a reloading server never sees half of a pair.
     """
+    from mesh.trust import SiteCA, TrustError, rfc3339
+
     try:
         authority = SiteCA.load(directory)
         cert, key_pem = authority.issue(name, dns=list(dns), ips=list(ip), days=days)
@@ -144,6 +124,8 @@ def write_leaf(
     cert_path: Path, key_path: Path, cert: x509.Certificate, key_pem: bytes, ca: x509.Certificate
 ) -> None:
     """Replace a leaf pair: key then certificate (with its CA, the chain peers receive)."""
+    from mesh.trust import cert_pem, write_atomically, write_private
+
     tmp = key_path.with_name(key_path.name + ".tmp")
     write_private(tmp, key_pem)
     os.replace(tmp, key_path)
@@ -161,6 +143,9 @@ def ca_renew(cert: Path, key: Path, force: bool, directory: Path) -> None:
     For a timer run as root where the agent may not read the CA key; the running agent
     notices the new files, reloads its nats-server and reconnects with them.
     """
+    from mesh.rotation import leaf_of, renew_leaf, renew_time, renewal_due
+    from mesh.trust import SiteCA, TrustError, rfc3339
+
     try:
         old = leaf_of(cert)
         if not force and not renewal_due(old):
@@ -177,6 +162,8 @@ def ca_renew(cert: Path, key: Path, force: bool, directory: Path) -> None:
 @ca_dir_option
 def ca_show(directory: Path) -> None:
     """Print the site CA's public facts."""
+    from mesh.trust import SiteCA, TrustError, fingerprint, rfc3339
+
     try:
         authority = SiteCA.load(directory)
     except TrustError as exc:
@@ -202,6 +189,8 @@ def ca_trust_admin_init(out: Path) -> None:
     Give the public key to every agent (``trust.admin_public_key``); keep the private key
     off the mesh (an offline machine, a hardware token, a safe).
     """
+    from mesh.trust import TrustError, create_admin_key
+
     try:
         public = create_admin_key(out)
     except TrustError as exc:
@@ -234,6 +223,8 @@ def ca_accounts(
 ) -> None:
     """Print the nats-server ``accounts`` block for SITE's servers (include it in their
     config, next to ``tls { verify_and_map: true }``)."""
+    from mesh.authz import AuthzError, MeshNames, Roles, render_accounts
+
     try:
         text = render_accounts(
             MeshNames(stores=_csv(stores)),
@@ -254,68 +245,45 @@ def ca_accounts(
 # --- the mesh side -----------------------------------------------------------------------
 
 
-def _tls() -> ssl.SSLContext | None:
-    ca_file, cert, key = (os.environ.get(n) for n in (CA_ENV, CERT_ENV, KEY_ENV))
-    if not (ca_file or cert):
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
-    if cert:
-        ctx.load_cert_chain(cert, key or None)
-    return ctx
+def _with_trust(ctx: click.Context, action: Callable[[KeyValue], Awaitable[T]]) -> T:
+    """Run ``action`` on the trust bucket; every step bounded by ``--timeout``."""
+    import asyncio
 
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
 
-async def _with_trust(url: str, action: Callable[[KeyValue], Awaitable[T]]) -> T:
-    kw: dict[str, Any] = {}
-    prefix = inbox_prefix_for(os.environ.get(CERT_ENV))
-    if prefix:
-        kw["inbox_prefix"] = prefix
-    creds = os.environ.get(CREDS_ENV)
+    from agent.commands.client import MeshError, open_mesh
+    from mesh.names import TRUST_BUCKET
+
+    opts = settings(ctx)
+
+    async def run() -> T:
+        async with open_mesh(opts.profile, opts.timeout) as mesh:
+            kv = await mesh.bucket(TRUST_BUCKET)
+            try:
+                return await asyncio.wait_for(action(kv), opts.timeout)
+            except (NatsError, JsError, TimeoutError) as exc:
+                raise MeshError(
+                    f"trust bucket: {mesh.explain(exc)} (timeout {opts.timeout:g}s)"
+                ) from None
+
     try:
-        if creds:
-            private(Path(creds))
-        nc = await asyncio.wait_for(
-            nats.connect(
-                servers=servers(url),
-                connect_timeout=3,
-                max_reconnect_attempts=1,  # 0 would mean for ever
-                reconnect_time_wait=0.2,
-                allow_reconnect=False,
-                tls=_tls(),
-                user_credentials=creds or None,
-                **kw,
-            ),
-            10,
-        )
-    except FileProblem as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
-    except Exception as exc:
-        fail(f"mesh unreachable at {redact(url)}: {redact(str(exc) or exc.__class__.__name__)}")
-    try:
-        kv = await nc.jetstream(timeout=5).key_value(TRUST_BUCKET)
-        return await action(kv)
-    except (TimeoutError, nats.errors.Error) as exc:
-        fail(f"mesh error: {redact(repr(exc))}")
-    finally:
-        await nc.close()
+        return asyncio.run(run())
+    except MeshError as exc:
+        fail(str(exc))
 
 
 async def _entries(kv: KeyValue) -> list[tuple[str, bytes]]:
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
-    values = []
-    for key in sorted(keys):
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if entry.value:
-            values.append((key, entry.value))
-    return values
+    """Every live ``ca.*`` entry as (key, value), sorted by key."""
+    from agent.commands.marks import live_entries
+
+    entries = await live_entries(kv, "ca.*")
+    return sorted((e.key, e.value) for e in entries if e.value)
 
 
 async def _current_serial(kv: KeyValue, key: str) -> int | None:
+    from nats.js.errors import KeyNotFoundError
+
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:
@@ -336,9 +304,21 @@ def trust() -> None:
 @trust.command("add")
 @click.argument("file", type=click.File("rb"))
 @admin_key_option
-@server_option
-def trust_add(file: Any, admin_key: Path, server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_add(ctx: click.Context, file: Any, admin_key: Path) -> None:
     """Trust a site's CA certificate FILE (PEM), stored at ``ca.<its OU>`` and signed."""
+    from mesh.names import trust_key
+    from mesh.trust import (
+        TrustError,
+        fingerprint,
+        load_admin_key,
+        load_ca_certificate,
+        next_serial,
+        sign_entry,
+        site_of,
+    )
+
     try:
         cert = load_ca_certificate(file.read(), file.name)
         site = site_of(cert)
@@ -350,16 +330,23 @@ def trust_add(file: Any, admin_key: Path, server: str) -> None:
         serial = next_serial(await _current_serial(kv, trust_key(site)))
         return await kv.put(trust_key(site), sign_entry(site, cert, key, serial))
 
-    asyncio.run(_with_trust(server, put))
+    _with_trust(ctx, put)
     click.echo(f"trusted {site} {fingerprint(cert)}")
 
 
 @trust.command("revoke")
-@click.argument("site")
+@click.argument("site", shell_complete=complete_sites)
 @admin_key_option
-@server_option
-def trust_revoke(site: str, admin_key: Path, server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_revoke(ctx: click.Context, site: str, admin_key: Path) -> None:
     """Evict SITE: a signed tombstone; only a newer signed entry can bring it back."""
+    from nats.js.errors import KeyNotFoundError
+
+    from mesh.names import trust_key
+    from mesh.trust import Rejected, TrustError, load_admin_key, next_serial, sign_entry
+    from mesh.trust import verify_entry as verify
+
     try:
         key = load_admin_key(admin_key)
         sign_entry(site, None, key, 0)  # validates the site name before connecting
@@ -373,7 +360,7 @@ def trust_revoke(site: str, admin_key: Path, server: str) -> None:
         except KeyNotFoundError:
             return "not in the trust bundle"
         try:
-            current = verify_entry(trust_key(site), entry.value or b"", public)
+            current = verify(trust_key(site), entry.value or b"", public)
         except Rejected as exc:
             current = None
             click.echo(f"replacing an invalid entry ({exc.reason})", err=True)
@@ -383,13 +370,15 @@ def trust_revoke(site: str, admin_key: Path, server: str) -> None:
         await kv.put(trust_key(site), sign_entry(site, None, key, serial))
         return None
 
-    problem = asyncio.run(_with_trust(server, tombstone))
+    problem = _with_trust(ctx, tombstone)
     if problem:
         fail(f"site {site!r} is {problem}", EXIT_BAD_INPUT)
     click.echo(f"revoked {site}")
 
 
 def _admin_public(text: str | None) -> Any:
+    from mesh.trust import TrustError, parse_admin_public_key
+
     if text is None:
         return None
     try:
@@ -400,12 +389,15 @@ def _admin_public(text: str | None) -> Any:
 
 @trust.command("list")
 @admin_public_key_option
-@server_option
-def trust_list(admin_public_key: str | None, server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_list(ctx: click.Context, admin_public_key: str | None) -> None:
     """One line per entry: site (from the key), state, fingerprint computed from the
     certificate, expiry."""
+    from mesh.trust import describe
+
     admin = _admin_public(admin_public_key)
-    for key, raw in asyncio.run(_with_trust(server, _entries)):
+    for key, raw in _with_trust(ctx, _entries):
         view = describe(key, raw, admin)
         fp = view.fingerprint or "-"
         until = f"not after {view.not_after}" if view.not_after else ""
@@ -414,14 +406,17 @@ def trust_list(admin_public_key: str | None, server: str) -> None:
 
 @trust.command("bundle")
 @admin_public_key_option
-@server_option
-def trust_bundle(admin_public_key: str | None, server: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def trust_bundle(ctx: click.Context, admin_public_key: str | None) -> None:
     """Print the bundle (PEM) of the entries that verify, as every agent writes it."""
+    from mesh.trust import Rejected, TrustState, verify_entry
+
     admin = _admin_public(admin_public_key)
     if admin is None:
         fail(f"--admin-public-key (or ${ADMIN_PUBLIC_KEY_ENV}) is required", EXIT_BAD_INPUT)
     state = TrustState()
-    for key, raw in asyncio.run(_with_trust(server, _entries)):
+    for key, raw in _with_trust(ctx, _entries):
         try:
             state.apply(verify_entry(key, raw, admin))
         except Rejected as exc:

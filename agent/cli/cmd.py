@@ -1,33 +1,36 @@
 """``harmony-agent cmd``: a thin client of the command plane (docs/commands.md).
 
-drain/undrain/fence/resume go to any live agent (they are mesh writes any agent serves);
-failover goes to ``harmony.cmd.app.<name>.failover``, which only the holder answers. The
-CLI validates names locally (exit 2) so that a typo never reaches the mesh.
+drain/undrain/fence/resume/ping go to a healthy agent (they are mesh writes any agent
+serves); failover goes to ``harmony.cmd.app.<name>.failover``, which only the holder
+answers, once the CLI has checked that the application exists. Names are validated
+locally (exit 2) so that a typo never reaches the mesh.
 """
 
 from __future__ import annotations
 
-import asyncio
-import getpass
-import json
 import re
-import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from agent.application import NAME_PATTERN
-from agent.cli.common import EXIT_BAD_INPUT, fail, parse_timeout, server_option, servers
-from agent.commands.client import MeshClient, MeshError, open_mesh
-from agent.commands.marks import live_entries
-from agent.commands.models import Reply
-from agent.config import SITE_PATTERN
-from agent.meshview import MeshState
-from mesh.names import STATE_BUCKET, agent_cmd_subject, app_cmd_subject
+from agent.cli.common import EXIT_BAD_INPUT, fail
+from agent.cli.completion_names import complete_apps, complete_sites
+from agent.cli.options import given, mesh_options, output_option, settings, via_option
+from agent.patterns import NAME_PATTERN, NODE_PATTERN, SITE_PATTERN
+
+if TYPE_CHECKING:
+    from agent.cli.profile import Profile
+    from agent.commands.client import MeshClient
+    from agent.commands.reply import Reply
+
+OUTPUTS = ["text", "json"]
 
 
 def requester() -> str:
     """``user@host`` for the audit trail (``by`` in requests and marks)."""
+    import getpass
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -36,26 +39,79 @@ def requester() -> str:
 
 
 async def live_agents(mesh: MeshClient) -> list[str]:
-    """Agent ids, healthy ones first (most recently seen first): whom to ask."""
-    kv = await mesh.bucket(STATE_BUCKET)
-    state = MeshState()
-    for entry in await live_entries(kv, "agent.*.*"):
-        state.apply(STATE_BUCKET, entry)
+    """Whom to ask, most recently heard from first: agents whose record in
+    ``harmony-state`` says alive and healthy and was written within 2 x their ttl.
+
+    This is ``status``'s health rule applied to routing only (a wrong guess costs one
+    refused request and the next agent is asked); it reads the records directly so that
+    ``cmd`` does not load the Application models ``agent.meshview`` decodes.
+    """
+    import json
     from datetime import UTC, datetime
 
+    from agent.commands.marks import live_entries
+    from mesh.names import STATE_BUCKET
+
+    kv = await mesh.bucket(STATE_BUCKET)
     now = datetime.now(UTC)
-    agents = list(state.snapshot().agents.values())
-    healthy = [a for a in agents if a.healthy(now)]
-    healthy.sort(key=lambda a: a.age(now) or 0.0)
-    return [a.id for a in healthy]
+    ranked: list[tuple[float, str]] = []
+    for entry in await live_entries(kv, "agent.*.*"):
+        try:
+            record = json.loads(entry.value or b"")
+            ttl = float(record.get("ttl", 10.0))
+            health = record.get("health") or {}
+        except (ValueError, TypeError, AttributeError):
+            continue
+        written: Any = entry.created  # a datetime in watches
+        if not isinstance(written, datetime):
+            continue
+        age = (now - written).total_seconds()
+        alive = record.get("state", "alive") == "alive" and health.get("healthy") is True
+        if alive and age <= 2 * ttl:
+            ranked.append((age, "/".join(entry.key.split(".")[1:3])))
+    return [agent for _, agent in sorted(ranked)]
+
+
+async def app_exists(mesh: MeshClient, app: str) -> bool:
+    from nats.js.errors import KeyNotFoundError
+
+    from mesh.names import STATE_BUCKET, app_key
+
+    kv = await mesh.bucket(STATE_BUCKET)
+    try:
+        await kv.get(app_key(app))
+    except KeyNotFoundError:
+        return False
+    return True
+
+
+async def _failover(mesh: MeshClient, body: dict[str, Any], timeout: float) -> Reply:
+    from agent.commands.client import MeshError
+    from mesh.names import app_cmd_subject
+
+    app = body["app"]
+    if not await app_exists(mesh, app):
+        raise MeshError(f"unknown application {app}")
+    try:
+        return await mesh.request(app_cmd_subject(app, "failover"), body, timeout)
+    except MeshError as exc:
+        if "no agent serves" not in str(exc):
+            raise
+        raise MeshError(
+            f"{app}: no agent holds it now, so there is no running instance to move "
+            "(see `harmony-agent status`)"
+        ) from None
 
 
 async def _send(
-    urls: list[str], timeout: float, verb: str, body: dict[str, Any], via: str | None
+    profile: Profile, timeout: float, verb: str, body: dict[str, Any], via: str | None
 ) -> Reply:
-    async with open_mesh(urls, timeout) as mesh:
+    from agent.commands.client import MeshError, open_mesh
+    from mesh.names import agent_cmd_subject
+
+    async with open_mesh(profile, timeout) as mesh:
         if verb == "failover":
-            return await mesh.request(app_cmd_subject(body["app"], verb), body, timeout)
+            return await _failover(mesh, body, timeout)
         targets = [via] if via else (await live_agents(mesh))[:3]
         if not targets:
             raise MeshError("no healthy agent in the mesh to serve the command")
@@ -70,7 +126,33 @@ async def _send(
         raise last
 
 
-def _describe(verb: str, reply: Reply) -> str:
+def _names(apps: Any) -> str:
+    return ", ".join(str(a) for a in apps)
+
+
+def _drained(f: dict[str, Any]) -> str:
+    site = f.get("site")
+    moves, stops = f.get("moves"), f.get("stops")
+    if not isinstance(moves, list) or not isinstance(stops, list):
+        # An agent older than this CLI does not say what moves.
+        return (
+            f"site {site} drained: applications placed there move to another site of "
+            "their placement, or stop where there is none"
+        )
+    if not moves and not stops:
+        return f"site {site} drained: no application is placed there"
+    said = []
+    if moves:
+        said.append(f"{_names(moves)} move{'s' if len(moves) == 1 else ''} to other sites")
+    if stops:
+        said.append(
+            f"{_names(stops)} stop{'s' if len(stops) == 1 else ''} "
+            "(no other undrained site in the placement)"
+        )
+    return f"site {site} drained: " + "; ".join(said) + f"; `cmd undrain {site}` lifts it"
+
+
+def describe(verb: str, reply: Reply) -> str:
     f = reply.fields
     who = f" (by {f['by']} at {f['at']})" if f.get("by") and f.get("at") else ""
     changed = f.get("changed", True)
@@ -78,7 +160,7 @@ def _describe(verb: str, reply: Reply) -> str:
         case "drain":
             if not changed:
                 return f"site {f.get('site')} was already drained{who}"
-            return f"site {f.get('site')} drained: its applications move to other sites"
+            return _drained(f)
         case "undrain":
             return f"site {f.get('site')} " + ("undrained" if changed else "was not drained")
         case "fence":
@@ -95,90 +177,108 @@ def _describe(verb: str, reply: Reply) -> str:
     return f"ok (served by {f.get('agent')})"
 
 
+def _via(ctx: click.Context) -> str | None:
+    via: str | None = given(ctx).get("via")
+    if via is not None:
+        site, _, node = via.partition("/")
+        check_name(site, SITE_PATTERN, "--via site")
+        check_name(node, NODE_PATTERN, "--via node")
+    return via
+
+
 def _run(ctx: click.Context, verb: str, body: dict[str, Any]) -> None:
-    opts = ctx.obj
+    import asyncio
+    import json
+
+    from agent.commands.client import MeshError
+
+    opts = settings(ctx)
+    via = _via(ctx)
     body = {**body, "by": requester()}
     try:
-        reply = asyncio.run(_send(opts["servers"], opts["timeout"], verb, body, opts["via"]))
+        reply = asyncio.run(_send(opts.profile, opts.timeout, verb, body, via))
     except MeshError as exc:
         fail(str(exc))
-    if opts["output"] == "json":
+    if opts.output == "json":
         click.echo(json.dumps(json.loads(reply.encode()), indent=2))
     if not reply.ok:
         fail(f"{verb} refused by {reply.fields.get('agent', 'the mesh')}: {reply.error}")
-    if opts["output"] != "json":
-        click.echo(_describe(verb, reply))
+    if opts.output != "json":
+        click.echo(describe(verb, reply))
 
 
-def _name(value: str, pattern: str, what: str) -> str:
+def check_name(value: str, pattern: str, what: str) -> str:
     if not re.match(pattern, value):
         fail(f"{what}: {value!r} is not a valid name ({pattern.strip('^$')})", EXIT_BAD_INPUT)
     return value
 
 
+def verb_options(func: Any) -> Any:
+    """What every ``cmd`` verb accepts, before or after its arguments."""
+    func = mesh_options(timeout="10s")(func)
+    func = via_option(func)
+    return output_option(OUTPUTS, "text", "text, or the raw reply as JSON.")(func)
+
+
 @click.group()
-@server_option
-@click.option("--timeout", default="10s", show_default=True, help="Reply deadline.")
-@click.option("--via", default=None, metavar="SITE/NODE", help="Ask this agent.")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-@click.pass_context
-def cmd(ctx: click.Context, server: str, timeout: str, via: str | None, output: str) -> None:
-    """Operate the mesh: failover, drain/undrain a site, fence/resume an application."""
-    seconds = parse_timeout(timeout)
-    if via is not None:
-        site, _, node = via.partition("/")
-        _name(site, SITE_PATTERN, "--via site")
-        _name(node, r"^[a-z0-9_-]{1,63}$", "--via node")
-    ctx.obj = {"servers": servers(server), "timeout": seconds, "via": via, "output": output}
+@verb_options
+def cmd() -> None:
+    """Operate the mesh: failover, drain/undrain, fence/resume, ping."""
 
 
 @cmd.command()
-@click.argument("app")
+@click.argument("app", shell_complete=complete_apps)
 @click.option("--to", "to_site", default=None, metavar="SITE", help="Target site.")
+@verb_options
 @click.pass_context
 def failover(ctx: click.Context, app: str, to_site: str | None) -> None:
     """Planned move of APP's active instance (no overlap, no waiting for expiry)."""
-    body: dict[str, Any] = {"app": _name(app, NAME_PATTERN, "APP")}
+    body: dict[str, Any] = {"app": check_name(app, NAME_PATTERN, "APP")}
     if to_site is not None:
-        body["to"] = _name(to_site, SITE_PATTERN, "--to")
+        body["to"] = check_name(to_site, SITE_PATTERN, "--to")
     _run(ctx, "failover", body)
 
 
 @cmd.command()
-@click.argument("site")
+@click.argument("site", shell_complete=complete_sites)
 @click.option("--reason", default=None, help="Why (stored with the mark).")
+@verb_options
 @click.pass_context
 def drain(ctx: click.Context, site: str, reason: str | None) -> None:
     """Move every application off SITE and keep them off (survives restarts)."""
-    _run(ctx, "drain", {"site": _name(site, SITE_PATTERN, "SITE"), "reason": reason})
+    _run(ctx, "drain", {"site": check_name(site, SITE_PATTERN, "SITE"), "reason": reason})
 
 
 @cmd.command()
-@click.argument("site")
+@click.argument("site", shell_complete=complete_sites)
+@verb_options
 @click.pass_context
 def undrain(ctx: click.Context, site: str) -> None:
     """Let applications run on SITE again."""
-    _run(ctx, "undrain", {"site": _name(site, SITE_PATTERN, "SITE")})
+    _run(ctx, "undrain", {"site": check_name(site, SITE_PATTERN, "SITE")})
 
 
 @cmd.command()
-@click.argument("app")
+@click.argument("app", shell_complete=complete_apps)
 @click.option("--reason", default=None, help="Why (stored with the mark).")
+@verb_options
 @click.pass_context
 def fence(ctx: click.Context, app: str, reason: str | None) -> None:
     """Stop APP everywhere and hold it stopped."""
-    _run(ctx, "fence", {"app": _name(app, NAME_PATTERN, "APP"), "reason": reason})
+    _run(ctx, "fence", {"app": check_name(app, NAME_PATTERN, "APP"), "reason": reason})
 
 
 @cmd.command()
-@click.argument("app")
+@click.argument("app", shell_complete=complete_apps)
+@verb_options
 @click.pass_context
 def resume(ctx: click.Context, app: str) -> None:
     """Lift a fence: APP may run again."""
-    _run(ctx, "resume", {"app": _name(app, NAME_PATTERN, "APP")})
+    _run(ctx, "resume", {"app": check_name(app, NAME_PATTERN, "APP")})
 
 
 @cmd.command()
+@verb_options
 @click.pass_context
 def ping(ctx: click.Context) -> None:
     """Check that some agent's command plane answers."""

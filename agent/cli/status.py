@@ -1,25 +1,25 @@
 """``harmony-agent status``: the whole mesh at a glance, from the KV buckets.
 
-``-o json`` is a stable interface (CONTRACT section 6): fields are only ever added. The
-table is built from the very same document, so the two never disagree.
+``-o json`` is a stable interface (CONTRACT section 6): fields are only ever added, and it
+always lists everything. The table is built from the very same document, so the two never
+disagree; with many applications or agents it summarises (``--all`` lists every one).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
-from agent.cli.common import EXIT_BAD_INPUT, fail, parse_timeout, server_option, servers
-from agent.cli.status_render import render, stable
-from agent.commands.client import MeshClient, MeshError, open_mesh
-from agent.meshview import MeshSnapshot, MeshState, rfc3339
+from agent.cli.common import fail
+from agent.cli.options import mesh_options, output_option, settings
+
+if TYPE_CHECKING:
+    from agent.cli.profile import Profile
+    from agent.commands.client import MeshClient
+    from agent.meshview import MeshSnapshot, MeshState
 
 WATCH_DEBOUNCE = 0.1
 WATCH_TICK = 1.0
@@ -31,6 +31,8 @@ def _age(now: datetime, then: datetime | None) -> float | None:
 
 def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
     """The ``status -o json`` object (CONTRACT section 6, plus extra fields)."""
+    from agent.meshview import rfc3339
+
     agents = sorted(snap.agents.values(), key=lambda a: a.id)
     healthy = {a.id: a.healthy(now) for a in agents}
     apps: list[dict[str, Any]] = []
@@ -40,11 +42,11 @@ def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
         apps.append(
             {
                 "name": name,
-                "trait": app.spec.trait.value,
-                "strategy": app.spec.failover.strategy.value,
-                "reconcile": app.spec.failover.reconcile.value,
-                "sites": list(app.spec.placement.sites),
-                "score": app.spec.score.kind,
+                "trait": app.trait,
+                "strategy": app.strategy,
+                "reconcile": app.reconcile,
+                "sites": list(app.sites),
+                "score": app.score,
                 "holder": lease.holder if lease else None,
                 "fencing_token": lease.token if lease else None,
                 "lease_state": lease.state if lease else None,
@@ -132,120 +134,140 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _once(server: list[str], timeout: float) -> dict[str, Any]:
-    async with open_mesh(server, timeout) as mesh:
+async def _once(profile: Profile, timeout: float) -> dict[str, Any]:
+    import asyncio
+
+    from agent.commands.client import open_mesh
+
+    async with open_mesh(profile, timeout) as mesh:
         state = await asyncio.wait_for(mesh.read(), timeout)
         return status_document(state.snapshot(), _now())
 
 
-async def _watch(server: list[str], timeout: float, output: str, wide: bool) -> None:
+async def _watch(profile: Profile, timeout: float, output: str, view: View) -> None:
     """Follow the buckets with KV watches; re-render on change (debounced) and each second
     (ages and health move with time even when nothing is written, e.g. a dead agent)."""
-    async with open_mesh(server, timeout) as mesh:
+    import asyncio
+
+    from agent.commands.client import open_mesh
+    from agent.meshview import MeshState
+
+    async with open_mesh(profile, timeout) as mesh:
         state = MeshState()
         changed = asyncio.Event()
         followers = await mesh.follow(state, on_change=changed.set)
         await asyncio.wait_for(asyncio.gather(*(f.initial for f in followers)), timeout)
         try:
-            await _watch_loop(mesh, state, changed, output, wide)
+            await _watch_loop(mesh, state, changed, output, view)
         finally:
             for f in followers:
                 await f.stop()
 
 
 async def _watch_loop(
-    mesh: MeshClient, state: MeshState, changed: asyncio.Event, output: str, wide: bool
+    mesh: MeshClient, state: MeshState, changed: Any, output: str, view: View
 ) -> None:
-    tty = sys.stdout.isatty() and output != "json"
-    live: Any = None
-    if tty:
-        from rich.live import Live
+    """On a terminal, a dashboard redrawn in place; into a pipe, a new snapshot only when
+    something other than ages and timestamps changed (JSON Lines with ``-o json``)."""
+    import asyncio
+    import contextlib
+    import sys
 
-        live = Live(auto_refresh=False, console=_console(live=True))
-        live.start()
+    from agent.cli.status_render import stable
+    from agent.commands.client import MeshError
+
+    live = sys.stdout.isatty() and output != "json"
+    if live:
+        sys.stdout.write("\x1b[2J")  # clear once; each frame then redraws from home
     last: Any = None
-    try:
-        while True:
-            if not mesh.nc.is_connected:
-                raise MeshError("lost the connection to the mesh")
-            doc = status_document(state.snapshot(), _now())
-            key = stable(doc)
-            if live is not None:
-                from rich.console import Group
-
-                live.update(Group(*render(doc, wide=wide)), refresh=True)
-            elif key != last:
-                _emit(doc, output, wide, watch=True)
-            last = key
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), WATCH_TICK)
-                await asyncio.sleep(WATCH_DEBOUNCE)  # coalesce a burst of writes
-            changed.clear()
-    finally:
-        if live is not None:
-            live.stop()
+    while True:
+        if not mesh.nc.is_connected:
+            raise MeshError("lost the connection to the mesh")
+        doc = status_document(state.snapshot(), _now())
+        key = stable(doc)
+        if live:
+            # Home, draw, clear what is left of the previous frame below.
+            sys.stdout.write("\x1b[H" + _table(doc, view).replace("\n", "\x1b[K\n") + "\x1b[J")
+            sys.stdout.flush()
+        elif key != last:
+            _emit(doc, output, view, watch=True)
+        last = key
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), WATCH_TICK)
+            await asyncio.sleep(WATCH_DEBOUNCE)  # coalesce a burst of writes
+        changed.clear()
 
 
-def _console(*, live: bool = False) -> Any:
-    """Colours only on a terminal. Only the live dashboard is fitted to the terminal's
-    width (it redraws in place); printed tables are never truncated, long lines wrap."""
-    from rich.console import Console
+@dataclass(frozen=True)
+class View:
+    """How the table is drawn: ``wide`` columns, ``full``: every row even at scale."""
 
-    tty = sys.stdout.isatty()
-    return Console(highlight=False, width=None if live else 250, no_color=not tty)
+    wide: bool
+    full: bool
 
 
-def _emit(doc: dict[str, Any], output: str, wide: bool, *, watch: bool = False) -> None:
+def _color() -> bool:
+    """Colours only on a terminal, and never with NO_COLOR set (no-color.org)."""
+    import os
+    import sys
+
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _table(doc: dict[str, Any], view: View) -> str:
+    from agent.cli.status_render import draw, render
+
+    return draw(render(doc, wide=view.wide, full=view.full), _color())
+
+
+def _emit(doc: dict[str, Any], output: str, view: View, *, watch: bool = False) -> None:
+    import json
+    import sys
+
     if output == "json":
         text = json.dumps(doc, separators=(",", ":")) if watch else json.dumps(doc, indent=2)
-        click.echo(text)
     else:
-        console = _console()
-        with console.capture() as capture:
-            if watch:
-                console.print(f"--- {doc['generated_at']}")
-            for n, part in enumerate(render(doc, wide=wide)):
-                if n and isinstance(part, Table):
-                    console.print()
-                console.print(part)
-        text = "\n".join(line.rstrip() for line in capture.get().splitlines())
-        click.echo(text)
+        text = (f"--- {doc['generated_at']}\n" if watch else "") + _table(doc, view)
+    click.echo(text)
     sys.stdout.flush()
 
 
 @click.command()
-@server_option
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "wide", "json"]),
-    default="table",
-    show_default=True,
-    help="table: summary; wide: more columns; json: the stable schema of docs/cli.md.",
+@output_option(
+    ["table", "wide", "json"],
+    "table",
+    "table: summary; wide: more columns; json: the stable schema of docs/cli.md.",
 )
 @click.option(
     "-w", "--watch", is_flag=True, help="Keep following the mesh (KV watches) and re-render."
 )
 @click.option(
-    "--timeout",
-    default="5s",
-    show_default=True,
-    help="Give up when the mesh does not answer within this long (e.g. 500ms, 5s).",
+    "-A",
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="List every application and agent; by default a mesh with more than 50 is "
+    "summarised (counts per state, then only the ones not running or not healthy).",
 )
-def status(server: str, output: str, watch: bool, timeout: str) -> None:
+@mesh_options(timeout="5s")
+@click.pass_context
+def status(ctx: click.Context, watch: bool, show_all: bool) -> None:
     """Show sites, agents, applications and trust, as the mesh stores them."""
-    seconds = parse_timeout(timeout)
-    urls = servers(server)
-    if not urls:
-        fail("--server: no URL given", EXIT_BAD_INPUT)
+    import asyncio
+    import contextlib
+
+    from agent.commands.client import MeshError
+
+    opts = settings(ctx)
+    view = View(wide=opts.output == "wide", full=show_all)
     try:
         if watch:
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_watch(urls, seconds, output, output == "wide"))
+                asyncio.run(_watch(opts.profile, opts.timeout, opts.output, view))
             return
-        doc = asyncio.run(_once(urls, seconds))
+        doc = asyncio.run(_once(opts.profile, opts.timeout))
     except MeshError as exc:
         fail(str(exc))
     except TimeoutError:
-        fail(f"the mesh at {', '.join(urls)} did not answer within {seconds:g}s")
-    _emit(doc, output, output == "wide")
+        fail(f"the mesh at {opts.profile.where} did not answer within {opts.timeout:g}s")
+    _emit(doc, opts.output, view)

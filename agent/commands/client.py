@@ -9,53 +9,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import nats
-from nats.aio.client import Client
-from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
-from nats.js.errors import BucketNotFoundError
-from nats.js.errors import Error as JsError
-from nats.js.kv import KeyValue
-
-from agent.commands.models import Reply
-from agent.meshview import MeshState
-from mesh.authz import inbox_prefix_for
-from mesh.names import LEASES_BUCKET, STATE_BUCKET, TRUST_BUCKET
-
-ALL_BUCKETS = (STATE_BUCKET, LEASES_BUCKET, TRUST_BUCKET)
-CREDS_ENV = "HARMONY_NATS_CREDS"
-CA_ENV = "HARMONY_NATS_CA"
-CERT_ENV = "HARMONY_NATS_CERT"
-KEY_ENV = "HARMONY_NATS_KEY"
+from agent.cli.profile import Profile, ProfileError
+from agent.cli.profile import redact as redact  # noqa: PLC0414 (re-exported)
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+def _import_nats_without_websockets() -> None:
+    """nats-py imports aiohttp (about a third of the CLI's start-up) only for ``ws://``
+    URLs, and does without it when it is missing. A CLI that imports nats-py first hides
+    aiohttp for that one import; importing aiohttp later still works, and ``ws://`` URLs
+    then say plainly that this CLI does not speak WebSocket."""
+    if "nats" in sys.modules or "aiohttp" in sys.modules:
+        return
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]
+    try:
+        import nats.aio.transport  # noqa: F401
+    finally:
+        del sys.modules["aiohttp"]
+
+
+_import_nats_without_websockets()
+
+import nats  # noqa: E402
+from nats.aio.client import Client  # noqa: E402
+from nats.errors import Error as NatsError  # noqa: E402
+from nats.errors import NoRespondersError  # noqa: E402
+from nats.js.errors import BucketNotFoundError  # noqa: E402
+from nats.js.errors import Error as JsError  # noqa: E402
+from nats.js.kv import KeyValue  # noqa: E402
+
+from mesh.authz import inbox_prefix_for  # noqa: E402
+from mesh.names import STATE_BUCKET, TRUST_BUCKET, store_bucket  # noqa: E402
+
+if TYPE_CHECKING:
+    from agent.commands.reply import Reply
+    from agent.meshview import MeshState
+
+MESH_BUCKETS = (STATE_BUCKET, TRUST_BUCKET)
 
 
 class MeshError(Exception):
     """The mesh could not answer; the message is the one line the operator reads."""
 
 
-def _tls() -> ssl.SSLContext | None:
-    ca, cert, key = (os.environ.get(n) for n in (CA_ENV, CERT_ENV, KEY_ENV))
-    if not (ca or cert):
+def _tls(profile: Profile) -> ssl.SSLContext | None:
+    ca, cert, key = profile.ca_file, profile.cert_file, profile.key_file
+    if not (ca or cert or any(u.startswith("tls://") for u in profile.servers)):
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
-    if cert:
-        ctx.load_cert_chain(cert, key or None)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        which = "--tls-cert/--tls-key" if cert else "--tls-ca"
+        detail = getattr(exc, "strerror", None) or exc
+        raise ProfileError(f"TLS files ({which}): {detail}") from None
     return ctx
 
 
@@ -82,6 +95,13 @@ class MeshClient:
                 raise MeshError(f"cannot open bucket {name!r}: {self.explain(exc)}") from None
         return self._buckets[name]
 
+    async def store_buckets(self) -> list[str]:
+        """The lease stores the mesh descriptor names."""
+        from mesh.descriptor import read_descriptor
+
+        desc = await read_descriptor(await self.bucket(STATE_BUCKET))
+        return [store_bucket(s) for s in desc.stores] if desc is not None else []
+
     def explain(self, exc: BaseException) -> str:
         """One line for a failed mesh call, with the server's last complaint if any (a
         permissions violation surfaces only through the error callback)."""
@@ -94,6 +114,8 @@ class MeshClient:
 
     async def read(self, state: MeshState | None = None) -> MeshState:
         """Every live entry of the three buckets, one ordered consumer per bucket."""
+        from agent.meshview import MeshState
+
         state = state or MeshState()
         watchers = await self.follow(state)
         try:
@@ -107,14 +129,23 @@ class MeshClient:
         self, state: MeshState, on_change: Callable[[], None] | None = None
     ) -> list[BucketFollower]:
         """Start one watch per bucket feeding ``state``; await ``.initial`` of each."""
-        followers = [BucketFollower(await self.bucket(b), b, state, on_change) for b in ALL_BUCKETS]
+        buckets = [*MESH_BUCKETS, *await self.store_buckets()]
+        followers = []
+        for b in buckets:
+            try:
+                kv = await self.bucket(b)
+            except MeshError:
+                if b in MESH_BUCKETS:
+                    raise
+                continue  # a lease store of a site that is down: the others answer
+            followers.append(BucketFollower(kv, b, state, on_change))
         for f in followers:
             await f.start(self.timeout)
         return followers
 
     async def request(self, subject: str, body: dict[str, Any], timeout: float) -> Reply:
         """Send one command; raises MeshError when nobody answers."""
-        import json
+        from agent.commands.reply import Reply
 
         try:
             msg = await self.nc.request(subject, json.dumps(body).encode(), timeout=timeout)
@@ -174,21 +205,37 @@ class BucketFollower:
 
 
 @contextlib.asynccontextmanager
-async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshClient]:
-    """Connect within ``timeout`` or raise MeshError naming the servers tried."""
+async def open_mesh(target: Profile | Sequence[str], timeout: float) -> AsyncIterator[MeshClient]:
+    """Connect within ``timeout`` or raise MeshError naming the servers tried (passwords
+    redacted). ``target`` is a resolved connection profile, or bare server URLs."""
+    profile = target if isinstance(target, Profile) else Profile(servers=tuple(target))
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc) or type(exc).__name__)
 
-    creds = os.environ.get(CREDS_ENV)
+    for url in profile.servers:
+        if url.startswith(("ws://", "wss://")) and "aiohttp" not in sys.modules:
+            import importlib.util
+
+            if importlib.util.find_spec("aiohttp") is None:
+                raise MeshError(f"{redact(url)}: WebSocket URLs need aiohttp installed")
+    try:
+        password = profile.password()
+        tls = _tls(profile)
+    except ProfileError as exc:
+        raise MeshError(str(exc)) from None
+    auth: dict[str, Any] = {}
+    if profile.user:
+        auth = {"user": profile.user, "password": password}
     # Per-identity permissions allow only this identity's own inbox (mesh.authz).
-    prefix = inbox_prefix_for(os.environ.get(CERT_ENV))
+    prefix = inbox_prefix_for(profile.cert_file)
+    if prefix:
+        auth["inbox_prefix"] = prefix
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                **({"inbox_prefix": prefix} if prefix else {}),
-                servers=servers,
+                servers=list(profile.servers),
                 name="harmony-agent cli",
                 connect_timeout=max(1, round(timeout / 2)),
                 allow_reconnect=False,
@@ -196,8 +243,9 @@ async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshCli
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.2,
                 error_cb=on_error,
-                user_credentials=creds or None,
-                tls=_tls(),
+                user_credentials=profile.credentials or None,
+                tls=tls,
+                **auth,
             ),
             timeout,
         )
@@ -205,8 +253,11 @@ async def open_mesh(servers: list[str], timeout: float) -> AsyncIterator[MeshCli
         why = errors[-1] if errors else str(exc)
         if not why or why in ("TimeoutError", "nats: timeout"):
             why = "no answer"
-        where = ", ".join(redact(u) for u in servers)
-        raise MeshError(f"mesh unreachable at {where}: {why} (timeout {timeout:g}s)") from None
+        for url in profile.servers:
+            why = why.replace(url, redact(url))
+        raise MeshError(
+            f"mesh unreachable at {profile.where}: {why} (timeout {timeout:g}s)"
+        ) from None
     client = MeshClient(nc, timeout)
     client.errors = errors
     try:

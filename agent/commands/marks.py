@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from mesh.session import now_rfc3339
-
 DRAIN_PREFIX = "drain."
 FENCE_PREFIX = "fence."
+
+
+def now_rfc3339() -> str:
+    """Like ``mesh.session.now_rfc3339``, without importing the session machinery (and
+    structlog) into the CLI, which reads marks."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def drain_key(site: str) -> str:

@@ -8,17 +8,19 @@ names must be valid subject tokens because they end up in subjects and KV keys.
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.application import NAME_PATTERN
-from agent.config import SITE_PATTERN
+from agent.commands.reply import Reply as Reply  # noqa: PLC0414 (re-exported)
+from agent.patterns import NAME_PATTERN, SITE_PATTERN
 
 MAX_REQUEST_BYTES = 64 * 1024
 """Anything larger is refused before parsing: no legitimate request comes close."""
+MAX_LOG_BYTES = 256 * 1024
+"""The most workload output one ``logs`` reply carries (NATS' default max_payload is 1 MiB)."""
+MAX_LOG_LINES = 10_000
 
 AppName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
@@ -32,6 +34,7 @@ class Verb(StrEnum):
     FENCE = "fence"
     RESUME = "resume"
     PING = "ping"
+    LOGS = "logs"
 
 
 APP_VERBS = frozenset({Verb.FAILOVER, Verb.FENCE, Verb.RESUME, Verb.PING})
@@ -88,8 +91,31 @@ class PingRequest(Request):
     verb: ClassVar[Verb] = Verb.PING
 
 
+class LogsRequest(Request):
+    """The tail of ``app``'s workload output on this agent, or what follows ``offset``.
+
+    Without ``offset``: the last ``tail`` lines. With it: the bytes after ``offset`` (a
+    follower passes back the ``offset`` of the previous reply; ``inode`` tells it when the
+    file was rotated, and it then starts again at the new file's beginning). At most
+    ``max_bytes`` per reply, so a reply always fits in a NATS message.
+    """
+
+    verb: ClassVar[Verb] = Verb.LOGS
+    app: AppName
+    tail: Annotated[int, Field(ge=0, le=MAX_LOG_LINES)] = 100
+    offset: Annotated[int, Field(ge=0)] | None = None
+    inode: int | None = None
+    max_bytes: Annotated[int, Field(ge=1, le=MAX_LOG_BYTES)] = MAX_LOG_BYTES
+
+
 AnyRequest = (
-    FailoverRequest | DrainRequest | UndrainRequest | FenceRequest | ResumeRequest | PingRequest
+    FailoverRequest
+    | DrainRequest
+    | UndrainRequest
+    | FenceRequest
+    | ResumeRequest
+    | PingRequest
+    | LogsRequest
 )
 
 REQUEST_MODELS: dict[Verb, type[Request]] = {
@@ -99,47 +125,5 @@ REQUEST_MODELS: dict[Verb, type[Request]] = {
     Verb.FENCE: FenceRequest,
     Verb.RESUME: ResumeRequest,
     Verb.PING: PingRequest,
+    Verb.LOGS: LogsRequest,
 }
-
-
-class Reply(BaseModel):
-    """``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}`` (CONTRACT section 7).
-
-    Extra fields are allowed so each verb can say what it did (``changed``, ``site``...).
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    ok: bool
-    error: str | None = None
-
-    @classmethod
-    def success(cls, **fields: Any) -> Reply:
-        return cls(ok=True, **fields)
-
-    @classmethod
-    def failure(cls, error: str, **fields: Any) -> Reply:
-        return cls(ok=False, error=error, **fields)
-
-    @property
-    def fields(self) -> dict[str, Any]:
-        """The verb-specific fields (everything but ``ok`` and ``error``)."""
-        return dict(self.model_extra or {})
-
-    def encode(self) -> bytes:
-        body: dict[str, Any] = {"ok": self.ok}
-        if self.error is not None:
-            body["error"] = self.error
-        body.update(self.fields)
-        return json.dumps(body, separators=(",", ":"), default=str).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Reply:
-        """Parse a reply; a malformed one becomes a failure reply (never raises)."""
-        try:
-            raw = json.loads(data)
-            if not isinstance(raw, dict):
-                raise ValueError("not a JSON object")
-            return cls.model_validate(raw)
-        except (ValueError, ValidationError, RecursionError) as exc:
-            return cls.failure(f"malformed reply: {str(exc).splitlines()[0][:200]}")

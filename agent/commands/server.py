@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -37,11 +38,14 @@ from agent.commands.models import (
     DrainRequest,
     FailoverRequest,
     FenceRequest,
+    LogsRequest,
     PingRequest,
     Reply,
     ResumeRequest,
     UndrainRequest,
+    Verb,
 )
+from agent.commands.workload_logs import log_path, read_from, read_tail
 from mesh.names import app_key
 
 log = structlog.get_logger("agent.commands")
@@ -80,7 +84,10 @@ class _LogLimiter:
 
 
 class CommandServer:
-    """Subscribes on a connection and answers commands; ``start`` / ``stop`` around it."""
+    """Subscribes on a connection and answers commands; ``start`` / ``stop`` around it.
+
+    ``state_dir`` is the agent's: the ``logs`` verb reads ``<state_dir>/workloads/<app>.log``.
+    """
 
     def __init__(
         self,
@@ -93,6 +100,7 @@ class CommandServer:
         max_in_flight: int = 16,
         handler_timeout: float = HANDLER_TIMEOUT,
         max_bytes: int = MAX_REQUEST_BYTES,
+        state_dir: Path | None = None,
     ) -> None:
         self.nc = nc
         self.state = state
@@ -103,6 +111,7 @@ class CommandServer:
         self.max_in_flight = max_in_flight
         self.handler_timeout = handler_timeout
         self.max_bytes = max_bytes
+        self.state_dir = state_dir
         self.held: dict[str, Subscription] = {}
         self.answered = 0
         self.rejected = 0
@@ -116,7 +125,11 @@ class CommandServer:
 
     async def start(self) -> None:
         self._agent_sub = await self.nc.subscribe(self.agent_subject, cb=self._on_agent_msg)
-        log.info("command plane serving", subject=self.agent_subject)
+        log.info(
+            "command_plane_serving",
+            message=f"command plane serving {self.agent_subject}",
+            subject=self.agent_subject,
+        )
 
     async def stop(self) -> None:
         subs = [self._agent_sub, *self.held.values()]
@@ -159,7 +172,7 @@ class CommandServer:
             verb = msg.subject.rsplit(".", 1)[-1]
             request = decode_request(verb, msg.data, app=app, max_bytes=self.max_bytes)
             if isinstance(request, DecodeError):
-                self._refuse(msg, request.code, request.message)
+                self._refuse(msg, request.code, request.message, verb=verb[:64])
                 await self._respond(msg, Reply.failure(request.message, agent=self.agent_id))
                 return
             if len(self._tasks) >= self.max_in_flight:
@@ -169,19 +182,28 @@ class CommandServer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         except Exception as exc:  # a bug here must not kill the subscription
-            log.exception("command receive failed", subject=msg.subject, error=repr(exc))
+            log.exception(
+                "command_receive_failed",
+                message="command receive failed",
+                subject=msg.subject,
+                error=repr(exc),
+            )
 
-    def _refuse(self, msg: Msg, code: str, message: str) -> None:
+    def _refuse(self, msg: Msg, code: str, message: str, **fields: object) -> None:
+        """The one log line of a refused command (rate-limited: a flood of garbage must
+        not also flood the journal)."""
         self.rejected += 1
         if self._limiter.allow():
             suppressed, self._limiter.suppressed = self._limiter.suppressed, 0
             log.warning(
-                "bad command refused",
+                "command_refused",
+                message=f"command refused: {message}",
                 subject=msg.subject[:200],
                 size=len(msg.data),
                 code=code,
                 error=message,
                 suppressed=suppressed,
+                **fields,
             )
 
     async def _serve(self, msg: Msg, request: AnyRequest) -> None:
@@ -192,18 +214,29 @@ class CommandServer:
         except (NatsError, JsError, OSError) as exc:
             reply = Reply.failure(f"mesh error: {exc or type(exc).__name__}")
         except Exception as exc:
-            log.exception("command handler failed", verb=request.verb.value)
+            log.exception(
+                "command_failed", message="command handler failed", verb=request.verb.value
+            )
             reply = Reply.failure(f"internal error: {type(exc).__name__}: {exc}")
+        fields = {
+            k: v
+            for k, v in request.model_dump(exclude={"by", "offset", "inode", "max_bytes"}).items()
+            if v is not None
+        }
         if not reply.ok:
-            self._refuse(msg, "refused", reply.error or "")
-        log.info(
-            "command",
-            verb=request.verb.value,
-            by=request.by,
-            ok=reply.ok,
-            error=reply.error,
-            **{k: v for k, v in request.model_dump(exclude={"by"}).items() if v is not None},
-        )
+            self._refuse(
+                msg, "refused", reply.error or "", verb=request.verb.value, by=request.by, **fields
+            )
+        else:
+            # ping and logs (polled by `logs -f`) are routine: debug, not the journal.
+            routine = request.verb in (Verb.PING, Verb.LOGS)
+            (log.debug if routine else log.info)(
+                "command_served",
+                message=f"{request.verb.value} served",
+                verb=request.verb.value,
+                by=request.by,
+                **fields,
+            )
         await self._respond(msg, reply)
 
     async def _respond(self, msg: Msg, reply: Reply) -> None:
@@ -227,7 +260,15 @@ class CommandServer:
                     listed = ", ".join(sorted(known)) or "none"
                     return Reply.failure(f"unknown site {site!r} (known: {listed})")
                 mark, changed = await marks.set_drain(self.state, site, by=by, reason=reason)
-                return Reply.success(verb="drain", site=site, changed=changed, **mark.as_dict())
+                moves, stops = await self._drain_effect(site)
+                return Reply.success(
+                    verb="drain",
+                    site=site,
+                    changed=changed,
+                    moves=moves,
+                    stops=stops,
+                    **mark.as_dict(),
+                )
             case UndrainRequest(site=site):
                 removed = await marks.clear_drain(self.state, site)
                 return Reply.success(verb="undrain", site=site, changed=removed is not None)
@@ -243,6 +284,8 @@ class CommandServer:
                 return Reply.success(verb="resume", app=app, changed=removed is not None)
             case FailoverRequest(app=app, to=to):
                 return await self._failover(app, to)
+            case LogsRequest():
+                return await self._logs(request)
         return Reply.failure(f"verb {request.verb.value!r} is not implemented")
 
     async def _app_exists(self, app: str) -> bool:
@@ -262,6 +305,46 @@ class CommandServer:
             with contextlib.suppress(ValueError):
                 sites.update(Application.from_json(entry.value or b"").spec.placement.sites)
         return sites
+
+    async def _drain_effect(self, site: str) -> tuple[list[str], list[str]]:
+        """(applications that move to another site, applications that stop) when ``site``
+        is drained: an application moves only if its placement names another site that is
+        not drained itself."""
+        drained = {e.key.split(".", 1)[1] for e in await marks.live_entries(self.state, "drain.*")}
+        moves: list[str] = []
+        stops: list[str] = []
+        for entry in await marks.live_entries(self.state, "app.*"):
+            try:
+                app = Application.from_json(entry.value or b"")
+            except ValueError:
+                continue
+            sites = app.spec.placement.sites
+            if site not in sites:
+                continue
+            elsewhere = [s for s in sites if s != site and s not in drained]
+            (moves if elsewhere else stops).append(app.name)
+        return sorted(moves), sorted(stops)
+
+    async def _logs(self, request: LogsRequest) -> Reply:
+        state_dir = self.state_dir
+        if state_dir is None:
+            return Reply.failure("logs are not available: this agent has no state directory")
+        path = log_path(state_dir, request.app)
+        try:
+            if request.offset is None:
+                chunk = await asyncio.to_thread(read_tail, path, request.tail, request.max_bytes)
+            else:
+                chunk = await asyncio.to_thread(
+                    read_from, path, request.offset, request.inode, request.max_bytes
+                )
+        except FileNotFoundError:
+            return Reply.failure(
+                f"no output of {request.app!r} on {self.agent_id} "
+                "(it has not run here as a Process workload)"
+            )
+        except OSError as exc:
+            return Reply.failure(f"cannot read the output of {request.app!r}: {exc.strerror}")
+        return Reply.success(verb="logs", app=request.app, **chunk.fields())
 
     async def _failover(self, app: str, to: str | None) -> Reply:
         if not await self._app_exists(app):

@@ -1,16 +1,16 @@
-"""The application controller (issue 5): traits, FailoverStrategy, reconcile.
+"""The application controller: traits, FailoverStrategy, reconcile.
 
-``decide`` is the pure rule book (unit-tested with a fake clock); ``runner`` and
-``controller`` are the thin I/O around it; ``attach(agent)`` wires it into a running agent.
+``decide`` is the pure rule book (unit-tested with a fake clock); ``runner`` carries plans
+out; ``controller`` routes inputs to runners and is their ``Ports``.
 """
 
-from agent.controller.controller import Controller, attach
+from agent.controller.controller import Controller
 from agent.controller.decide import decide, preferred, winner
 from agent.controller.model import (
-    Decision,
     InstanceState,
     LeaseView,
     PeerInstance,
+    Plan,
     Policy,
     Run,
     Snapshot,
@@ -19,15 +19,14 @@ from agent.controller.model import (
 
 __all__ = [
     "Controller",
-    "Decision",
     "InstanceState",
     "LeaseView",
     "PeerInstance",
+    "Plan",
     "Policy",
     "Run",
     "Snapshot",
     "WorkloadView",
-    "attach",
     "decide",
     "preferred",
     "winner",

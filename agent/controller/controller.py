@@ -1,11 +1,14 @@
 """The application controller: desired state in, leases and workloads out.
 
-Wiring (``attach``): one ``LeaseManager`` on the agent's session; one KV watch on all of
-``harmony-state`` feeding the desired Applications (``app.<name>``), the peers' instances
-(``agent.<site>.<node>`` heartbeats) and the operator marks (``drain.<site>``,
-``fence.<app>``); one ``AppRunner`` per application (see ``runner.py``). The agent's
-control-loop tick wakes every runner; watch changes and lease callbacks wake the runners
-concerned at once, so reactions do not wait for the next tick.
+It routes inputs to one ``AppRunner`` per application: one KV watch on ``harmony-state``
+feeds the desired Applications (``app.<name>``), the operator marks (``drain.<site>``,
+``fence.<app>``) and the peers' instance reports (``inst.<app>.<site>.<node>``); gossip on
+``harmony.instances.>`` reaches across a healed partition at once; lease callbacks and
+workload exits wake the runner concerned. Nothing here decides: rules live in
+``decide.py``, actions in ``runner.py``. The controller is the runners' ``Ports``.
+
+Boot order matters: marks and Applications are loaded (the watch's first snapshot) before
+any runner exists, so a fenced application is never started for a moment at boot.
 """
 
 from __future__ import annotations
@@ -13,165 +16,199 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
-from nats.errors import Error as NatsError
-from nats.js.errors import Error as JsError
-from pydantic import ValidationError
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
 
 from agent.application import Application, Trait
-from agent.commands.marks import DRAIN_PREFIX, FENCE_PREFIX
 from agent.commands.models import Reply
 from agent.controller.events import EventPublisher
+from agent.controller.model import PeerInstance
 from agent.controller.peers import PeerTable
-from agent.controller.runner import AppRunner
-from agent.controller.statefile import StateFile, stop_leftovers
-from mesh.leases import LeaseManager
-from mesh.names import STATE_BUCKET
+from agent.controller.runner import AppRunner, InstanceReport, LeasePort
+from agent.controller.statefile import StateFile
+from agent.timing import Timing
+from mesh import codec
+from mesh.clock import boottime
+from mesh.names import (
+    APP_PREFIX,
+    DRAIN_PREFIX,
+    FENCE_PREFIX,
+    INSTANCE_PREFIX,
+    INSTANCES_SUBJECTS,
+    STATE_BUCKET,
+    instance_key,
+    instances_subject,
+)
 from mesh.watch import Change, KvWatch
 from topologies.base import Topology
 
-if TYPE_CHECKING:
-    from agent.daemon import Agent
-
 log = structlog.get_logger("agent.controller")
 
-APP_PREFIX = "app."
-AGENT_PREFIX = "agent."
-ANNOUNCE_PREFIX = "harmony.instances."
-"""Core subject ``harmony.instances.<site>.<node>``: SplitBrainAllowed instance reports."""
+
+class ControllerFailed(RuntimeError):
+    """A runner task died of a bug: the agent must restart clean (exit 1)."""
 
 
 class Controller:
     def __init__(
         self,
         *,
+        nc: Client,
+        state: KeyValue,
         site: str,
         node: str,
         state_dir: Path,
-        ttl: float,
+        timing: Timing,
         max_failures: int,
-        leases: LeaseManager,
+        leases: LeasePort,
+        alive: Callable[[str], bool],
+        agents: Callable[[], list[str]],
+        holder: Callable[[str], str | None],
         events: EventPublisher,
         topology: Topology,
-        clock: Callable[[], float],
+        statefile: StateFile,
     ) -> None:
+        self.nc = nc
+        self.kv = state
         self.site = site
         self.node = node
         self.agent_id = f"{site}/{node}"
         self.state_dir = state_dir
-        self.ttl = ttl
-        self.interval = min(1.0, ttl / 3)
+        self.timing = timing
         self.max_failures = max_failures
-        self.cooldown = max(10.0, 5 * ttl)
-        """After max_failures this agent stays out of the race so another site can try."""
-        self.healthy_after = max(5.0, 2 * ttl)
-        """A run this long resets the consecutive-failure count."""
         self.leases = leases
+        self._holder = holder
+        self._agents = agents
         self.events = events
         self.topology = topology
-        self.clock = clock
-        self.statefile = StateFile(state_dir)
-        self.peers = PeerTable(self.agent_id, ttl, clock)
+        self.statefile = statefile
+        self.peer_table = PeerTable(self.agent_id, timing.ttl, boottime, alive)
+        self._heard: set[str] = set()
         self.desired: dict[str, Application] = {}
         self.invalid: dict[str, str] = {}
         self.drained_sites: set[str] = set()
         self.fenced_apps: set[str] = set()
         self.runners: dict[str, AppRunner] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.watch: KvWatch | None = None
-        self.on_held_changed: list[Callable[[frozenset[str]], Any]] = []
-        self._held_seen: frozenset[str] = frozenset()
         self.stopping = False
-        self._announce_sub: Any = None
-        self._bg: set[asyncio.Task[None]] = set()
-        self._held_lock = asyncio.Lock()
+        self.failure: BaseException | None = None
+        self._watch: KvWatch | None = None
+        self._gossip_sub: Any = None
+        self._pending_reports: dict[str, InstanceReport] = {}
+        self._reports_dirty = asyncio.Event()
+        self._gossip_due = asyncio.Event()
+        self._failed = asyncio.Event()
+        self.on_held_changed: list[Any] = []
+        self._held_seen: frozenset[str] = frozenset()
 
-    # --- facts for the runners --------------------------------------------------------------
+    # --- Ports for the runners -----------------------------------------------------------------
 
-    def is_fenced(self, app: str) -> bool:
-        return app in self.fenced_apps
+    def clock(self) -> float:
+        return boottime()
 
-    def is_drained(self) -> bool:
+    def app(self, name: str) -> Application | None:
+        return self.desired.get(name)
+
+    def fenced(self, name: str) -> bool:
+        return name in self.fenced_apps
+
+    def drained(self) -> bool:
         return self.site in self.drained_sites
 
-    # --- lifecycle --------------------------------------------------------------------------
+    def peers(self, name: str, site: str | None) -> tuple[PeerInstance, ...]:
+        return self.peer_table.instances(name, site=site)
 
-    async def start(self, js: Any) -> None:
-        """Stop leftovers of a previous incarnation, then watch and run."""
-        for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):
-            await self.events.publish("leftover-stopped", sentence.split(":", 1)[0], None)
-        self.leases.on_acquired.append(self._lease_acquired)
-        self.leases.on_lost.append(self._lease_lost)
-        self.leases.on_deadline.append(self._feed_deadline)
-        nc = self.events.nc
-        self._announce_sub = await nc.subscribe(ANNOUNCE_PREFIX + ">", cb=self._on_announce)
-        self.watch = KvWatch(js, STATE_BUCKET, ">", self._on_state, heartbeat=1.0)
-        await self.watch.start()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.watch.ready.wait(), 10.0)
-        log.info("controller started", apps=sorted(self.desired), agent=self.agent_id)
+    def holder(self, name: str) -> str | None:
+        result: str | None = self._holder(name)
+        return result
 
-    def tick(self) -> None:
-        """Wake every runner (the agent's control-loop cycle)."""
-        for runner in self.runners.values():
-            runner.wake.set()
-        self._reap()
+    async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None:
+        await self.events.publish(event, app, token, **fields)
 
-    async def cycle_hook(self) -> None:
-        self.tick()
-        await self._announce()
-        await self._sync_held()
+    def report(self, report: InstanceReport) -> None:
+        self._pending_reports[report.app] = report
+        self._reports_dirty.set()
+        app = self.desired.get(report.app)
+        if app is not None and not self._consistent(app):
+            self._gossip_due.set()
 
-    async def stop_watch(self) -> None:
-        """Undo a failed ``start`` so that it can be retried."""
-        if self.watch is not None:
-            await self.watch.stop()
-            self.watch = None
-        if self._announce_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._announce_sub.unsubscribe()
-            self._announce_sub = None
-        for lst, cb in (
-            (self.leases.on_acquired, self._lease_acquired),
-            (self.leases.on_lost, self._lease_lost),
-            (self.leases.on_deadline, self._feed_deadline),
-        ):
-            with contextlib.suppress(ValueError):
-                lst.remove(cb)  # type: ignore[arg-type]
+    def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None:
+        self.statefile.record(app, token, pid, stop_timeout)
 
-    async def shutdown(self) -> None:
-        """SIGTERM: stop every workload and release every lease while the mesh is up."""
+    def forget(self, app: str) -> None:
+        self.statefile.forget(app)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Load Applications and marks (the watch's first snapshot), then create runners."""
+        self._gossip_sub = await self.nc.subscribe(INSTANCES_SUBJECTS, cb=self._on_gossip)
+        self._watch = KvWatch(self.nc, STATE_BUCKET, ">", self._on_state, heartbeat=1.0)
+        await self._watch.start()
+        await asyncio.wait_for(self._watch.ready.wait(), timeout)
+        for name in sorted(self.desired):
+            self._ensure_runner(name)
+        log.info("controller started", apps=len(self.desired), agent=self.agent_id)
+
+    async def run(self) -> None:
+        """The controller's own task: flush reports and gossip, and fail loudly if any
+        runner died of a bug (the supervisor then restarts the agent clean)."""
+        flusher = asyncio.create_task(self._flush_reports(), name="instance-reports")
+        gossip = asyncio.create_task(self._gossip_loop(), name="instance-gossip")
+        try:
+            await self._failed.wait()
+            raise ControllerFailed(f"runner died: {self.failure!r}")
+        finally:
+            for task in (flusher, gossip):
+                task.cancel()
+            await asyncio.gather(flusher, gossip, return_exceptions=True)
+
+    async def shutdown(self) -> bool:
+        """SIGTERM: stop every workload and release every lease while the mesh is up.
+
+        True when every workload is known to be stopped; False when one could not be
+        stopped in its stop_timeout (its lease is then kept, not released over it)."""
         self.stopping = True
         runners = list(self.runners.values())
-        await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        results = await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        clean = True
+        for runner, result in zip(runners, results, strict=True):
+            if isinstance(result, BaseException):
+                clean = False
+                log.error("workload not stopped at shutdown", app=runner.name, error=str(result))
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        if self.watch is not None:
-            await self.watch.stop()
-        if self._announce_sub is not None:
+        await self._write_reports()
+        if self._watch is not None:
+            await self._watch.stop()
+        if self._gossip_sub is not None:
             with contextlib.suppress(Exception):
-                await self._announce_sub.unsubscribe()
-        log.info("controller stopped", agent=self.agent_id)
+                await self._gossip_sub.unsubscribe()
+        log.info("controller stopped", agent=self.agent_id, clean=clean)
+        return clean
 
-    # --- inputs -----------------------------------------------------------------------------
+    # --- inputs ----------------------------------------------------------------------------
 
     def _on_state(self, change: Change) -> None:
         key = change.key
         if key.startswith(APP_PREFIX):
-            self._on_app(key[len(APP_PREFIX) :], change.value)
-        elif key.startswith(AGENT_PREFIX):
-            for app in self.peers.feed(key, change.value):
-                self._wake(app)
+            self._on_app(key[len(APP_PREFIX) :], change.value, change.revision)
+        elif key.startswith(INSTANCE_PREFIX):
+            parts = key.split(".")
+            if len(parts) == 4 and self.peer_table.feed_report(
+                parts[1], f"{parts[2]}/{parts[3]}", change.value
+            ):
+                self._wake(parts[1])
         elif key.startswith(DRAIN_PREFIX):
             site = key[len(DRAIN_PREFIX) :]
-            (self.drained_sites.add if change.value is not None else self.drained_sites.discard)(
-                site
-            )
+            marks = self.drained_sites
+            (marks.add if change.value is not None else marks.discard)(site)
             if site == self.site:
                 self.tick()
         elif key.startswith(FENCE_PREFIX):
@@ -179,42 +216,22 @@ class Controller:
             (self.fenced_apps.add if change.value is not None else self.fenced_apps.discard)(app)
             self._wake(app)
 
-    async def _on_announce(self, msg: Any) -> None:
-        key = "core:" + str(msg.subject)
-        back = not self.peers.knows(key)
-        for app in self.peers.feed(key, bytes(msg.data)):
+    async def _on_gossip(self, msg: Any) -> None:
+        fresh = self.peer_table.knows
+        agent = None
+        with contextlib.suppress(Exception):
+            agent = json.loads(msg.data).get("agent")
+        back = isinstance(agent, str) and not fresh(agent)
+        _, apps = self.peer_table.feed_gossip(bytes(msg.data))
+        for app in apps:
             self._wake(app)
-        if back and not str(msg.subject).endswith(f".{self.site}.{self.node}"):
+        if back and agent != self.agent_id:
             # A peer we had not heard from (new, or back from a partition): answer with our
             # own instances at once, so both sides of a healed partition learn of each other
-            # in one round trip instead of one cycle each.
-            await self._announce()
+            # in one round trip.
+            self._gossip_due.set()
 
-    def announce_soon(self) -> None:
-        """A runner changed state: tell the peers now rather than at the next tick."""
-        if not self.stopping:
-            task = asyncio.get_running_loop().create_task(self._announce())
-            self._bg.add(task)
-            task.add_done_callback(self._bg.discard)
-
-    async def _announce(self) -> None:
-        """Report SplitBrainAllowed instances on the core subject (see ``peers.py``)."""
-        ap = [
-            r.report().as_dict()
-            for name, r in self.runners.items()
-            if not r.consistent
-            and name in self.desired
-            and self.site in self.desired[name].spec.placement.sites
-        ]
-        if not ap:
-            return
-        body = {"agent": self.agent_id, "site": self.site, "state": "alive", "instances": ap}
-        with contextlib.suppress(Exception):
-            await self.events.nc.publish(
-                f"{ANNOUNCE_PREFIX}{self.site}.{self.node}", json.dumps(body).encode()
-            )
-
-    def _on_app(self, name: str, value: bytes | None) -> None:
+    def _on_app(self, name: str, value: bytes | None, revision: int) -> None:
         if "." in name:
             return
         if value is None:
@@ -222,9 +239,16 @@ class Controller:
             self.invalid.pop(name, None)
             log.info(f"{name}: application deleted", app=name)
         else:
+            data = codec.load_object(
+                value, kind="application", key=f"app.{name}", revision=revision
+            )
             try:
-                app = Application.from_json(value)
-            except (ValidationError, ValueError) as exc:
+                if data is None:
+                    raise ValueError("not a JSON object")
+                app = Application.model_validate(data)
+                if app.name != name:
+                    raise ValueError(f"metadata.name {app.name!r} does not match key app.{name}")
+            except ValueError as exc:
                 # Keep the last good spec: a bad write must not stop a running application.
                 self.invalid[name] = str(exc).splitlines()[0]
                 log.error(
@@ -235,7 +259,8 @@ class Controller:
             if self.desired.get(name) != app:
                 log.info(f"{name}: application changed", app=name)
             self.desired[name] = app
-        self._ensure_runner(name)
+        if self._watch is not None and self._watch.ready.is_set():
+            self._ensure_runner(name)
         self._wake(name)
 
     def _ensure_runner(self, name: str) -> None:
@@ -246,65 +271,118 @@ class Controller:
             return
         runner = AppRunner(name, self)
         self.runners[name] = runner
-        self.tasks[name] = asyncio.create_task(runner.run(), name=f"app:{name}")
+        task = asyncio.create_task(runner.run(), name=f"app:{name}")
+        task.add_done_callback(lambda t, n=name: self._runner_ended(n, t))  # type: ignore[misc]
+        self.tasks[name] = task
 
-    def _reap(self) -> None:
-        for name, runner in list(self.runners.items()):
-            task = self.tasks.get(name)
-            if runner.done and task is not None and task.done():
-                del self.runners[name]
-                del self.tasks[name]
+    def _runner_ended(self, name: str, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not self.stopping:
+            log.error("application runner died", app=name, error=repr(exc))
+            self.failure = exc
+            self._failed.set()
+            return
+        if self.runners.get(name) is not None and self.runners[name].done:
+            del self.runners[name]
+            self.tasks.pop(name, None)
+            if name in self.desired and not self.stopping:
+                self._ensure_runner(name)
 
     def _wake(self, app: str) -> None:
         runner = self.runners.get(app)
         if runner is not None:
             runner.wake.set()
 
-    def _lease_acquired(self, name: str, token: int, deadline: float) -> None:
-        del token, deadline
-        self._wake(name)
+    def tick(self) -> None:
+        """Wake every runner (a drain of our site, a session change)."""
+        for runner in self.runners.values():
+            runner.wake.set()
+
+    # --- lease callbacks ---------------------------------------------------------------------
+
+    def lease_changed(self, name: str, *_: object) -> None:
+        self._wake(name.split("@", 1)[0])
         self._held_changed_soon()
 
-    def _lease_lost(self, name: str, token: int, why: str) -> None:
-        del token, why
-        self._wake(name)
-        self._held_changed_soon()
+    def renewed(self) -> None:
+        """The session moved: refresh the deadline of every running CP workload."""
+        for runner in self.runners.values():
+            if runner.run_token is not None and runner.consistent:
+                runner.apply_deadline()
 
     def _held_changed_soon(self) -> None:
-        """Tell the command plane at once, so only the holder serves the app subject."""
-        if self.on_held_changed and not self.stopping:
-            task = asyncio.get_running_loop().create_task(self._sync_held())
-            self._bg.add(task)
-            task.add_done_callback(self._bg.discard)
+        held = frozenset(self.leases.held())
+        if held == self._held_seen or self.stopping:
+            return
+        self._held_seen = held
+        for cb in self.on_held_changed:
+            result = cb(held)
+            if asyncio.iscoroutine(result):
+                task = asyncio.get_running_loop().create_task(result)
+                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _sync_held(self) -> None:
-        async with self._held_lock:
-            held = frozenset(self.leases.held())
-            if held == self._held_seen:
-                return
-            self._held_seen = held
-            for cb in self.on_held_changed:
-                try:
-                    result = cb(held)
-                    if asyncio.iscoroutine(result):
-                        await result
-                except Exception as exc:
-                    log.warning("held-applications callback failed", error=repr(exc))
+    # --- reports and gossip -------------------------------------------------------------------
 
-    def _feed_deadline(self, deadline: float) -> None:
-        """Each successful session renewal moves the guard deadline of held CP workloads."""
-        held = self.leases.held()
-        for name, runner in self.runners.items():
-            if runner.consistent and name in held and runner.interpret is not None:
-                runner.interpret.extend_deadline(deadline)
+    async def _flush_reports(self) -> None:
+        while True:
+            await self._reports_dirty.wait()
+            self._reports_dirty.clear()
+            await self._write_reports()
+            await asyncio.sleep(0.05)  # coalesce bursts (a start storm)
 
-    # --- planned failover (command plane) ---------------------------------------------------
+    async def _write_reports(self) -> None:
+        pending, self._pending_reports = self._pending_reports, {}
+        for app, report in pending.items():
+            body = json.dumps({**report.as_dict(), "time": codec_time()}).encode()
+            try:
+                await self.kv.put(instance_key(app, self.site, self.node), body)
+            except Exception as exc:
+                # The state bucket is unreachable (partition): keep the newest, retry later.
+                self._pending_reports.setdefault(app, report)
+                log.debug("instance report not written", app=app, error=repr(exc))
+        if self._pending_reports:
+            await asyncio.sleep(1.0)
+            self._reports_dirty.set()
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gossip_due.wait(), self.timing.ttl / 3)
+            self._gossip_due.clear()
+            await self.gossip()
+
+    async def gossip(self) -> None:
+        """Report SplitBrainAllowed instances on the core subject (see ``peers.py``)."""
+        items = [
+            r.report.as_dict()
+            for name, r in self.runners.items()
+            if name in self.desired
+            and not self._consistent(self.desired[name])
+            and self.site in self.desired[name].spec.placement.sites
+        ]
+        if not items:
+            return
+        body = {"agent": self.agent_id, "instances": items}
+        with contextlib.suppress(Exception):
+            await self.nc.publish(
+                instances_subject(self.site, self.node), json.dumps(body).encode()
+            )
+
+    @staticmethod
+    def _consistent(app: Application) -> bool:
+        from agent.application import Strategy
+
+        return app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
+
+    # --- planned failover (command plane) ----------------------------------------------------
 
     async def failover(self, app: str, to_site: str | None) -> Reply:
         runner = self.runners.get(app)
         spec = self.desired.get(app)
         if runner is None or spec is None:
-            return Reply.failure(f"{self.agent_id} does not run {app!r}")
+            return Reply.failure(f"unknown application {app!r}")
         if app not in self.leases.held():
             return Reply.failure(f"{self.agent_id} does not hold {app!r} (any more)")
         if spec.spec.trait is not Trait.STATEFUL:
@@ -318,7 +396,7 @@ class Controller:
             candidates = [to_site]
         else:
             candidates = [s for s in sites if s != self.site and s not in self.drained_sites]
-        target = next((s for s in candidates if self.peers.live_agents(s)), None)
+        target = next((s for s in candidates if self.live_agents(s)), None)
         if target is None:
             return Reply.failure(f"no live agent on {', '.join(candidates) or 'any other site'}")
         ok, sentence = await runner.planned_failover(target)
@@ -327,70 +405,21 @@ class Controller:
         runner.wake.set()
         return Reply.success(from_agent=self.agent_id, to=target, message=sentence)
 
-    # --- status -----------------------------------------------------------------------------
+    def live_agents(self, site: str) -> list[str]:
+        return [a for a in self._agents() if a.split("/", 1)[0] == site]
+
+    # --- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         instances = [
-            r.report().as_dict()
+            r.report.as_dict()
             for name, r in sorted(self.runners.items())
             if name in self.desired and self.site in self.desired[name].spec.placement.sites
         ]
-        return {"instances": instances}
+        return {"instances": instances, "invalid": dict(self.invalid)}
 
 
-def _build_topology(agent: Agent) -> Topology:
-    from topologies.build import build_topology
+def codec_time() -> str:
+    from mesh.clock import now_rfc3339
 
-    return build_topology(agent.config.topology)
-
-
-async def attach(agent: Agent) -> Controller:
-    """Build the lease manager and controller for a started agent and hook them in.
-
-    Called from ``Agent._start`` after the session is open. Shutdown hooks run last-in
-    first-out, so the controller (registered last) stops workloads and releases leases
-    before the lease manager stops, the session closes and the connection drains.
-    """
-    cfg = agent.config
-    assert agent.session is not None
-    js = agent.connection.js
-    # Rank step 0.25 s: wide enough that watch delivery skew between agents on a loaded
-    # machine never lets a worse-ranked site win a new or freed lease first.
-    leases = LeaseManager(js, agent.session, site=cfg.site, step=0.25)
-    events = EventPublisher(agent.connection.nc, cfg.site, cfg.node)
-    ctl = Controller(
-        site=cfg.site,
-        node=cfg.node,
-        state_dir=cfg.state_dir,
-        ttl=cfg.lease.ttl,
-        max_failures=cfg.controller.max_failures,
-        leases=leases,
-        events=events,
-        topology=_build_topology(agent),
-        clock=agent.session.clock,
-    )
-    # An agent may boot while its site is cut off or JetStream has no quorum: keep trying
-    # (SIGTERM cancels start-up) instead of exiting, since nothing can run without a mesh.
-    await _retry("lease manager", leases.start, leases.stop)
-    agent.supervisor.on_shutdown("leases-stop", leases.stop)
-    await _retry("controller watch", lambda: ctl.start(js), ctl.stop_watch)
-    agent.status_extensions.append(ctl.status)  # "instances" in a heartbeat: controller up
-    agent.supervisor.on_shutdown("controller", ctl.shutdown)
-    agent.cycle_hooks.append(ctl.cycle_hook)
-    return ctl
-
-
-async def _retry(
-    what: str, start: Callable[[], Awaitable[None]], undo: Callable[[], Awaitable[None]]
-) -> None:
-    backoff = 0.5
-    while True:
-        try:
-            await start()
-            return
-        except (TimeoutError, NatsError, JsError, OSError) as exc:
-            log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
-            with contextlib.suppress(Exception):
-                await undo()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    return now_rfc3339()

@@ -13,8 +13,8 @@ import structlog
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
+from mesh.clock import now_rfc3339
 from mesh.names import event_subject
-from mesh.session import now_rfc3339
 
 log = structlog.get_logger("agent.controller")
 

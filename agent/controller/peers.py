@@ -1,107 +1,112 @@
-"""Other agents' instances, read from their heartbeats (``agent.<site>.<node>``).
+"""Other agents' instances: their reports (``inst.<app>.<site>.<node>``) and their gossip.
 
-Each agent publishes ``instances: [{app, state, token, ...}]`` in its heartbeat. A
-SplitBrainAllowed holder cut off from the mesh keeps its workload running without a lease;
-after the partition heals its heartbeats reach everyone again, and this table is how both
-sides learn of the duplicate and reconcile it. Heartbeats are renewed every ttl/3; one not
-seen to change for a ttl (on *our* clock) is stale and its instances are ignored.
+A SplitBrainAllowed holder cut off from the mesh keeps its workload running without a
+lease; after the partition heals, both sides must learn of the duplicate to reconcile it.
+Reports are written on change only (never renewed), so a report is trusted while its
+agent is alive (its session is seen renewing, ``alive``), or while a gossip message on
+``harmony.instances.<site>.<node>`` from that agent is younger than a ttl (gossip crosses a
+healed link at once, before the replicated state bucket has caught up).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.controller.model import PeerInstance
+from mesh import codec
 
 
 @dataclass(frozen=True)
-class PeerBeat:
-    agent: str
-    site: str
-    alive: bool
+class _Report:
+    instance: PeerInstance
     seen: float
-    instances: tuple[tuple[str, PeerInstance], ...]
+    gossip: bool
 
 
-def parse_heartbeat(value: bytes | None) -> tuple[str, str, bool, list[tuple[str, PeerInstance]]]:
-    """(agent, site, alive, [(app, instance)]); raises ValueError on garbage."""
-    if not value:
-        raise ValueError("empty heartbeat")
-    data = json.loads(value)
-    if not isinstance(data, dict):
-        raise ValueError("heartbeat is not an object")
-    agent = str(data["agent"])
-    site = str(data.get("site") or agent.split("/", 1)[0])
-    alive = str(data.get("state", "alive")) == "alive"
-    out: list[tuple[str, PeerInstance]] = []
-    for item in data.get("instances") or []:
-        if not isinstance(item, dict) or "app" not in item:
-            continue
-        token = item.get("token")
-        out.append(
-            (
-                str(item["app"]),
-                PeerInstance(
-                    agent=agent,
-                    site=site,
-                    state=str(item.get("state", "")),
-                    token=int(token) if isinstance(token, int) else None,
-                ),
-            )
-        )
-    return agent, site, alive, out
+def parse_instance(agent: str, site: str, data: dict[str, Any]) -> PeerInstance | None:
+    token = data.get("token")
+    state = data.get("state")
+    if not isinstance(state, str):
+        return None
+    return PeerInstance(
+        agent=agent,
+        site=site,
+        state=state,
+        token=token if isinstance(token, int) and not isinstance(token, bool) else None,
+    )
 
 
 class PeerTable:
-    def __init__(self, me: str, ttl: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        me: str,
+        ttl: float,
+        clock: Callable[[], float],
+        alive: Callable[[str], bool],
+    ) -> None:
         self.me = me
         self.ttl = ttl
         self.clock = clock
-        self._beats: dict[str, PeerBeat] = {}
+        self.alive = alive
+        self._reports: dict[tuple[str, str], _Report] = {}
+        """(app, agent) -> the newest report or gossip."""
+        self._gossip_seen: dict[str, float] = {}
 
-    def feed(self, key: str, value: bytes | None) -> set[str]:
-        """Record a heartbeat change; return the apps it mentions (now or before)."""
-        old = self._beats.get(key)
-        apps = {a for a, _ in old.instances} if old else set()
-        if value is None:
-            self._beats.pop(key, None)
-            return apps
-        try:
-            agent, site, alive, insts = parse_heartbeat(value)
-        except (ValueError, KeyError, TypeError):
-            return apps
+    def feed_report(self, app: str, agent: str, value: bytes | None) -> bool:
+        """An ``inst.*`` key changed; True if it concerns another agent."""
         if agent == self.me:
-            return apps
-        self._beats[key] = PeerBeat(agent, site, alive, self.clock(), tuple(insts))
-        return apps | {a for a, _ in insts}
+            return False
+        key = (app, agent)
+        data = codec.load_object(value, kind="instance", key=f"inst.{app}.{agent}")
+        inst = parse_instance(agent, agent.split("/", 1)[0], data) if data is not None else None
+        old = self._reports.get(key)
+        if inst is None:
+            self._reports.pop(key, None)
+        elif old is None or not old.gossip or self.clock() - old.seen >= self.ttl:
+            self._reports[key] = _Report(inst, self.clock(), False)
+        return True
 
-    def knows(self, key: str) -> bool:
-        """We hold a fresh report under ``key`` (False: new peer, or one back from silence)."""
-        beat = self._beats.get(key)
-        return beat is not None and self.fresh(beat, self.clock())
-
-    def fresh(self, beat: PeerBeat, now: float) -> bool:
-        return beat.alive and now - beat.seen < self.ttl
-
-    def latest(self) -> list[PeerBeat]:
-        """Per agent, its most recently received fresh report (heartbeat or announcement)."""
+    def feed_gossip(self, value: bytes) -> tuple[str | None, set[str]]:
+        """A gossip message: (its agent, the apps it mentions)."""
+        data = codec.load_object(value, kind="gossip")
+        if data is None:
+            return None, set()
+        agent = codec.text(data, "agent")
+        if "/" not in agent or agent == self.me:
+            return None, set()
+        site = agent.split("/", 1)[0]
         now = self.clock()
-        best: dict[str, PeerBeat] = {}
-        for beat in self._beats.values():
-            if self.fresh(beat, now) and (
-                beat.agent not in best or beat.seen > best[beat.agent].seen
-            ):
-                best[beat.agent] = beat
-        return list(best.values())
+        self._gossip_seen[agent] = now
+        apps: set[str] = set()
+        items = data.get("instances")
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict) or not isinstance(item.get("app"), str):
+                continue
+            inst = parse_instance(agent, site, item)
+            if inst is not None:
+                self._reports[(item["app"], agent)] = _Report(inst, now, True)
+                apps.add(item["app"])
+        return agent, apps
+
+    def knows(self, agent: str) -> bool:
+        """We heard gossip from ``agent`` within a ttl (False: new, or back from silence)."""
+        seen = self._gossip_seen.get(agent)
+        return seen is not None and self.clock() - seen < self.ttl
+
+    def _live(self, report: _Report, now: float) -> bool:
+        if report.gossip and now - report.seen < self.ttl:
+            return True
+        return self.alive(report.instance.agent)
 
     def instances(self, app: str, *, site: str | None = None) -> tuple[PeerInstance, ...]:
-        out: list[PeerInstance] = []
-        for beat in self.latest():
-            if site is None or beat.site == site:
-                out.extend(inst for name, inst in beat.instances if name == app)
-        return tuple(out)
+        now = self.clock()
+        return tuple(
+            r.instance
+            for (a, _), r in self._reports.items()
+            if a == app and (site is None or r.instance.site == site) and self._live(r, now)
+        )
 
-    def live_agents(self, site: str | None = None) -> list[str]:
-        return sorted(b.agent for b in self.latest() if site is None or b.site == site)
+    def apps_of(self, agent: str) -> set[str]:
+        return {app for (app, a) in self._reports if a == agent}

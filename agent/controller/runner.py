@@ -1,49 +1,95 @@
-"""One application on one agent: snapshot, decide, act, strictly one step at a time.
+"""One application on one agent: snapshot, decide, carry the plan out, one step at a time.
 
-Each ``AppRunner`` is a small actor: its own task wakes up on a tick (every ``interval``)
-or when something relevant changed (the Application, its lease, a peer's heartbeat), takes
-a snapshot, calls the pure ``decide`` and carries the decision out before it looks again.
-Different applications never wait for each other; one application's steps never overlap,
-so a planned failover (stop, then hand over) cannot interleave with a start.
+Each ``AppRunner`` is a small actor: its task wakes when something relevant changed (the
+Application, its lease, its workload, a peer's report, a mark) or when the plan asked to be
+woken (``retry_at``), takes a snapshot through its ports, calls the pure ``decide`` and
+carries the plan out before it looks again. Different applications never wait for each
+other; one application's steps never overlap, so a planned failover (stop, then hand over)
+cannot interleave with a start.
+
+Every call into an Interpret is bounded: by the topology command timeout, and while we hold
+an AbsoluteConsistency lease, by its deadline too (a hung SSH or API call must not keep a
+workload's runner past the instant it must have stopped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from agent.application import Application, Strategy, Trait
 from agent.controller.decide import decide
 from agent.controller.model import (
-    Decision,
+    CRASH_REASONS,
     InstanceState,
     LeaseView,
+    PeerInstance,
+    Plan,
     Policy,
+    Release,
     Run,
     Snapshot,
     WorkloadView,
 )
-from agent.controller.statefile import Recorded, proc_start_time
-from mesh.names import app_key, slot_key
-from scores.base import Interpret, Observation, RunContext, WorkloadState
+from agent.timing import Timing
+from scores.base import Deadline, Interpret, Observation, Outcome, RunContext, WorkloadState
 from scores.check import CapabilityError, interpret_for
-
-if TYPE_CHECKING:
-    from agent.controller.controller import Controller
+from scores.health import health_rules
+from scores.probes import HealthMonitor, health_monitor
+from topologies.base import Topology
 
 log = structlog.get_logger("agent.controller")
+T = TypeVar("T")
 
-_CRASH_REASONS = frozenset({"crashed", "spawn-failed"})
+
+class LeasePort(Protocol):
+    """The lease manager, as a runner sees it (``mesh.leases.LeaseManager``)."""
+
+    def want_lease(self, name: str, *, rank: int = 0) -> None: ...
+    def want_slot(self, name: str) -> None: ...
+    def wanted(self, name: str) -> bool: ...
+    def held(self) -> dict[str, int]: ...
+    def deadline(self, name: str) -> float: ...
+    def follows_session(self, name: str) -> bool: ...
+    async def release(
+        self, name: str, *, to: str | None = None, stop: Callable[[], Awaitable[None]] | None = None
+    ) -> bool: ...
+
+
+class Ports(Protocol):
+    """Everything a runner may read or do besides its own workload."""
+
+    agent_id: str
+    site: str
+    node: str
+    stopping: bool
+    state_dir: Path
+    timing: Timing
+    max_failures: int
+    topology: Topology
+    leases: LeasePort
+
+    def clock(self) -> float: ...
+    def app(self, name: str) -> Application | None: ...
+    def fenced(self, name: str) -> bool: ...
+    def drained(self) -> bool: ...
+    def peers(self, name: str, site: str | None) -> tuple[PeerInstance, ...]: ...
+    def holder(self, name: str) -> str | None: ...
+    async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None: ...
+    def report(self, report: InstanceReport) -> None: ...
+    def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None: ...
+    def forget(self, app: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class InstanceReport:
-    """What this agent says about one application in its heartbeat and live status."""
+    """What this agent says about one application (``inst.<app>.<site>.<node>``)."""
 
     app: str
     state: InstanceState
@@ -52,6 +98,8 @@ class InstanceReport:
     lease_token: int | None
     partitioned: bool
     pid: int | None
+    enforced: bool = True
+    """The deadline is enforced outside the agent (or no deadline applies)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,32 +110,37 @@ class InstanceReport:
             "lease_token": self.lease_token,
             "partitioned": self.partitioned,
             "pid": self.pid,
+            "deadline_enforced": self.enforced,
         }
 
 
+class StillRunning(RuntimeError):
+    """A stop did not finish: the lease is kept (renewed) rather than released over it."""
+
+
 class AppRunner:
-    def __init__(self, name: str, ctl: Controller) -> None:
+    def __init__(self, name: str, ports: Ports) -> None:
         self.name = name
-        self.ctl = ctl
+        self.p = ports
         self.interpret: Interpret | None = None
         self.score: object | None = None
-        self.key: str | None = None
-        self.wanting = False
-        self.run_token: int | None = None
+        self.health: HealthMonitor | None = None
+        self.lease_name: str | None = None
         self.consistent = True
+        self.run_token: int | None = None
         self.failures = 0
         self.crash_base = 0
         self.healthy_since: float | None = None
         self.cooldown_until = float("-inf")
         self.backoff_until = float("-inf")
         self.backoff = 0.5
-        self.state = InstanceState.STANDBY
-        self.detail = "not decided yet"
-        self.partitioned = False
-        self.pid: int | None = None
+        self.start_failed: str | None = None
+        self.report = InstanceReport(
+            name, InstanceState.STANDBY, None, "not decided yet", None, False, None
+        )
         self.last_sentence = ""
-        self.reported_token: int | None = None
         self.last_event: tuple[str, int | None] | None = None
+        self.retry_at: float | None = None
         self.decisions = 0
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()
@@ -97,8 +150,11 @@ class AppRunner:
 
     async def run(self) -> None:
         while not self.done:
+            timeout = self.p.timing.control_interval
+            if self.retry_at is not None:
+                timeout = min(timeout, max(0.0, self.retry_at - self.p.clock()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.ctl.interval)
+                await asyncio.wait_for(self.wake.wait(), timeout)
             self.wake.clear()
             async with self.lock:
                 try:
@@ -108,105 +164,172 @@ class AppRunner:
                 except Exception as exc:
                     log.exception("controller step failed", app=self.name, error=repr(exc))
 
-    # --- one cycle --------------------------------------------------------------------------
+    # --- one cycle ---------------------------------------------------------------------------
 
-    def _key_for(self, app: Application | None) -> str | None:
-        if app is None:
-            return None
+    def _lease_name(self, app: Application) -> str:
         if app.spec.trait is Trait.STATEFUL:
-            return app_key(self.name)
-        return slot_key(self.name, self.ctl.site)
+            return self.name
+        return f"{self.name}@{self.p.site}"
 
     def _rank(self, app: Application) -> int:
         sites = app.spec.placement.sites
-        if app.spec.trait is Trait.STATELESS or self.ctl.site not in sites:
+        if app.spec.trait is Trait.STATELESS or self.p.site not in sites:
             return 0
-        return sites.index(self.ctl.site)
+        return sites.index(self.p.site)
 
-    async def step(self) -> Decision:
-        ctl = self.ctl
-        app = ctl.desired.get(self.name)
-        eligible = app is not None and ctl.site in app.spec.placement.sites
-        key = self._key_for(app) if eligible else None
-
-        if self.key is not None and key is not None and key != self.key:
-            # The trait changed: the old lease and instance belong to another key.
-            await self._let_go(f"{self.name}: trait changed; stopping and releasing {self.key}")
+    async def _prepare(self, app: Application | None, eligible: bool) -> None:
+        """Follow the spec: a changed trait or Score restarts from scratch."""
+        lease_name = self._lease_name(app) if app is not None and eligible else None
+        if self.lease_name is not None and lease_name is not None and lease_name != self.lease_name:
+            log.info(f"{self.name}: trait changed; stopping and releasing", app=self.name)
+            await self._release(None)
+            await self._stop_workload()
+            self.lease_name = None
         if app is not None and self.interpret is not None and app.spec.score != self.score:
             log.info(f"{self.name}: score changed; restarting the workload", app=self.name)
             await self._stop_workload()
             await self.interpret.close()
             self.interpret = None
+            await self._drop_health()
         if app is not None and eligible and self.interpret is None:
             try:
-                self.interpret = interpret_for(app.spec.score, ctl.topology, app=self.name)
-                self.score = app.spec.score
+                self.interpret = interpret_for(app.spec.score, self.p.topology, app=self.name)
             except CapabilityError as exc:
-                self._report(InstanceState.FAILED, str(exc))
-                return Decision(want=False, run=Run.KEEP, state=InstanceState.FAILED)
+                self.start_failed = str(exc)
+                return
+            self.interpret.watch(self.wake.set)
+            self.score = app.spec.score
+        stale = self.health is None or (app is not None and self.health.spec != app.spec.health)
+        if app is not None and self.interpret is not None and stale:
+            await self._drop_health()
+            problem = self._build_health(app)
+            if problem is not None:  # refused like a missing capability: nothing runs
+                self.start_failed = problem
+                await self._stop_workload()
+                await self.interpret.close()
+                self.interpret = None
         if app is not None:
             self.consistent = app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
-            if key is not None:
-                self.key = key
+            if lease_name is not None:
+                self.lease_name = lease_name
 
-        now = ctl.clock()
-        obs = await self.interpret.observe() if self.interpret is not None else None
-        self._count_failures(obs, now)
-        held = ctl.leases.held()
-        token = held.get(self.name)
-        status = ctl.leases.observe().get(self.name)
+    def _build_health(self, app: Application) -> str | None:
+        """The application's health monitor; why not, when its rules or probe are refused."""
+        consistent = app.spec.failover.strategy is Strategy.ABSOLUTE_CONSISTENCY
+        kind = app.spec.score.kind if consistent else None
+        broken = health_rules(
+            app.spec.health, self.p.timing.ttl, margin=self.p.timing.margin, score_kind=kind
+        )
+        if broken:
+            return f"{self.name}: {broken[0]}"
+        try:
+            monitor = health_monitor(
+                self.name, app.spec.health, app.spec.score, self.p.topology, self.interpret
+            )
+        except ValueError as exc:  # a probe this topology cannot run
+            return f"{self.name}: spec.health.probe: {exc}"
+        monitor.watch(self.wake.set)
+        self.health = monitor
+        return None
+
+    async def _drop_health(self) -> None:
+        if self.health is not None:
+            await self.health.close()
+            self.health = None
+
+    def snapshot(self, app: Application | None, obs: Observation | None) -> Snapshot:
+        p = self.p
+        now = p.clock()
+        eligible = app is not None and p.site in app.spec.placement.sites
+        name = self.lease_name
+        token = p.leases.held().get(name) if name is not None else None
         lease = LeaseView(
             held=token is not None,
             token=token,
-            deadline=ctl.leases.deadline() if token is not None else float("-inf"),
-            holder=status.holder if status is not None else None,
+            deadline=p.leases.deadline(name) if token is not None and name else float("-inf"),
+            holder=p.holder(name) if name is not None else None,
         )
         running = obs is not None and obs.state is WorkloadState.RUNNING
-        if running and obs is not None and obs.pids and obs.pids[0] != self.pid:
-            self._remember(obs)  # the interpret restarted a crashed workload: new pid
-        peer_site = ctl.site if app is not None and app.spec.trait is Trait.STATELESS else None
-        snap = Snapshot(
+        stateless = app is not None and app.spec.trait is Trait.STATELESS
+        unhealthy = self._unhealthy(obs)  # first: a recovery ends the cooldown
+        return Snapshot(
             now=now,
-            agent=ctl.agent_id,
-            site=ctl.site,
+            agent=p.agent_id,
+            site=p.site,
             present=app is not None,
             eligible=eligible,
             consistent=self.consistent,
             policy=Policy(app.spec.failover.reconcile.value) if app else Policy.KEEP_NEWEST,
             lease=lease,
+            wanted=name is not None and p.leases.wanted(name),
             workload=WorkloadView(
                 running=running,
                 token=self.run_token if running else None,
                 failed=obs is not None and obs.state is WorkloadState.FAILED,
                 reason=obs.reason if obs else None,
                 detail=obs.detail if obs else "",
+                start_failed=self.start_failed,
             ),
             failures=self.failures,
-            max_failures=ctl.max_failures,
+            max_failures=p.max_failures,
             cooldown_until=self.cooldown_until,
             backoff_until=self.backoff_until,
-            fenced=ctl.is_fenced(self.name),
-            drained=ctl.is_drained(),
+            fenced=p.fenced(self.name),
+            drained=p.drained(),
             peers=tuple(
-                p for p in ctl.peers.instances(self.name, site=peer_site) if p.agent != ctl.agent_id
+                peer
+                for peer in p.peers(self.name, p.site if stateless else None)
+                if peer.agent != p.agent_id
             ),
+            unhealthy=unhealthy,
         )
-        d = decide(self.name, snap)
+
+    def _unhealthy(self, obs: Observation | None) -> str | None:
+        """Feed the monitor this observation; why the threshold is crossed, or None."""
+        if self.health is None:
+            return None
+        self.health.note(obs)
+        if self.health.take_recovery():
+            self.cooldown_until = float("-inf")  # the probe passes again: contend again
+        verdict = self.health.verdict()
+        return verdict.why if verdict.crossed else None
+
+    async def step(self) -> Plan | None:
+        p = self.p
+        if p.stopping or self.done:
+            return None  # the agent is shutting down: shutdown() owns this application now
+        app = p.app(self.name)
+        eligible = app is not None and p.site in app.spec.placement.sites
+        await self._prepare(app, eligible)
+        obs = await self._observe()
+        self._count_failures(obs, p.clock())
+        snap = self.snapshot(app, obs)
+        plan = decide(self.name, snap)
         self.decisions += 1
-        await self._execute(d, snap, app)
-        return d
+        await self._execute(plan, snap, app)
+        return plan
+
+    async def _observe(self) -> Observation | None:
+        if self.interpret is None:
+            return None
+        obs = await self._bounded(self.interpret.observe(), "observe")
+        if isinstance(obs, Outcome):
+            return Observation(WorkloadState.FAILED, obs.message, reason="unreachable")
+        if obs.state is WorkloadState.RUNNING and obs.pids and self.run_token is not None:
+            self.p.remember(self.name, self.run_token, obs.pids[0], self._stop_timeout())
+        return obs
 
     def _count_failures(self, obs: Observation | None, now: float) -> None:
         """Consecutive crashes of the current run, reset after a healthy stretch."""
         if obs is None:
             return
         crashes = obs.restarts + (
-            1 if obs.state is WorkloadState.FAILED and obs.reason in _CRASH_REASONS else 0
+            1 if obs.state is WorkloadState.FAILED and obs.reason in CRASH_REASONS else 0
         )
         if obs.state is WorkloadState.RUNNING:
             if self.healthy_since is None:
                 self.healthy_since = now
-            elif now - self.healthy_since >= self.ctl.healthy_after:
+            elif now - self.healthy_since >= self.p.timing.healthy_after:
                 self.crash_base = crashes
                 self.failures = 0
                 return
@@ -214,194 +337,215 @@ class AppRunner:
             self.healthy_since = None
         self.failures = max(self.failures, crashes - self.crash_base)
 
-    async def _execute(self, d: Decision, s: Snapshot, app: Application | None) -> None:
-        ctl = self.ctl
-        prior = self.run_token if self.pid is not None else None
-        if d.give_up:
-            self.cooldown_until = s.now + ctl.cooldown
-            self.failures = 0
+    # --- carrying a plan out ----------------------------------------------------------------
+
+    async def _execute(self, plan: Plan, s: Snapshot, app: Application | None) -> None:
+        p = self.p
         changed = False
-        if d.run is Run.START and s.lease.token is not None:
-            changed = await self._start(s.lease.token, s.lease.deadline)
-            if not changed:
-                d = Decision(
-                    want=True,
-                    run=Run.KEEP,
-                    state=InstanceState.FAILED,
-                    event="start-failed",
-                    sentence=f"{self.name}: start with token {s.lease.token} failed: {self.detail}",
-                )
-        elif d.release or d.handover_to is not None:
-            self.wanting = False
-            changed = await ctl.leases.release(self.name, to=d.handover_to, stop=self._halt)
-            await self._stop_workload()  # also when the lease went away while stopping
-            changed = True
-        elif d.run is Run.STOP:
+        if plan.give_up:
+            cooldown = p.timing.cooldown
+            if self.health is not None:
+                cooldown = self.health.give_up(cooldown)
+            self.cooldown_until = s.now + cooldown
+            self.failures = 0
+        if plan.run is Run.START and s.lease.token is not None:
+            changed = await self._start(s.lease.token, plan.deadline)
+        elif plan.release is not Release.NONE:
+            await self._release(plan.handover_to)
+            changed = await self._stop_workload() or True
+        elif plan.run is Run.STOP and (s.workload.running or s.workload.failed):
             changed = await self._stop_workload()
-        elif (
-            d.run is Run.KEEP
-            and s.workload.running
-            and self.interpret is not None
-            and not self.consistent
-        ):
-            self.interpret.clear_deadline()
-
-        if d.want and not self.wanting and self.key is not None and app is not None:
-            ctl.leases.want(self.name, self.key, rank=self._rank(app))
-            self.wanting = True
-        elif not d.want and self.wanting:
-            self.wanting = False
-            await ctl.leases.release(self.name, stop=self._halt)
-
-        self.partitioned = d.run is Run.KEEP and s.workload.running and not s.lease.valid(s.now)
-        token = self.run_token if self.pid is not None else s.lease.token
-        if (d.state, token) != (self.state, self.reported_token) and not self.consistent:
-            ctl.announce_soon()
-        self.reported_token = token
-        self._report(d.state, d.sentence)
-        if d.sentence != self.last_sentence:
-            self.last_sentence = d.sentence
-            log.info(d.sentence, app=self.name, fencing_token=token, state=d.state.value)
-        if d.event is not None and (changed or d.run is Run.KEEP):
-            # A stop is reported with the token of the instance it stopped.
-            event_token = token if d.run is Run.START or prior is None else prior
-            mark = (d.event, event_token)
+        self._contend(plan, app)
+        self.retry_at = plan.retry_at
+        self._publish_report(plan, s)
+        if plan.sentence != self.last_sentence:
+            self.last_sentence = plan.sentence
+            log.info(
+                plan.sentence, app=self.name, fencing_token=plan.event_token, state=plan.state.value
+            )
+        if plan.event is not None and (changed or plan.run is Run.KEEP):
+            mark = (plan.event.value, plan.event_token)
             if mark != self.last_event:
                 self.last_event = mark
-                await ctl.events.publish(
-                    d.event, self.name, event_token, state=d.state.value, sentence=d.sentence
+                await p.publish(
+                    plan.event.value,
+                    self.name,
+                    plan.event_token,
+                    state=plan.state.value,
+                    sentence=plan.sentence,
                 )
-        if not s.present and not s.workload.running and not s.lease.held and not self.wanting:
-            self.done = True
+        self.done = plan.done and not s.workload.running
 
-    # --- actions ----------------------------------------------------------------------------
+    def _contend(self, plan: Plan, app: Application | None) -> None:
+        name = self.lease_name
+        if name is None or app is None:
+            return
+        if plan.want and not self.p.leases.wanted(name):
+            if app.spec.trait is Trait.STATEFUL:
+                self.p.leases.want_lease(self.name, rank=self._rank(app))
+            else:
+                self.p.leases.want_slot(self.name)
+        elif not plan.want and self.p.leases.wanted(name) and plan.release is Release.NONE:
+            # Not held (else the plan releases it): just stop contending.
+            task = asyncio.get_running_loop().create_task(self.p.leases.release(name))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _start(self, token: int, deadline: float) -> bool:
-        ctl, interpret = self.ctl, self.interpret
+    def _publish_report(self, plan: Plan, s: Snapshot) -> None:
+        running = self.run_token is not None and s.workload.running
+        report = InstanceReport(
+            app=self.name,
+            state=plan.state,
+            token=self.run_token if running else s.lease.token,
+            detail=plan.sentence,
+            lease_token=s.lease.token,
+            partitioned=plan.partitioned,
+            pid=self.report.pid if running else None,
+            enforced=not self.consistent
+            or (self.interpret is not None and self.interpret.enforces_deadline),
+        )
+        key = (report.state, report.token, report.partitioned, report.lease_token)
+        old = (
+            self.report.state,
+            self.report.token,
+            self.report.partitioned,
+            self.report.lease_token,
+        )
+        self.report = report
+        if key != old:
+            self.p.report(report)
+
+    def _stop_timeout(self) -> float:
+        return float(getattr(getattr(self.interpret, "spec", None), "stop_timeout", 5.0))
+
+    async def _bounded(self, call: Awaitable[T], what: str) -> T | Outcome:
+        """An Interpret call, bounded by the command timeout and, under a held
+        AbsoluteConsistency lease, by its deadline (``Outcome.failed`` when it ran out)."""
+        timeout = self.p.timing.command_timeout
+        name = self.lease_name
+        if self.consistent and name is not None and name in self.p.leases.held():
+            timeout = min(timeout, self.p.leases.deadline(name) - self.p.clock())
+        try:
+            return await asyncio.wait_for(call, max(0.05, timeout))
+        except TimeoutError:
+            return Outcome.failed(f"{what} did not finish within {max(0.05, timeout):.1f}s")
+
+    def deadline(self) -> Deadline | None:
+        """Until when the running workload may run (None: no deadline)."""
+        name = self.lease_name
+        if not self.consistent or name is None:
+            return None
+        at = self.p.leases.deadline(name)
+        return Deadline(at, follows_session=self.p.leases.follows_session(name))
+
+    async def _start(self, token: int, bound: bool) -> bool:
+        p, interpret = self.p, self.interpret
         if interpret is None:
             return False
-        ctx = RunContext(
-            app=self.name,
-            site=ctl.site,
-            node=ctl.node,
-            fencing_token=token,
-            state_dir=ctl.state_dir,
-            deadline=deadline if self.consistent else None,
-        )
-        if self.consistent:
-            interpret.extend_deadline(deadline)
-        else:
-            interpret.clear_deadline()
+        deadline = self.deadline() if bound else None
+        ctx = RunContext(self.name, p.site, p.node, token, p.state_dir, deadline)
         self.crash_base, self.failures, self.healthy_since = 0, 0, None
-        outcome = await interpret.promote(ctx)
-        if not outcome.ok:
+        outcome = await self._bounded(interpret.promote(ctx), "start")
+        if not isinstance(outcome, Outcome) or not outcome.ok:
+            message = outcome.message if isinstance(outcome, Outcome) else "start failed"
             self.failures += 1
-            self.backoff_until = ctl.clock() + self.backoff
+            self.start_failed = message
+            self.backoff_until = p.clock() + self.backoff
             self.backoff = min(self.backoff * 2, 30.0)
-            self.detail = outcome.message
+            await self._stop_workload()
             return False
+        self.start_failed = None
         self.backoff = 0.5
         self.run_token = token
-        self._remember(await interpret.observe())
+        if self.health is not None:
+            self.health.started(ctx)
+        obs = await interpret.observe()
+        pid = obs.pids[0] if obs.pids else None
+        self.report = InstanceReport(
+            self.name, self.report.state, token, self.report.detail, token, False, pid
+        )
+        p.remember(self.name, token, pid, self._stop_timeout())
         return True
 
-    def _remember(self, obs: Observation) -> None:
-        """Record the workload's pids in the 0600 state file (restart safety)."""
-        self.pid = obs.pids[0] if obs.pids else None
-        guard = obs.extra.get("guard_pid")
-        if self.pid is None or self.run_token is None:
-            return
-        stop_timeout = getattr(getattr(self.interpret, "spec", None), "stop_timeout", 5.0)
-        self.ctl.statefile.record(
-            Recorded(
-                app=self.name,
-                token=self.run_token,
-                pid=self.pid,
-                pid_start=proc_start_time(self.pid),
-                guard_pid=guard if isinstance(guard, int) else None,
-                guard_start=proc_start_time(guard) if isinstance(guard, int) else None,
-                stop_timeout=float(stop_timeout),
-            )
-        )
-
-    async def _halt(self) -> None:
-        await self._stop_workload()
+    def apply_deadline(self) -> None:
+        """The lease's validity moved: tell the Interpret (cheap; the fence follows the
+        session by itself when it can, so this only matters for fixed deadlines)."""
+        if self.interpret is not None and self.run_token is not None:
+            self.interpret.set_deadline(self.deadline())
 
     async def _stop_workload(self) -> bool:
-        """Stop (demote) the local workload; True if something was running."""
+        """Stop (demote) the local workload; True if something was running.
+
+        Bounded by the workload's own ``stop_timeout`` (plus a margin for SIGKILL to land),
+        never by a shorter command timeout: a database must get its graceful stop, and a
+        lease must not be released while its workload is still winding down. Raises
+        ``StillRunning`` when it did not stop in that time (nothing is released then).
+        """
         interpret = self.interpret
-        was = self.pid is not None
+        was = self.run_token is not None
         if interpret is not None:
-            obs = await interpret.observe()
-            if obs.state is WorkloadState.RUNNING:
-                was = True
-            outcome = await interpret.demote()
+            bound = self._stop_timeout() + 5.0
+            try:
+                outcome = await asyncio.wait_for(interpret.demote(), bound)
+            except TimeoutError:
+                raise StillRunning(f"{self.name}: did not stop within {bound:g}s") from None
             was = was or outcome.changed
-        if self.pid is not None:
-            self.ctl.statefile.forget(self.name)
-        self.pid = None
+            if not outcome.ok:
+                log.warning(f"{self.name}: stop failed: {outcome.message}", app=self.name)
+                raise StillRunning(f"{self.name}: stop failed: {outcome.message}")
+        self.p.forget(self.name)
+        if self.health is not None:
+            self.health.stopped()
         self.run_token = None
         return was
 
-    async def _let_go(self, sentence: str) -> None:
-        log.info(sentence, app=self.name)
-        self.wanting = False
-        await self.ctl.leases.release(self.name, stop=self._halt)
+    async def _release(self, to: str | None) -> None:
+        name = self.lease_name
+        if name is None:
+            return
+        await self.p.leases.release(name, to=to, stop=self._halt)
+
+    async def _halt(self) -> None:
         await self._stop_workload()
-        self.key = None
 
     async def shutdown(self) -> None:
         """Agent stopping: stop the workload while the lease is still ours, then release."""
         async with self.lock:
             self.done = True
-            if self.wanting or self.name in self.ctl.leases.held():
-                await self.ctl.leases.release(self.name, stop=self._halt)
+            await self._release(None)
             await self._stop_workload()
-            self.wanting = False
             if self.interpret is not None:
                 await self.interpret.close()
-            self._report(InstanceState.STOPPED, f"{self.name}: agent shutting down")
+            await self._drop_health()
+            self.report = InstanceReport(
+                self.name,
+                InstanceState.STOPPED,
+                None,
+                f"{self.name}: agent shutting down",
+                None,
+                False,
+                None,
+            )
+            self.p.report(self.report)
 
     async def planned_failover(self, to: str) -> tuple[bool, str]:
         """Stop here first, then hand the lease to ``to`` (an agent id or a site)."""
         async with self.lock:
-            token = self.ctl.leases.held().get(self.name)
-            if token is None:
-                return False, f"{self.ctl.agent_id} does not hold {self.name}"
-            started = time.monotonic()
-            self.wanting = False
-            ok = await self.ctl.leases.handover(self.name, to, stop=self._halt)
+            name = self.lease_name
+            token = self.p.leases.held().get(name) if name else None
+            if name is None or token is None:
+                return False, f"{self.p.agent_id} does not hold {self.name}"
+            started = self.p.clock()
+            ok = await self.p.leases.release(name, to=to, stop=self._halt)
             await self._stop_workload()
-            took = time.monotonic() - started
+            took = self.p.clock() - started
             sentence = (
-                f"{self.name}: planned failover; stopped token {token} on {self.ctl.agent_id} "
+                f"{self.name}: planned failover; stopped token {token} on {self.p.agent_id} "
                 f"and handed the lease to {to} in {took * 1000:.0f}ms"
             )
             log.info(sentence, app=self.name, fencing_token=token)
-            self._report(InstanceState.STANDBY, sentence)
-            await self.ctl.events.publish(
-                "handover", self.name, token, to=to, ok=ok, sentence=sentence
+            self.report = InstanceReport(
+                self.name, InstanceState.STANDBY, None, sentence, None, False, None
             )
+            self.p.report(self.report)
+            await self.p.publish("handover", self.name, token, to=to, ok=ok, sentence=sentence)
             return ok, sentence
-
-    # --- reporting --------------------------------------------------------------------------
-
-    def _report(self, state: InstanceState, detail: str) -> None:
-        self.state = state
-        self.detail = detail
-
-    def report(self) -> InstanceReport:
-        held = self.ctl.leases.held().get(self.name)
-        partitioned = self.partitioned and self.state is InstanceState.RUNNING
-        detail = self.detail
-        if partitioned and "partitioned" not in detail:
-            detail = f"partitioned, serving: {detail}"
-        return InstanceReport(
-            app=self.name,
-            state=self.state,
-            token=self.run_token if self.pid is not None else held,
-            detail=detail,
-            lease_token=held,
-            partitioned=partitioned,
-            pid=self.pid,
-        )

@@ -1,15 +1,20 @@
-"""Restart safety: which workload processes this agent started, in a 0600 file.
+"""Restart safety: what this agent's previous incarnation may have left running.
 
-A Process workload dies with its agent (the guard has PR_SET_PDEATHSIG), but not at once:
-the guard gives it ``stop_timeout`` to exit after SIGTERM. An agent restarted within that
-window must not start a second copy beside the dying first one. So every start records the
-guard and workload pids (with their kernel start times, so a recycled pid is never mistaken
-for ours) in ``<state_dir>/controller/instances.json``; a starting controller stops whatever
-of it still runs, and waits until it is gone, before it contends for any lease.
+Workloads die with their agent, but not at once: the fence gives each its ``stop_timeout``
+after SIGTERM. An agent restarted within that window must not start a second copy beside
+the dying first one. So ``<state_dir>/controller/instances.json`` (0600) records the fence's
+pid and every workload's process group (with kernel start times, so a recycled pid is never
+mistaken for ours), and a starting agent stops whatever of it still runs, and waits until it
+is gone, before it contends for any lease.
+
+The fence pid is written at once; workloads are written in the background, coalesced
+(1,000 starts must not cost 1,000 fsyncs). A workload the file missed still belongs to the
+old fence, which terminates it before exiting: waiting for the old fence covers it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -32,8 +37,6 @@ class Recorded:
     pid: int
     """Workload process (its process group leader)."""
     pid_start: int | None
-    guard_pid: int | None
-    guard_start: int | None
     stop_timeout: float = 5.0
 
 
@@ -59,38 +62,69 @@ def alive(pid: int | None, start: int | None) -> bool:
 class StateFile:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "controller" / "instances.json"
+        self.fence: tuple[int, int | None] | None = None
+        self.entries: dict[str, Recorded] = {}
+        self._dirty = asyncio.Event()
 
-    def load(self) -> dict[str, Recorded]:
+    def load(self) -> tuple[tuple[int, int | None] | None, dict[str, Recorded]]:
         try:
             raw = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        except (OSError, ValueError, RecursionError):
+            return None, {}
         out: dict[str, Recorded] = {}
+        fence = None
         if isinstance(raw, dict):
-            for app, entry in raw.items():
+            f = raw.get("fence")
+            if isinstance(f, list) and len(f) == 2 and isinstance(f[0], int):
+                fence = (f[0], f[1] if isinstance(f[1], int) else None)
+            apps = raw.get("apps")
+            for app, entry in (apps if isinstance(apps, dict) else {}).items():
                 with contextlib.suppress(TypeError, ValueError):
                     out[app] = Recorded(**entry)
-        return out
+        return fence, out
 
-    def save(self, entries: dict[str, Recorded]) -> None:
+    def save(self) -> None:
+        """Write the file now (0600 from the first byte, replaced atomically)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        body = {
+            "fence": list(self.fence) if self.fence else None,
+            "apps": {k: asdict(v) for k, v in self.entries.items()},
+        }
         with os.fdopen(fd, "w") as fh:
-            json.dump({k: asdict(v) for k, v in entries.items()}, fh)
+            json.dump(body, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
-    def record(self, entry: Recorded) -> None:
-        entries = self.load()
-        entries[entry.app] = entry
-        self.save(entries)
+    def set_fence(self, pid: int) -> None:
+        self.fence = (pid, proc_start_time(pid))
+        self.save()
+
+    def record(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None:
+        if pid is None:
+            return
+        old = self.entries.get(app)
+        if old is not None and (old.pid, old.token) == (pid, token):
+            return
+        self.entries[app] = Recorded(app, token, pid, proc_start_time(pid), stop_timeout)
+        self._dirty.set()
 
     def forget(self, app: str) -> None:
-        entries = self.load()
-        if entries.pop(app, None) is not None:
-            self.save(entries)
+        if self.entries.pop(app, None) is not None:
+            self._dirty.set()
+
+    async def run(self, every: float = 0.5) -> None:
+        """Flush changes in the background, at most every ``every`` seconds."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await asyncio.to_thread(self.save)
+            except OSError as exc:
+                log.error("cannot write the state file", path=str(self.path), error=repr(exc))
+            await asyncio.sleep(every)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -101,32 +135,38 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def stop_leftovers(state: StateFile, *, poll: float = 0.02) -> list[str]:
-    """Stop every recorded process that still runs; return one sentence per leftover.
+    """Stop the previous incarnation's fence and workloads; one sentence per leftover.
 
     Blocking on purpose: it runs once at start, before any lease is wanted, and nothing may
     start until the previous incarnation's workloads are gone.
     """
+    fence, entries = state.load()
     said: list[str] = []
-    for rec in state.load().values():
-        workload = alive(rec.pid, rec.pid_start)
-        guard = alive(rec.guard_pid, rec.guard_start)
-        if not workload and not guard:
+    waits: list[tuple[int, int | None, float]] = []
+    if fence is not None and alive(*fence):
+        said.append(f"previous incarnation's fence pid {fence[0]} still runs; waiting for it")
+        _signal_group(fence[0], signal.SIGTERM)
+        waits.append(
+            (fence[0], fence[1], max((e.stop_timeout for e in entries.values()), default=5.0) + 2)
+        )
+    for rec in entries.values():
+        if not alive(rec.pid, rec.pid_start):
             continue
         said.append(
             f"{rec.app}: previous incarnation's workload pid {rec.pid} (token {rec.token}) "
             "still runs; stopping it before anything starts"
         )
-        log.warning(said[-1])
-        if workload:
-            _signal_group(rec.pid, signal.SIGTERM)
-        if guard and rec.guard_pid is not None:
-            _signal_group(rec.guard_pid, signal.SIGTERM)
-        kill_at = time.monotonic() + rec.stop_timeout
-        while alive(rec.pid, rec.pid_start) or alive(rec.guard_pid, rec.guard_start):
-            if time.monotonic() >= kill_at:
-                _signal_group(rec.pid, signal.SIGKILL)
-                if rec.guard_pid is not None:
-                    _signal_group(rec.guard_pid, signal.SIGKILL)
+        _signal_group(rec.pid, signal.SIGTERM)
+        waits.append((rec.pid, rec.pid_start, rec.stop_timeout))
+    for sentence in said:
+        log.warning(sentence)
+    start = time.monotonic()
+    for pid, pid_start, timeout in waits:
+        while alive(pid, pid_start):
+            if time.monotonic() - start >= timeout:
+                _signal_group(pid, signal.SIGKILL)
             time.sleep(poll)
-    state.save({})
+    state.entries.clear()
+    state.fence = None
+    state.save()
     return said

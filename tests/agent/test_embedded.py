@@ -98,3 +98,28 @@ async def test_state_files_are_private(embedded_agent: AgentProcess) -> None:
     conf = state / "nats" / "nats-server.conf"
     assert conf.stat().st_mode & 0o077 == 0
     assert "sync_interval: always" in conf.read_text()
+
+
+async def test_a_taken_port_stops_the_server_before_it_starts(tmp_path: Path) -> None:
+    """Issue 15 item 4, inside the agent (``run`` also checks before starting): the
+    embedded server refuses to start on a port someone else holds, and ``wait_started``
+    says so, instead of the agent joining whatever listens there."""
+    import asyncio
+    import socket
+
+    from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        spec = ServerSpec(
+            name="t", store_dir=tmp_path / "js", listen=f"127.0.0.1:{port}", monitor_listen=None
+        )
+        server = EmbeddedServer(spec, tmp_path / "nats.conf")
+        runner = asyncio.create_task(server.run())
+        with pytest.raises(PortInUse, match=f"client port 127.0.0.1:{port}: cannot listen"):
+            await server.wait_started()
+        with pytest.raises(PortInUse):
+            await runner
+        assert server.process is None

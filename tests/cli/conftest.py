@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import structlog
@@ -14,7 +15,7 @@ from click.testing import CliRunner, Result
 from nats.aio.client import Client
 
 from agent.cli import cli
-from mesh.bootstrap import Buckets
+from mesh.bootstrap import Mesh as MeshHandles
 from tests.commands.helpers import connect
 from tests.harness.nats import NatsNode
 
@@ -25,8 +26,21 @@ Invoke = Callable[..., Awaitable[Result]]
 class Mesh:
     url: str
     nc: Client
-    buckets: Buckets
+    buckets: MeshHandles
     node: NatsNode
+
+
+@pytest.fixture(autouse=True)
+def isolated_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test sees the machine's contexts or HARMONY_* connection variables: connections
+    come from what each test passes. Returns the XDG config home the CLI uses."""
+    from agent.cli.profile import CONFIG_ENV, CONTEXT_ENV, ENV
+
+    for name in (*ENV.values(), CONTEXT_ENV, CONFIG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    return home
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from tests.commands.helpers import seed_world
 
 @pytest.fixture
 async def served(mesh: Mesh) -> AsyncIterator[tuple[Mesh, FakeController]]:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     controller = FakeController()
     server = CommandServer(
         mesh.nc, mesh.buckets.state, site="site-a", node="node-1", failover=controller.failover
@@ -32,7 +32,9 @@ async def test_drain_and_undrain(served: tuple[Mesh, FakeController], invoke: In
     mesh, _ = served
     result = await invoke("cmd", "-s", mesh.url, "drain", "site-b", "--reason", "kernel update")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "site site-b drained: its applications move to other sites\n"
+    assert result.stdout == (
+        "site site-b drained: ledger, web move to other sites; `cmd undrain site-b` lifts it\n"
+    )
     drains, _ = await read_marks(mesh.buckets.state)
     assert drains["site-b"].reason == "kernel update" and "@" in (drains["site-b"].by or "")
     again = await invoke("cmd", "-s", mesh.url, "drain", "site-b")
@@ -73,7 +75,15 @@ async def test_failover_goes_to_the_holder(
     )
     nobody = await invoke("cmd", "-s", mesh.url, "failover", "web")
     assert nobody.exit_code == 1
-    assert "no agent serves harmony.cmd.app.web.failover" in nobody.stderr
+    assert nobody.stderr == (
+        "harmony-agent: error: web: no agent holds it now, so there is no running instance "
+        "to move (see `harmony-agent status`)\n"
+    )
+    unknown = await invoke("cmd", "failover", "nope", "-s", mesh.url)
+    assert (unknown.exit_code, unknown.stderr) == (
+        1,
+        "harmony-agent: error: unknown application nope\n",
+    )
 
 
 async def test_refusals_and_bad_input(served: tuple[Mesh, FakeController], invoke: Invoke) -> None:

@@ -9,7 +9,7 @@ from nats.js.kv import KeyValue
 from agent.cli.status import status_document
 from agent.cli.status_render import human_age, stable
 from agent.meshview import MeshState
-from mesh.names import LEASES_BUCKET, STATE_BUCKET, TRUST_BUCKET
+from mesh.names import STATE_BUCKET, TRUST_BUCKET, store_bucket
 from tests.commands.helpers import heartbeat
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -34,7 +34,7 @@ def test_garbage_values_become_problems_not_exceptions() -> None:
         (STATE_BUCKET, "agent.a.n1", b"\xff"),
         (STATE_BUCKET, "app.x", b'{"kind": "Application"}'),
         (STATE_BUCKET, "something.else", b"?"),
-        (LEASES_BUCKET, "app.x", b"[[["),
+        (store_bucket("s"), "lease.x.a.n1", b"[[["),
         (TRUST_BUCKET, "ca.a", b"null"),
     ]:
         state.apply(bucket, entry(bucket, key, value, 1))

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from mesh.names import lease_family
+from mesh.records import ClaimState
 from tests.cli.conftest import Invoke, Mesh
-from tests.commands.helpers import heartbeat, lease, seed_world
+from tests.commands.helpers import heartbeat, seed_world, write_claim
 from tests.harness.ports import free_port
 from tests.harness.wait import eventually
 
@@ -42,7 +44,7 @@ def check_schema(doc: dict[str, Any]) -> None:
 
 
 async def test_json_matches_schema_and_truth(mesh: Mesh, invoke: Invoke) -> None:
-    tokens = await seed_world(mesh.buckets)
+    tokens = await seed_world(mesh.buckets, mesh.nc)
     result = await invoke("status", "-s", mesh.url, "-o", "json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -86,11 +88,11 @@ async def test_stale_heartbeat_is_unhealthy(mesh: Mesh, invoke: Invoke) -> None:
 
 
 async def test_marks_and_handover_are_shown(mesh: Mesh, invoke: Invoke) -> None:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     await mesh.buckets.state.put("drain.site-b", b'{"kind":"drain","site":"site-b","by":"ops"}')
     await mesh.buckets.state.put("fence.web", b"not even json")  # still a mark
-    await mesh.buckets.leases.put(
-        "app.ledger", lease("site-a/node-1", state="handover", handover_to="site-b")
+    await write_claim(
+        mesh.nc, lease_family("ledger"), "site-a/node-1", 101, ClaimState.HANDOVER, "site-b"
     )
     doc = json.loads((await invoke("status", "-s", mesh.url, "-o", "json")).stdout)
     sites = {s["name"]: s for s in doc["sites"]}
@@ -107,7 +109,7 @@ async def test_marks_and_handover_are_shown(mesh: Mesh, invoke: Invoke) -> None:
 
 
 async def test_tables(mesh: Mesh, invoke: Invoke) -> None:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     result = await invoke("status", "-s", mesh.url)
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -126,7 +128,7 @@ async def test_empty_mesh_and_problems(mesh: Mesh, invoke: Invoke) -> None:
     assert doc["agents"] == doc["applications"] == doc["trust"] == []
     await mesh.buckets.state.put("app.broken", b"{}")
     await mesh.buckets.state.put("agent.site-a.x", b"[]")
-    await mesh.buckets.leases.put("app.ghost", lease("site-a/x"))
+    await write_claim(mesh.nc, lease_family("ghost"), "site-a/x", 7)
     doc = json.loads((await invoke("status", "-s", mesh.url, "-o", "json")).stdout)
     assert len(doc["problems"]) == 3, doc["problems"]
     assert "no trusted site CAs" in (await invoke("status", "-s", mesh.url)).stdout
@@ -149,7 +151,7 @@ async def test_uninitialised_mesh_and_bad_options(nats_server: Any, invoke: Invo
 
 
 async def test_watch_shows_a_change_within_one_second(mesh: Mesh) -> None:
-    await seed_world(mesh.buckets)
+    await seed_world(mesh.buckets, mesh.nc)
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "agent.cli", "status", "-s", mesh.url, "-o", "json", "--watch"],
         stdout=asyncio.subprocess.PIPE,

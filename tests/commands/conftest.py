@@ -9,7 +9,7 @@ import pytest
 from nats.aio.client import Client
 
 from agent.commands import CommandServer, Reply
-from mesh.bootstrap import Buckets
+from mesh.bootstrap import Mesh as MeshHandles
 from tests.commands.helpers import connect, seed_world
 from tests.harness.nats import NatsNode
 
@@ -35,7 +35,7 @@ class FakeController:
 class Plane:
     url: str
     nc: Client
-    buckets: Buckets
+    buckets: MeshHandles
     server: CommandServer
     controller: FakeController
     tokens: dict[str, int]
@@ -48,7 +48,7 @@ class Plane:
 @pytest.fixture
 async def plane(nats_server: NatsNode) -> AsyncIterator[Plane]:
     nc, buckets = await connect(nats_server.url)
-    tokens = await seed_world(buckets)
+    tokens = await seed_world(buckets, nc)
     controller = FakeController()
     server = CommandServer(
         nc, buckets.state, site="site-a", node="node-1", failover=controller.failover

@@ -146,8 +146,11 @@ async def test_garbage_flood_then_still_correct(plane: Plane) -> None:
     for i in range(500):
         await plane.nc.publish(f"{AGENT}.drain", junk[i % len(junk)], reply=inbox)
     await plane.nc.flush()
-    await eventually(lambda: len(replies) >= 400, timeout=20, what="replies to the flood")
+    await eventually(lambda: len(replies) >= 500, timeout=20, what="a reply to every request")
+    assert (await plane.request(f"{AGENT}.ping", b"")).ok  # everything before it is answered
+    await plane.nc.flush()
     await sub.unsubscribe()
+    assert len(replies) == 500, f"{len(replies)} replies to 500 requests: exactly one each"
     assert all(not json.loads(r)["ok"] for r in replies)
 
     reply = await plane.request(f"{AGENT}.drain", json.dumps({"site": "site-c"}).encode())
@@ -173,7 +176,7 @@ async def test_drain_survives_a_mesh_restart(nats_server: NatsNode) -> None:
     nc, buckets = await connect(nats_server.url)
     from tests.commands.helpers import seed_world
 
-    await seed_world(buckets)
+    await seed_world(buckets, nc)
     server = CommandServer(nc, buckets.state, site="site-a", node="node-1")
     await server.start()
     try:

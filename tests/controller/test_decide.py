@@ -12,6 +12,7 @@ from agent.controller.model import (
     LeaseView,
     PeerInstance,
     Policy,
+    Release,
     Run,
     Snapshot,
     WorkloadView,
@@ -110,7 +111,7 @@ def test_reconcile_loser_holding_the_lease_hands_it_to_the_winner() -> None:
             peers=(peer,),
         ),
     )
-    assert d.run is Run.STOP and d.handover_to == "site-a/n9" and not d.release
+    assert d.run is Run.STOP and d.handover_to == "site-a/n9" and d.release is Release.HANDOVER
 
 
 def test_reconcile_ignores_standby_peers() -> None:
@@ -151,25 +152,28 @@ def test_not_wanted_here_stops_and_releases(
     kw: dict[str, object], state: InstanceState, event: str
 ) -> None:
     d = decide("ledger", snap(lease=HELD, workload=RUNNING_42, **kw))
-    assert not d.want and d.run is Run.STOP and d.release
+    assert not d.want and d.run is Run.STOP and d.release is not Release.NONE
     assert d.state is state and d.event == event
 
 
 def test_not_wanted_and_idle_is_quiet() -> None:
     d = decide("ledger", snap(drained=True))
-    assert not d.want and not d.release and d.event is None
+    assert not d.want and d.release is Release.NONE and d.event is None
 
 
 def test_max_failures_gives_up_and_releases() -> None:
     d = decide("ledger", snap(lease=HELD, failures=3, max_failures=3))
-    assert d.give_up and d.release and not d.want and d.state is InstanceState.FAILED
+    assert d.give_up and d.release is Release.RELEASE and not d.want
+    assert d.state is InstanceState.FAILED
     assert "failed 3 times" in d.sentence
 
 
 def test_backoff_after_failed_start() -> None:
-    d = decide("ledger", snap(lease=HELD, backoff_until=NOW + 1))
+    failed = WorkloadView(start_failed="cannot start: no such file")
+    d = decide("ledger", snap(lease=HELD, workload=failed, backoff_until=NOW + 1))
     assert d.run is Run.KEEP and d.state is InstanceState.FAILED and d.want
-    d = decide("ledger", snap(lease=HELD, backoff_until=NOW - 0.1))
+    assert d.retry_at == NOW + 1 and "no such file" in d.sentence
+    d = decide("ledger", snap(lease=HELD, workload=failed, backoff_until=NOW - 0.1))
     assert d.run is Run.START
 
 
@@ -206,3 +210,32 @@ def test_winner_among_many() -> None:
     assert winner(13, "a", peers, Policy.KEEP_NEWEST) is None
     w = winner(10, "a", peers, Policy.KEEP_OLDEST)
     assert w is not None and w.agent == "b"
+
+
+def test_an_unhealthy_probe_gives_the_application_up_here() -> None:
+    d = decide("ledger", snap(lease=HELD, workload=RUNNING_42, unhealthy="probe failed 3 times"))
+    assert d.give_up and d.run is Run.STOP and d.release is Release.RELEASE and not d.want
+    assert d.state is InstanceState.FAILED and "probe failed 3 times" in d.sentence
+
+
+def test_cooldown_asks_to_be_woken_at_its_end() -> None:
+    d = decide("ledger", snap(cooldown_until=NOW + 5))
+    assert not d.want and d.retry_at == NOW + 5 and d.state is InstanceState.FAILED
+
+
+def test_events_report_the_token_of_what_they_concern() -> None:
+    start = decide("ledger", snap(lease=HELD))
+    assert start.event == "started" and start.event_token == 42 and start.deadline
+    stop = decide("ledger", snap(lease=OTHER, workload=RUNNING_7))
+    assert stop.event == "lease-lost" and stop.event_token == 7  # the stopped instance's
+    sba = decide("cache", snap(consistent=False, lease=HELD))
+    assert sba.run is Run.START and not sba.deadline  # SplitBrainAllowed: no deadline
+
+
+def test_a_deleted_application_is_done_once_nothing_runs_or_is_wanted() -> None:
+    busy = decide("ledger", snap(present=False, eligible=False, workload=RUNNING_42))
+    assert not busy.done and busy.run is Run.STOP
+    idle = decide("ledger", snap(present=False, eligible=False))
+    assert idle.done
+    still_wanted = decide("ledger", snap(present=False, eligible=False, wanted=True))
+    assert not still_wanted.done

@@ -1,79 +1,85 @@
-"""The runner's I/O around ``decide``, with a fake lease manager, Interpret and clock."""
+"""The runner carries plans out through its ports: fake ports, fake Interpret, fake clock.
+
+No controller and no NATS here: that the runner needs nothing but ``Ports`` is the point.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.application import Application
-from agent.controller.controller import Controller
-from agent.controller.runner import AppRunner
-from scores.base import Interpret, Observation, Outcome, RunContext, WorkloadState
+from agent.controller.model import PeerInstance
+from agent.controller.runner import AppRunner, InstanceReport
+from agent.timing import Timing
+from scores.base import Deadline, Interpret, Observation, Outcome, RunContext, WorkloadState
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+NOW = 1000.0
 
 
 class FakeLeases:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.tokens: dict[str, int] = {}
         self.valid_until = float("-inf")
-        self.wanted: dict[str, tuple[str, int]] = {}
+        self.wants: dict[str, int] = {}
         self.calls: list[tuple[str, Any]] = []
-        self.on_acquired: list[Any] = []
-        self.on_lost: list[Any] = []
-        self.on_deadline: list[Any] = []
+        self.follows = True
 
     def grant(self, name: str, token: int, ttl: float = 2.0) -> None:
         self.tokens[name] = token
         self.valid_until = self.clock() + ttl
 
+    def want_lease(self, name: str, *, rank: int = 0) -> None:
+        self.wants[name] = rank
+        self.calls.append(("want", name))
+
+    def want_slot(self, name: str) -> None:
+        self.want_lease(name)
+
+    def wanted(self, name: str) -> bool:
+        return name in self.wants
+
     def held(self) -> dict[str, int]:
         return dict(self.tokens) if self.clock() < self.valid_until else {}
 
-    def deadline(self) -> float:
-        return self.valid_until
+    def deadline(self, name: str) -> float:
+        return self.valid_until if name in self.tokens else float("-inf")
 
-    def observe(self) -> dict[str, Any]:
-        return {}
+    def follows_session(self, name: str) -> bool:
+        return self.follows
 
-    def want(self, name: str, key: str, *, rank: int = 0) -> None:
-        self.wanted[name] = (key, rank)
-        self.calls.append(("want", name))
-
-    async def release(self, name: str, *, to: str | None = None, stop: Any = None) -> bool:
-        self.wanted.pop(name, None)
+    async def release(
+        self, name: str, *, to: str | None = None, stop: Callable[[], Awaitable[None]] | None = None
+    ) -> bool:
+        self.wants.pop(name, None)
         had = self.tokens.pop(name, None) is not None
         if had and stop is not None:
             await stop()
         self.calls.append(("release", to))
         return had
 
-    async def handover(self, name: str, to: str, *, stop: Any = None) -> bool:
-        return await self.release(name, to=to, stop=stop)
-
 
 class FakeInterpret(Interpret):
     enforces_deadline = True
 
-    def __init__(self, log: list[str]) -> None:
+    def __init__(self, log: list[str], *, hang: bool = False) -> None:
         self.log = log
+        self.hang = hang
         self.state = WorkloadState.STOPPED
         self.reason: str | None = None
         self.restarts = 0
         self.ctx: RunContext | None = None
-        self.deadlines: list[float | None] = []
+        self.deadlines: list[Deadline | None] = []
 
     async def apply(self, ctx: RunContext) -> Outcome:
+        if self.hang:
+            await asyncio.Event().wait()
         self.ctx = ctx
         self.state = WorkloadState.RUNNING
         self.log.append(f"apply {ctx.fencing_token}")
@@ -90,23 +96,64 @@ class FakeInterpret(Interpret):
         pids = (999_999,) if self.state is WorkloadState.RUNNING else ()
         return Observation(self.state, "", pids, self.reason, self.restarts)
 
-    def extend_deadline(self, monotonic_deadline: float) -> None:
-        self.deadlines.append(monotonic_deadline)
-
-    def clear_deadline(self) -> None:
-        self.deadlines.append(None)
+    def set_deadline(self, deadline: Deadline | None) -> None:
+        self.deadlines.append(deadline)
 
 
-class FakeEvents:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, int | None]] = []
-        self.nc = None
+@dataclass
+class FakePorts:
+    state_dir: Path
+    agent_id: str = "site-a/n1"
+    site: str = "site-a"
+    node: str = "n1"
+    stopping: bool = False
+    timing: Timing = field(default_factory=lambda: Timing.from_ttl(2.0))
+    max_failures: int = 3
+    topology: Any = None
+    now: float = NOW
+    apps: dict[str, Application] = field(default_factory=dict)
+    fences: set[str] = field(default_factory=set)
+    peer_list: list[PeerInstance] = field(default_factory=list)
+    events: list[tuple[str, int | None]] = field(default_factory=list)
+    reports: list[InstanceReport] = field(default_factory=list)
+    remembered: dict[str, int] = field(default_factory=dict)
+    leases: FakeLeases = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.leases = FakeLeases(self.clock)
+
+    def clock(self) -> float:
+        return self.now
+
+    def app(self, name: str) -> Application | None:
+        return self.apps.get(name)
+
+    def fenced(self, name: str) -> bool:
+        return name in self.fences
+
+    def drained(self) -> bool:
+        return False
+
+    def peers(self, name: str, site: str | None) -> tuple[PeerInstance, ...]:
+        return tuple(self.peer_list)
+
+    def holder(self, name: str) -> str | None:
+        return None
 
     async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None:
-        self.sent.append((event, token))
+        self.events.append((event, token))
+
+    def report(self, report: InstanceReport) -> None:
+        self.reports.append(report)
+
+    def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None:
+        self.remembered[app] = token
+
+    def forget(self, app: str) -> None:
+        self.remembered.pop(app, None)
 
 
-def app(strategy: str = "AbsoluteConsistency", reconcile: str = "keep-newest") -> Application:
+def application(strategy: str = "AbsoluteConsistency") -> Application:
     return Application.model_validate(
         {
             "apiVersion": "harmony/v1",
@@ -114,7 +161,7 @@ def app(strategy: str = "AbsoluteConsistency", reconcile: str = "keep-newest") -
             "metadata": {"name": "ledger"},
             "spec": {
                 "trait": "stateful",
-                "failover": {"strategy": strategy, "reconcile": reconcile},
+                "failover": {"strategy": strategy},
                 "placement": {"sites": ["site-b", "site-a"]},
                 "score": {"kind": "Process", "command": ["true"]},
             },
@@ -123,117 +170,178 @@ def app(strategy: str = "AbsoluteConsistency", reconcile: str = "keep-newest") -
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> tuple[Controller, AppRunner, FakeLeases, FakeInterpret, list[str]]:
-    clock = Clock()
-    leases = FakeLeases(clock)
+def world(tmp_path: Path) -> tuple[FakePorts, AppRunner, FakeInterpret, list[str]]:
+    ports = FakePorts(tmp_path)
+    ports.apps["ledger"] = application()
+    runner = AppRunner("ledger", ports)
     log: list[str] = []
-    ctl = Controller(
-        site="site-a",
-        node="n1",
-        state_dir=tmp_path,
-        ttl=2.0,
-        max_failures=3,
-        leases=leases,  # type: ignore[arg-type]
-        events=FakeEvents(),  # type: ignore[arg-type]
-        topology=None,  # type: ignore[arg-type]
-        clock=clock,
-    )
-    runner = AppRunner("ledger", ctl)
     interpret = FakeInterpret(log)
     runner.interpret = interpret
-    ctl.runners["ledger"] = runner
-    return ctl, runner, leases, interpret, log
+    runner.score = ports.apps["ledger"].spec.score
+    return ports, runner, interpret, log
 
 
-def set_app(ctl: Controller, runner: AppRunner, a: Application) -> None:
-    ctl.desired["ledger"] = a
-    runner.score = a.spec.score
-
-
-async def test_consistent_start_uses_token_and_lease_deadline(world: Any) -> None:
-    ctl, runner, leases, interpret, log = world
-    set_app(ctl, runner, app())
+async def test_consistent_start_uses_token_and_the_lease_deadline(world: Any) -> None:
+    ports, runner, interpret, log = world
     await runner.step()
-    assert leases.wanted == {"ledger": ("app.ledger", 1)}  # site-a is second in placement
-    leases.grant("ledger", 42)
+    assert ports.leases.wants == {"ledger": 1}  # site-a is second in placement
+    ports.leases.grant("ledger", 42)
     await runner.step()
-    assert log == ["apply 42"] and interpret.ctx.deadline == leases.valid_until
-    assert interpret.ctx.fencing_token == 42 and interpret.deadlines[-1] == leases.valid_until
-    assert ctl.status()["instances"][0] | {"detail": ""} == {
-        "app": "ledger",
-        "state": "running",
-        "token": 42,
-        "detail": "",
-        "lease_token": 42,
-        "partitioned": False,
-        "pid": 999_999,
-    }
-    recorded = json.loads(ctl.statefile.path.read_text())
-    assert recorded["ledger"]["token"] == 42 and recorded["ledger"]["pid"] == 999_999
-    leases.valid_until += 0.7  # a renewal: the guard deadline follows
-    ctl._feed_deadline(leases.valid_until)
-    assert interpret.deadlines[-1] == leases.valid_until
-    ctl.clock.t = leases.valid_until + 0.01  # type: ignore[attr-defined]
+    assert log == ["apply 42"] and interpret.ctx.fencing_token == 42
+    assert interpret.ctx.deadline == Deadline(ports.leases.valid_until, follows_session=True)
+    assert ports.remembered == {"ledger": 42}
+    assert ports.reports[-1].state.value == "running" and ports.reports[-1].token == 42
+    ports.leases.follows = False  # the claim stands in fewer stores: a fixed deadline
+    ports.leases.valid_until += 0.7
+    runner.apply_deadline()
+    assert interpret.deadlines[-1] == Deadline(ports.leases.valid_until, follows_session=False)
+    ports.now = ports.leases.valid_until + 0.01
     await runner.step()
-    assert log[-1] == "stop" and runner.state.value == "standby"
-    assert ("lease-lost", 42) in ctl.events.sent  # type: ignore[attr-defined]
+    assert log[-1] == "stop" and ports.reports[-1].state.value == "standby"
+    assert ("lease-lost", 42) in ports.events and ports.remembered == {}
 
 
 async def test_split_brain_keeps_serving_then_loses_reconcile(world: Any) -> None:
-    ctl, runner, leases, interpret, log = world
-    set_app(ctl, runner, app("SplitBrainAllowed"))
-    leases.grant("ledger", 5)
+    ports, runner, interpret, log = world
+    ports.apps["ledger"] = application("SplitBrainAllowed")
+    runner.score = ports.apps["ledger"].spec.score
+    ports.leases.grant("ledger", 5)
     await runner.step()
-    assert interpret.deadlines == [None] and log == ["apply 5"]
-    ctl.clock.t = leases.valid_until + 5  # partitioned: lease gone, workload stays
+    assert interpret.ctx.deadline is None and log == ["apply 5"]
+    ports.now = ports.leases.valid_until + 5  # partitioned: lease gone, workload stays
     await runner.step()
-    report = runner.report()
+    report = ports.reports[-1]
     assert report.state.value == "running" and report.partitioned and report.token == 5
     assert "partitioned" in report.detail and log == ["apply 5"]
-    beat = {
-        "agent": "site-b/n1",
-        "site": "site-b",
-        "state": "alive",
-        "instances": [{"app": "ledger", "state": "running", "token": 9}],
-    }
-    ctl.peers.feed("core:harmony.instances.site-b.n1", json.dumps(beat).encode())
+    ports.peer_list = [PeerInstance("site-b/n1", "site-b", "running", 9)]
     await runner.step()
-    assert log[-1] == "stop" and runner.state.value == "standby"
-    assert not ctl.statefile.path.exists() or "ledger" not in ctl.statefile.load()
+    assert log[-1] == "stop" and ports.reports[-1].state.value == "standby"
 
 
 async def test_crash_loop_gives_up_and_releases(world: Any) -> None:
-    ctl, runner, leases, interpret, _log = world
-    set_app(ctl, runner, app())
-    leases.grant("ledger", 7, ttl=100)
+    ports, runner, interpret, _log = world
+    ports.leases.grant("ledger", 7, ttl=100)
     await runner.step()
     interpret.state, interpret.reason, interpret.restarts = WorkloadState.FAILED, "crashed", 2
     await runner.step()
-    assert ("release", None) in leases.calls and "ledger" not in leases.wanted
-    assert runner.cooldown_until > ctl.clock() and runner.state.value == "failed"
+    assert ("release", None) in ports.leases.calls and "ledger" not in ports.leases.wants
+    assert runner.cooldown_until > ports.now and ports.reports[-1].state.value == "failed"
     await runner.step()
-    assert "ledger" not in leases.wanted  # still cooling down: not contending
+    assert "ledger" not in ports.leases.wants  # still cooling down: not contending
+
+
+async def test_an_interpret_call_is_bounded_by_the_lease_deadline(tmp_path: Path) -> None:
+    """A hung start (an SSH or API call) must not hold the runner past the lease."""
+    ports = FakePorts(tmp_path, timing=Timing(2.0, 0.2, command_timeout=2.0))
+    ports.apps["ledger"] = application()
+    runner = AppRunner("ledger", ports)
+    runner.interpret = FakeInterpret([], hang=True)
+    runner.score = ports.apps["ledger"].spec.score
+    await runner.step()
+    ports.leases.grant("ledger", 3, ttl=100)
+    ports.leases.valid_until = ports.now + 0.2  # the lease ends in 200 ms
+    await asyncio.wait_for(runner.step(), 5)  # returns: bounded, not stuck for ever
+    assert runner.start_failed is not None and "did not finish" in runner.start_failed
 
 
 async def test_shutdown_stops_then_releases(world: Any) -> None:
-    ctl, runner, leases, _interpret, log = world
-    set_app(ctl, runner, app())
-    leases.grant("ledger", 3, ttl=100)
+    ports, runner, _interpret, log = world
+    ports.leases.grant("ledger", 3, ttl=100)
     await runner.step()
-    await ctl.shutdown()
-    assert log == ["apply 3", "stop"] and leases.tokens == {}
-    assert runner.report().state.value == "stopped"
+    await runner.shutdown()
+    assert log == ["apply 3", "stop"] and ports.leases.tokens == {}
+    assert ports.reports[-1].state.value == "stopped"
+    ports.stopping = True
+    assert await runner.step() is None  # nothing starts again once shutdown began
 
 
 async def test_planned_failover_stops_before_handover(world: Any) -> None:
-    ctl, runner, leases, _interpret, log = world
-    set_app(ctl, runner, app())
-    leases.grant("ledger", 3, ttl=100)
+    ports, runner, _interpret, log = world
+    ports.leases.grant("ledger", 3, ttl=100)
     await runner.step()
-    beat = {"agent": "site-b/n1", "site": "site-b", "state": "alive", "instances": []}
-    ctl.peers.feed("agent.site-b.n1", json.dumps(beat).encode())
-    reply = await ctl.failover("ledger", None)
-    assert reply.ok and reply.fields["to"] == "site-b"
-    assert log == ["apply 3", "stop"] and ("release", "site-b") in leases.calls
-    refused = await ctl.failover("ledger", "site-b")
-    assert not refused.ok and "does not hold" in (refused.error or "")
+    ok, sentence = await runner.planned_failover("site-b")
+    assert ok and "handed the lease to site-b" in sentence
+    assert log == ["apply 3", "stop"] and ("release", "site-b") in ports.leases.calls
+    assert ("handover", 3) in ports.events
+
+
+def health_app(flag: Path, **health: Any) -> Application:
+    return Application.model_validate(
+        {
+            "apiVersion": "harmony/v1",
+            "kind": "Application",
+            "metadata": {"name": "ledger"},
+            "spec": {
+                "trait": "stateful",
+                "placement": {"sites": ["site-b", "site-a"]},
+                "score": {"kind": "Process", "command": ["true"]},
+                "health": {
+                    "probe": {"exec": ["test", "-f", str(flag)]},
+                    "period": "200ms",
+                    "timeout": "200ms",
+                    "failure_threshold": 2,
+                    "start_period": "0s",
+                    "cooldown": "1h",
+                    **health,
+                },
+            },
+        }
+    )
+
+
+async def test_failing_probe_gives_up_and_a_passing_one_ends_the_cooldown(
+    world: Any, tmp_path: Path
+) -> None:
+    from scores.health import Phase
+    from tests.harness.wait import eventually
+    from topologies.localhost import LocalhostTopology
+
+    ports, runner, _interpret, log = world
+    ports.topology = LocalhostTopology()
+    flag = tmp_path / "healthy"
+    flag.touch()
+    ports.apps["ledger"] = health_app(flag)
+    ports.leases.grant("ledger", 7, ttl=100)
+    await runner.step()
+    monitor = runner.health
+    assert log == ["apply 7"] and monitor is not None and monitor.probe is not None
+    await eventually(lambda: monitor.checks >= 2, what="probing")
+    ports.apps["ledger"] = health_app(flag)  # the same Application, read again
+    await runner.step()
+    assert runner.health is monitor and ports.reports[-1].state.value == "running"
+
+    runner.wake.clear()
+    flag.unlink()  # alive but unhealthy
+    await asyncio.wait_for(runner.wake.wait(), 30)  # the monitor wakes the runner
+    plan = await runner.step()
+    assert plan is not None and plan.give_up
+    assert plan.sentence.startswith(
+        "ledger: probe exec failed 2 times in a row (threshold 2): exit 1; giving it up here"
+    )
+    assert log[-1] == "stop" and ("release", None) in ports.leases.calls
+    assert runner.cooldown_until == ports.now + 3600
+    await runner.step()
+    assert "ledger" not in ports.leases.wants, "out while the probe still fails"
+
+    runner.wake.clear()
+    flag.touch()
+    await asyncio.wait_for(runner.wake.wait(), 30)
+    assert monitor.verdict().phase is Phase.IDLE
+    await runner.step()
+    assert "ledger" in ports.leases.wants, "the probe passes again: contending again"
+    await runner.shutdown()
+    assert runner.health is None
+
+
+async def test_a_violated_health_rule_keeps_the_workload_off(world: Any, tmp_path: Path) -> None:
+    from topologies.localhost import LocalhostTopology
+
+    ports, runner, _interpret, log = world
+    ports.topology = LocalhostTopology()
+    ports.apps["ledger"] = health_app(tmp_path / "x", cooldown="1s")  # ttl is 2s
+    ports.leases.grant("ledger", 7, ttl=100)
+    await runner.step()
+    await runner.step()
+    assert log == [] and runner.interpret is None
+    assert runner.start_failed is not None
+    assert "rule 'cooldown >= lease.ttl' violated" in runner.start_failed

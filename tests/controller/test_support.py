@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from agent.controller.peers import PeerTable
-from agent.controller.statefile import Recorded, StateFile, alive, proc_start_time, stop_leftovers
+from agent.controller.statefile import StateFile, alive, proc_start_time, stop_leftovers
 from tests.harness import history
 
 TICKER = Path(__file__).resolve().parents[1] / "workloads" / "ticker.py"
@@ -81,37 +81,36 @@ class Clock:
         return self.t
 
 
-def _beat(agent: str, *insts: tuple[str, str, int | None], state: str = "alive") -> bytes:
-    return json.dumps(
-        {
-            "agent": agent,
-            "site": agent.split("/", maxsplit=1)[0],
-            "state": state,
-            "instances": [{"app": a, "state": s, "token": t} for a, s, t in insts],
-        }
-    ).encode()
+def _report(state: str, token: int | None) -> bytes:
+    return json.dumps({"app": "x", "state": state, "token": token}).encode()
 
 
-def test_peer_table_freshness_and_latest_source() -> None:
+def test_peer_reports_count_while_their_agent_lives() -> None:
     clock = Clock()
-    table = PeerTable("site-a/n1", ttl=2.0, clock=clock)
-    assert table.feed("agent.site-b.n1", _beat("site-b/n1", ("x", "running", 4))) == {"x"}
-    table.feed("agent.site-a.n1", _beat("site-a/n1", ("x", "running", 1)))  # ourselves
+    alive = {"site-b/n1"}
+    table = PeerTable("site-a/n1", ttl=2.0, clock=clock, alive=lambda a: a in alive)
+    assert table.feed_report("x", "site-b/n1", _report("running", 4))
+    assert not table.feed_report("x", "site-a/n1", _report("running", 1))  # ourselves
     (peer,) = table.instances("x")
     assert peer.agent == "site-b/n1" and peer.running and peer.token == 4
-    clock.t = 1.0
-    # A newer report from the core subject says it stopped: the latest source wins.
-    table.feed("core:harmony.instances.site-b.n1", _beat("site-b/n1", ("x", "standby", None)))
-    (peer,) = table.instances("x")
-    assert not peer.running
     assert table.instances("x", site="site-c") == ()
-    assert table.live_agents("site-b") == ["site-b/n1"]
-    clock.t = 3.5  # neither report renewed within a ttl: stale
+    alive.clear()  # its session stopped renewing: the report proves nothing any more
     assert table.instances("x") == ()
-    table.feed("agent.site-c.n1", _beat("site-c/n1", ("x", "running", 9), state="closed"))
+    table.feed_report("x", "site-b/n1", b"[[[[not json")
     assert table.instances("x") == ()
-    assert table.feed("agent.site-c.n1", None) == {"x"}
-    assert table.feed("agent.bad", b"not json") == set()
+
+
+def test_gossip_counts_for_a_ttl_even_before_sessions_catch_up() -> None:
+    clock = Clock()
+    table = PeerTable("site-a/n1", ttl=2.0, clock=clock, alive=lambda a: False)
+    body = {"agent": "site-c/n1", "instances": [{"app": "x", "state": "running", "token": 9}]}
+    agent, apps = table.feed_gossip(json.dumps(body).encode())
+    assert agent == "site-c/n1" and apps == {"x"} and table.knows("site-c/n1")
+    assert [p.token for p in table.instances("x")] == [9]
+    clock.t = 2.5
+    assert table.instances("x") == () and not table.knows("site-c/n1")
+    assert table.feed_gossip(b'{"agent": 5}') == (None, set())
+    assert table.feed_gossip(b"\xff") == (None, set())
 
 
 def test_state_file_is_private_and_stops_leftovers(tmp_path: Path) -> None:
@@ -120,26 +119,40 @@ def test_state_file_is_private_and_stops_leftovers(tmp_path: Path) -> None:
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
     )
     try:
-        sf.record(
-            Recorded(
-                app="ledger",
-                token=3,
-                pid=proc.pid,
-                pid_start=proc_start_time(proc.pid),
-                guard_pid=None,
-                guard_start=None,
-                stop_timeout=1.0,
-            )
-        )
+        sf.record("ledger", 3, proc.pid, 1.0)
+        sf.save()
         assert stat.S_IMODE(sf.path.stat().st_mode) == 0o600
         assert alive(proc.pid, proc_start_time(proc.pid))
         assert not alive(proc.pid, 1)  # a recycled pid has another start time
-        said = stop_leftovers(sf)
+        said = stop_leftovers(StateFile(tmp_path))
         assert len(said) == 1 and "pid" in said[0]
         assert proc.wait(5) is not None
-        assert sf.load() == {}
-        assert stop_leftovers(sf) == []
+        assert StateFile(tmp_path).load() == (None, {})
+        assert stop_leftovers(StateFile(tmp_path)) == []
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_restarted_agent_waits_for_the_old_fence(tmp_path: Path) -> None:
+    """The old fence still terminating its workloads: nothing may start before it exits."""
+    sf = StateFile(tmp_path)
+    ready = tmp_path / "ready"
+    code = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: None); "
+        "pathlib.Path(sys.argv[1]).touch(); time.sleep(0.5)"
+    )
+    fence = subprocess.Popen([sys.executable, "-c", code, str(ready)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # poll-with-deadline for the child's handler
+        sf.set_fence(fence.pid)
+        said = stop_leftovers(StateFile(tmp_path))
+        assert said and "fence" in said[0]
+        assert fence.poll() is not None, "returned while the old fence still ran"
+    finally:
+        if fence.poll() is None:
+            fence.kill()
+        fence.wait()

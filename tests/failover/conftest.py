@@ -7,6 +7,7 @@ sleeps to synchronise: waits are ``eventually`` polls with deadlines.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,18 +21,16 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from mesh.bootstrap import EVENTS_MAX_AGE
+from mesh.bootstrap import ensure_mesh
 from mesh.names import (
     EVENTS_STREAM,
-    EVENTS_SUBJECTS,
-    LEASES_BUCKET,
     STATE_BUCKET,
     TRUST_BUCKET,
     agent_key,
+    instance_key,
     status_subject,
 )
 from tests.harness import history
@@ -119,7 +118,11 @@ class Stage:
             ttl=f"{TTL}s",
             health_host=s.mgmt_ip,
             health_port=9808 + idx,
-            extra={"health": {"listen": f"0.0.0.0:{9808 + idx}"}, **extra},
+            extra={
+                "health": {"listen": f"0.0.0.0:{9808 + idx}"},
+                "mesh": {"stores": list(self.sites.names)},
+                **extra,
+            },
             wrap=self.sites.wrap(site),
         )
         self.agents[agent.agent_id] = agent
@@ -132,13 +135,13 @@ class Stage:
         self.sites[agent.site].procs.append(agent.proc)
 
     async def all_ready(self, timeout: float = 60.0) -> None:
-        """Every agent ready and its controller attached (its heartbeat lists instances), so
-        that the preferred site is contending when an Application appears."""
+        """Every agent ready and its controller started (it writes its summary after the
+        controller), so that the preferred site is contending when an Application appears."""
         for agent in self.agents.values():
             await eventually(agent.ready, timeout=timeout, what=f"{agent.agent_id} ready")
 
             async def attached(agent: AgentProcess = agent) -> bool:
-                return "instances" in await self.heartbeat(agent)
+                return (await self.heartbeat(agent)).get("state") == "alive"
 
             await eventually(attached, timeout=timeout, what=f"{agent.agent_id} controller")
         await check_r3(self)
@@ -164,18 +167,22 @@ class Stage:
         await eventually(attempt, timeout=30, interval=0.2, what="application stored")
 
     async def heartbeat(self, agent: AgentProcess) -> dict[str, Any]:
+        """The agent's summary (``agent.<site>.<node>``), written on change."""
         kv = await self.kv()
         entry = await kv.get(agent_key(agent.site, agent.node))
         data: dict[str, Any] = json.loads(entry.value or b"{}")
         return data
 
     async def instance(self, agent: AgentProcess, app: str) -> dict[str, Any] | None:
-        data = await self.heartbeat(agent)
-        for inst in data.get("instances") or []:
-            if inst.get("app") == app:
-                found: dict[str, Any] = inst
-                return found
-        return None
+        """The agent's report of ``app`` (``inst.<app>.<site>.<node>``), with its revision."""
+        kv = await self.kv()
+        try:
+            entry = await kv.get(instance_key(app, agent.site, agent.node))
+        except KeyNotFoundError:
+            return None
+        data: dict[str, Any] = json.loads(entry.value or b"{}")
+        data["revision"] = entry.revision
+        return data
 
     async def live_status(self, agent: AgentProcess) -> dict[str, Any]:
         """``harmony.status.<site>.<node>`` through that site's own server (works while cut)."""
@@ -217,15 +224,52 @@ class Stage:
             await nc.subscribe(subject, cb=on)
         return heard
 
-    async def lease(self, key: str) -> dict[str, Any] | None:
-        kv = await self.kv(LEASES_BUCKET)
+    async def holder(self, app: str) -> tuple[str | None, int | None]:
+        """(holder, fencing token) of a stateful app as the lease stores show them."""
+        from agent.commands.client import MeshClient
+        from agent.meshview import MeshState
+
+        client = MeshClient(await self.client(), 5.0)
+        snap = (await client.read(MeshState())).snapshot()
+        lease = snap.lease_of(app)
+        return (lease.holder, lease.token) if lease is not None else (None, None)
+
+    async def force_leaders(self, site: str, timeout: float = 30.0) -> list[str]:
+        """Move the leader of every replicated stream, and the JetStream meta leader, onto
+        ``site``'s server (the worst case for a cut of that site). Lease stores are single
+        replica: they have no leader to move. Returns what was moved."""
+        server = self.sites[site].nats.name  # type: ignore[union-attr]
+        preferred = json.dumps({"placement": {"preferred": server}}).encode()
+        nc = await self.client()
+        js = nc.jetstream(timeout=5)
+        moved = []
+        for stream in (f"KV_{STATE_BUCKET}", f"KV_{TRUST_BUCKET}", EVENTS_STREAM):
+
+            async def led(stream: str = stream) -> bool:
+                info = await js.stream_info(stream)
+                if info.cluster is not None and info.cluster.leader == server:
+                    return True
+                await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", preferred, timeout=5)
+                return False
+
+            await eventually(led, timeout=timeout, interval=0.2, what=f"{stream} led by {server}")
+            moved.append(stream)
+        sys_nc = await nats.connect(self.sites[site].url, user="sys", password="sys")
         try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            return None
-        value: dict[str, Any] = json.loads(entry.value or b"{}")
-        value["token"] = entry.revision
-        return value
+
+            async def meta() -> bool:
+                jsz = await asyncio.to_thread(self.sites[site].nats.varz, "jsz")  # type: ignore[union-attr]
+                cluster = jsz.get("meta_cluster")
+                if isinstance(cluster, dict) and cluster.get("leader") == server:
+                    return True
+                await sys_nc.request("$JS.API.META.LEADER.STEPDOWN", preferred, timeout=5)
+                return False
+
+            await eventually(meta, timeout=timeout, interval=0.3, what=f"meta leader {server}")
+            moved.append("meta")
+        finally:
+            await sys_nc.close()
+        return moved
 
     # --- history --------------------------------------------------------------------------
 
@@ -281,46 +325,26 @@ async def mesh_ready(sites: Sites) -> None:
 
 
 async def precreate_r3(sites: Sites) -> None:
-    """Create the buckets and the events stream at R3 before any agent starts.
-
-    ``mesh.bootstrap`` steps the replica count down when the server says "too few peers",
-    which it was seen to say transiently with all three nodes up (1 bootstrap in ~30):
-    an R2 bucket then stalls for good when one of its two sites is cut, which is not the
-    failover under test. Agents bind to these buckets (same configuration: a no-op).
-    """
+    """Create the buckets at R3, the events stream and one lease store per site before any
+    agent starts (agents then bind to them: a no-op), so that no bucket is created with
+    fewer replicas while a peer is still joining."""
     nc = await nats.connect(servers=[s.url for s in sites.sites.values()], connect_timeout=2)
     try:
         js = nc.jetstream(timeout=5)
 
         async def create() -> bool:
-            for bucket, history in ((STATE_BUCKET, 1), (LEASES_BUCKET, 1), (TRUST_BUCKET, 5)):
-                await js.create_key_value(
-                    KeyValueConfig(
-                        bucket=bucket, history=history, replicas=3, storage=StorageType.FILE
-                    )
-                )
-            with contextlib.suppress(BadRequestError):
-                await js.add_stream(
-                    StreamConfig(
-                        name=EVENTS_STREAM,
-                        subjects=[EVENTS_SUBJECTS],
-                        num_replicas=3,
-                        max_age=EVENTS_MAX_AGE,
-                        storage=StorageType.FILE,
-                    )
-                )
+            await ensure_mesh(js, 3, stores=list(sites.names), peer_grace=0.0)
             return True
 
-        await eventually(create, timeout=60, interval=0.2, what="R3 buckets created")
+        await eventually(create, timeout=60, interval=0.2, what="R3 buckets and stores created")
     finally:
         await nc.close()
 
 
 async def check_r3(stage: Stage) -> None:
     js = (await stage.client()).jetstream(timeout=5)
-    for bucket in (STATE_BUCKET, LEASES_BUCKET):
-        info = await js.stream_info(f"KV_{bucket}")
-        assert info.config.num_replicas == 3, f"{bucket} has {info.config.num_replicas} replicas"
+    info = await js.stream_info(f"KV_{STATE_BUCKET}")
+    assert info.config.num_replicas == 3, f"{STATE_BUCKET} has {info.config.num_replicas} replicas"
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ and an agent restarted while its workload is still winding down."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 
 import pytest
@@ -120,3 +122,26 @@ async def test_restarted_agent_never_starts_a_second_copy(stage: Stage, run: int
     assert old.last_ns > killed_at + 2 * TTL * 1e9, "the workload did linger (test premise)"
     assert second.first_ns > old.last_ns
     assert "previous incarnation" in holder.log(400_000)
+
+
+@pytest.mark.parametrize("run", runs())
+async def test_sigterm_gives_a_slow_workload_its_whole_stop_timeout(stage: Stage, run: int) -> None:
+    """Issue 9 item 1: the workload needs 3 x ttl to exit after SIGTERM and its stop_timeout
+    is 5 x ttl. A SIGTERM to its agent lets it finish (the session is renewed meanwhile, so
+    the lease deadline does not SIGKILL it), then hands over, and nothing starts elsewhere
+    before it is gone."""
+    app = application(APP, stage.history, term_delay=3 * TTL, stop_timeout=f"{5 * TTL}s")
+    first = await _up(stage, app)
+    holder = stage.agent_of(first)
+    holder.signal(signal.SIGTERM)
+    sigterm_ns = time.monotonic_ns()
+    assert holder.proc is not None
+    code = await asyncio.wait_for(asyncio.to_thread(holder.proc.wait), 10 * TTL + 10)
+    assert code == 0, holder.log()
+    second = await stage.one_running(APP, not_site=first.site, timeout=30)
+    insts = stage.instances(APP)
+    assert not history.overlaps(insts), stage.report()
+    old = next(i for i in insts if i.key == first.key)
+    lived = (old.last_ns - sigterm_ns) / 1e9
+    assert lived >= 3 * TTL - 0.2, f"SIGKILLed {lived:.2f}s after SIGTERM, not allowed to finish"
+    assert second.first_ns > old.last_ns and second.token > first.token

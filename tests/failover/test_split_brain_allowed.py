@@ -59,7 +59,6 @@ async def test_holder_site_cut_off_then_reconciled(stage: Stage, run: int, recon
         timeout=30,
         what="exactly one instance after heal",
     )
-    resolved_at = time.monotonic_ns()
     assert survivor[0].token == survivor_token, stage.report()
     insts = stage.instances(APP)
     original = next(i for i in insts if i.key == first.key)
@@ -91,7 +90,8 @@ async def test_holder_site_cut_off_then_reconciled(stage: Stage, run: int, recon
         f"reconciled {after_link:.2f}s after the heal (> 2 x ttl; {after_heard:.2f}s after "
         "the sides first exchanged a message)\n" + stage.report()
     )
-    assert resolved_at > healed_at
+    # The survivor served without a pause through the whole reconcile.
+    assert winner.max_gap_ns < MAX_TICK_GAP_NS, f"gap in the survivor: {winner}"
 
 
 @pytest.mark.parametrize("run", runs())

@@ -36,6 +36,8 @@ class NatsNode:
     wrap: tuple[str, ...] = ()
     """Command prefix, e.g. ``("ip", "netns", "exec", ns)`` to run inside a namespace."""
     bind: str | None = None
+    tags: tuple[str, ...] = ()
+    """Server tags, e.g. ``("site:n1",)``: lease stores are placed by them."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +63,7 @@ class NatsNode:
             routes=self.routes,
             no_advertise=bool(self.wrap),
             extra=self.extra,
+            tags=self.tags,
         )
 
     def start(self) -> None:
@@ -136,12 +139,18 @@ class NatsCluster:
                     workdir=workdir / f"{name}{i + 1}",
                     cluster_port=ports[i],
                     routes=routes,
+                    tags=(f"site:{name}{i + 1}",),
                 )
             )
 
     @property
     def urls(self) -> list[str]:
         return [n.url for n in self.nodes]
+
+    @property
+    def stores(self) -> list[str]:
+        """One lease store per node (placed by the node's ``site:`` tag)."""
+        return [n.name for n in self.nodes]
 
     async def start(self) -> None:
         for node in self.nodes:

@@ -28,6 +28,13 @@ from tests.harness.nats import NatsNode
 DATA_NET = "10.200.0"
 MGMT_NET = "10.201"
 LOCK = Path("/tmp/harmony-netns.lock")
+ACCOUNTS = """accounts {
+  SYS: { users: [{user: sys, password: sys}] }
+  HARMONY: { jetstream: enabled, users: [{user: harmony, password: harmony}] }
+}
+system_account: SYS
+no_auth_user: harmony
+"""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -158,7 +165,10 @@ class Sites:
         _ip("-n", self.hub, "link", "set", self.sites[name].bridge_port, "up")
 
     def start_nats(self, cluster_name: str = "harmony") -> None:
-        """One nats-server per site, forming a stretched 3-node JetStream cluster."""
+        """One nats-server per site, forming a stretched 3-node JetStream cluster.
+
+        Clients without credentials land in the JetStream account; a ``sys`` user reaches
+        the system account (to move the meta leader where a test wants it)."""
         for site in self.sites.values():
             routes = tuple(
                 f"nats-route://{o.data_ip}:6222" for o in self.sites.values() if o is not site
@@ -173,6 +183,8 @@ class Sites:
                 cluster_port=6222,
                 routes=routes,
                 wrap=self.wrap(site.name),
+                tags=(f"site:{site.name}",),
+                extra=ACCOUNTS,
             )
             site.nats.start()
 

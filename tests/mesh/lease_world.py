@@ -1,26 +1,24 @@
 """Helpers for lease tests: in-process contenders and the whole-history overlap checker.
 
-Every contender has its own NATS connection, session and LeaseManager, exactly like an agent.
-Validity intervals are recorded on CLOCK_MONOTONIC, which all processes on this machine share
-(even across network namespaces), so intervals from different processes can be compared.
+Every contender has its own NATS connections, session thread and LeaseManager, exactly like
+an agent. Validity intervals are recorded on CLOCK_BOOTTIME, which all processes on this
+machine share (even across network namespaces), so intervals can be compared.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client
 
-from mesh.bootstrap import Buckets, ensure_mesh
-from mesh.leases import LeaseManager, cancel_and_wait
-from mesh.names import agent_key
-from mesh.session import Session
+from mesh.bootstrap import Mesh, ensure_mesh, ensure_store
+from mesh.clock import boottime
+from mesh.leases import LeaseManager
+from mesh.session import SessionThread
 
 
 @dataclass(frozen=True)
@@ -56,89 +54,113 @@ def check_history(intervals: Iterable[Interval]) -> int:
     return count
 
 
-class Contender:
-    """One agent-like participant: connection, session (renewed) and lease manager."""
+async def make_mesh(urls: list[str], stores: list[str], replicas: int = 3) -> Mesh:
+    nc = await nats.connect(servers=urls)
+    try:
+        return await ensure_mesh(nc.jetstream(timeout=10), replicas, stores=stores)
+    finally:
+        await nc.close()
 
-    def __init__(
-        self, urls: list[str], site: str, node: str, *, ttl: float, margin: float, step: float
-    ) -> None:
-        self.urls = urls
-        self.site = site
-        self.node = node
-        self.id = f"{site}/{node}"
-        self.ttl = ttl
-        self.margin = margin
-        self.step = step
-        self.nc: Client | None = None
-        self.buckets: Buckets | None = None
-        self.session: Session | None = None
-        self.manager: LeaseManager | None = None
-        self._renewer: asyncio.Task[None] | None = None
-        self.closed_intervals: list[Interval] = []
-        self.acquired_at: dict[str, float] = {}
+
+@dataclass
+class Contender:
+    """One agent-like participant: connection, session thread and lease manager."""
+
+    urls: list[str]
+    stores: list[str]
+    site: str
+    node: str = "n1"
+    ttl: float = 2.0
+    margin: float = 0.2
+    step: float = 0.05
+    nc: Client | None = None
+    session: SessionThread | None = None
+    manager: LeaseManager | None = None
+    closed_intervals: list[Interval] = field(default_factory=list)
+    acquired_at: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.site}/{self.node}"
+
+    async def _connect(self) -> Client:
+        return await nats.connect(servers=self.urls, reconnect_time_wait=0.2)
 
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            servers=self.urls, reconnect_time_wait=0.2, dont_randomize=True
+        self.nc = await self._connect()
+        self.session = SessionThread(
+            self._connect, self.stores, self.site, self.node, ttl=self.ttl, margin=self.margin
         )
-        js = self.nc.jetstream()
-        self.buckets = await ensure_mesh(js, 3)
-        self.session = Session(
-            self.buckets.state,
-            agent_key(self.site, self.node),
-            self.id,
-            ttl=self.ttl,
-            margin=self.margin,
+        await self.session.start()
+        js = self.nc.jetstream(timeout=5)
+
+        async def recreate(store: str) -> None:
+            await ensure_store(js, store)
+
+        self.manager = LeaseManager(
+            self.nc, self.session, self.stores, step=self.step, recreate=recreate
         )
-        self.manager = LeaseManager(js, self.session, step=self.step)
         self.manager.on_acquired.append(self._acquired)
         await self.manager.start()
-        self._renewer = asyncio.create_task(self.session.run())
+        self.manager.spawn()
 
     def _acquired(self, name: str, token: int, deadline: float) -> None:
-        self.acquired_at[name] = time.monotonic()
+        self.acquired_at[name] = boottime()
 
     def intervals(self) -> list[Interval]:
         """Closed tenures, plus open ones ending at the current deadline (conservative)."""
         out = list(self.closed_intervals)
         if self.manager is not None:
-            out += [
-                Interval(t.name, self.id, t.token, t.start, t.end) for t in self.manager.tenures
-            ]
-            out += [
-                Interval(t.name, self.id, t.token, t.start, t.end)
-                for t in self.manager.open_tenures()
-            ]
+            tenures = [*self.manager.tenures, *self.manager.open_tenures()]
+            out += [Interval(t.name, self.id, t.term, t.start, t.end) for t in tenures]
         return out
 
     def want(self, names: Iterable[str], rank: int = 0) -> None:
         assert self.manager is not None
         for name in names:
-            self.manager.want(name, f"app.{name}", rank=rank)
+            self.manager.want_lease(name, rank=rank)
 
     def held(self) -> dict[str, int]:
         return self.manager.held() if self.manager is not None else {}
 
-    async def pause(self) -> None:
-        """Stop renewing (a hung agent): validity runs out on its own timer."""
-        if self._renewer is not None:
-            await cancel_and_wait(self._renewer)
-            self._renewer = None
+    def pause(self) -> None:
+        """Stop renewing (a hung agent): validity runs out on its own."""
+        assert self.session is not None
+        self.session.suspend(True)
 
     def resume(self) -> None:
         assert self.session is not None
-        if self._renewer is None:
-            self._renewer = asyncio.create_task(self.session.run())
+        self.session.suspend(False)
 
     async def kill(self) -> None:
-        """Die abruptly: no release, no close; others must wait out the session."""
-        await self.pause()
+        """Die abruptly: no release, no close; others must expire the session."""
+        if self.session is not None:
+            self.session.suspend(True)
+            await self.session.close(write=False)
+            self.session = None
         if self.manager is not None:
             await self.manager.stop()  # records the end of belief: the process is gone
             self.closed_intervals += [
-                Interval(t.name, self.id, t.token, t.start, t.end) for t in self.manager.tenures
+                Interval(t.name, self.id, t.term, t.start, t.end) for t in self.manager.tenures
             ]
             self.manager = None
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            self.nc = None
+
+    async def close(self) -> None:
+        """Leave politely: release everything, then close the session in every store."""
+        if self.manager is not None:
+            for name in list(self.manager.held()):
+                await self.manager.release(name)
+            await self.manager.stop(release_budget=2.0)
+            self.closed_intervals += [
+                Interval(t.name, self.id, t.term, t.start, t.end) for t in self.manager.tenures
+            ]
+            self.manager = None
+        if self.session is not None:
+            await self.session.close()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()

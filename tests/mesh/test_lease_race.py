@@ -12,7 +12,7 @@ import random
 
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
-from tests.mesh.lease_world import Contender, check_history
+from tests.mesh.lease_world import Contender, check_history, make_mesh
 
 LEASES = [f"race-{i}" for i in range(20)]
 TTL = 1.5
@@ -20,9 +20,11 @@ TTL = 1.5
 
 async def test_ten_contenders_twenty_leases_with_churn(nats_cluster: NatsCluster) -> None:
     rng = random.Random(7)
-    urls = nats_cluster.urls
+    urls, stores = nats_cluster.urls, nats_cluster.stores
+    await make_mesh(urls, stores)
     contenders = [
-        Contender([urls[i % 3]], f"s{i}", "n1", ttl=TTL, margin=0.3, step=0.05) for i in range(10)
+        Contender([urls[i % 3]], stores, f"s{i}", "n1", ttl=TTL, margin=0.3, step=0.05)
+        for i in range(10)
     ]
     await asyncio.gather(*(c.start() for c in contenders))
     for i, c in enumerate(contenders):
@@ -58,7 +60,7 @@ async def test_ten_contenders_twenty_leases_with_churn(nats_cluster: NatsCluster
             dead.append(victim)
             kills += 1
         else:
-            await victim.pause()
+            victim.pause()
             paused.append(victim)
             pauses += 1
         # every round ends with each lease held by exactly one live contender again:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -29,14 +31,30 @@ def ctx(tmp_path: Path) -> RunContext:
 
 
 @pytest.fixture
-async def make_process() -> AsyncIterator[Callable[..., ProcessInterpret]]:
+async def localhost() -> AsyncIterator[LocalhostTopology]:
+    """A localhost topology with its fence running (as the agent starts it)."""
+    topology = LocalhostTopology()
+    task = asyncio.create_task(topology.fence.run())
+    await asyncio.wait_for(topology.fence.started.wait(), 15)
+    topology.fence.session_deadline(float("inf"))
+    try:
+        yield topology
+    finally:
+        await topology.fence.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def make_process(
+    localhost: LocalhostTopology,
+) -> AsyncIterator[Callable[..., ProcessInterpret]]:
     """Build Process interprets on localhost; every one is stopped after the test."""
     made: list[ProcessInterpret] = []
 
     def make(command: list[str], **fields: object) -> ProcessInterpret:
-        interpret = ProcessSpec.model_validate({"command": command, **fields}).interpret(
-            LocalhostTopology()
-        )
+        interpret = ProcessSpec.model_validate({"command": command, **fields}).interpret(localhost)
         made.append(interpret)
         return interpret
 

@@ -15,6 +15,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+_COLLECTIONS = frozenset({"pods", "deployments", "statefulsets", "replicasets"})
+
 
 @dataclass
 class Recorded:
@@ -26,12 +28,24 @@ class Recorded:
     body: Any
 
 
+def _selected(obj: dict[str, Any], selector: str) -> bool:
+    """Equality-based label selectors (``a=b,c=d``), as the agent sends them."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
 @dataclass
 class FakeKube:
     requests: list[Recorded] = field(default_factory=list)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     fail_with: int | None = None
     url: str = ""
+    lingering: dict[str, int] = field(default_factory=dict)
+    """Object path -> how many more list requests still return it (a terminating pod)."""
 
     async def handle(self, request: web.Request) -> web.Response:
         text = await request.text()
@@ -58,6 +72,19 @@ class FakeKube:
         if request.method == "PATCH":
             self.objects[path] = body
             return web.json_response(body)
+        if request.method == "GET" and path.rsplit("/", 1)[-1] in _COLLECTIONS:
+            selector = request.query.get("labelSelector", "")
+            items = [
+                obj
+                for key, obj in sorted(self.objects.items())
+                if key.rsplit("/", 1)[0] == path and _selected(obj, selector)
+            ]
+            for key in [k for k in self.lingering if k.rsplit("/", 1)[0] == path]:
+                self.lingering[key] -= 1
+                if self.lingering[key] <= 0:  # gone after this answer
+                    del self.lingering[key]
+                    self.objects.pop(key, None)
+            return web.json_response({"kind": "List", "items": items})
         if request.method == "GET":
             found = self.objects.get(path)
             if found is None:

@@ -85,3 +85,36 @@ async def test_failed_systemctl_is_an_outcome(sshd: Sshd, tmp_path: Path) -> Non
         assert "exited 5" in outcome.message and "not found" in outcome.message
     finally:
         await topology.close()
+
+
+async def test_a_failed_unit_crosses_the_health_threshold(
+    unit: SystemdUnitInterpret, sshd: Sshd, tmp_path: Path
+) -> None:
+    """Built-in health as the controller feeds it: every observe() goes to the monitor."""
+    from scores.health import HealthSpec
+    from scores.probes import health_monitor
+    from tests.harness.wait import eventually
+
+    health = HealthSpec(period=0.05, timeout=0.05, start_period=0, failure_threshold=3)
+    other = LinuxSshTopology(sshd.config())
+    monitor = health_monitor("ledger", health, unit.spec, other, unit)
+    try:
+        assert monitor.probe is None
+        await unit.apply(_ctx(tmp_path, 7))
+        monitor.started(_ctx(tmp_path, 7))
+
+        async def fed() -> bool:
+            monitor.note(await unit.observe())
+            return monitor.verdict().crossed
+
+        assert not await fed()
+        await other.systemctl("fail", "ledger.service")  # shim hook: the unit's process died
+        await eventually(fed, what="threshold crossed")
+        verdict = monitor.verdict()
+        assert verdict.last is not None and verdict.last.detail == (
+            "ledger.service: failed/failed, result exit-code"
+        )
+        assert "built-in health failed" in verdict.sentence
+    finally:
+        await monitor.close()
+        await other.close()

@@ -48,6 +48,8 @@ async def test_localhost_runs_commands_as_values() -> None:
     assert missing.returncode == 127
     slow = await local.run(["sleep", "10"], timeout=0.2)
     assert slow.returncode == 124
+    failing = await local.run(["sh", "-c", "echo oops >&2; exit 3"])
+    assert (failing.returncode, failing.stderr) == (3, "oops\n")
 
 
 async def test_localhost_writes_files_atomically(tmp_path: Path) -> None:

@@ -1,0 +1,334 @@
+"""The fence: one small process per agent that starts workloads and enforces their deadlines.
+
+Why a separate process: the agent's event loop can be paused (SIGSTOP), hung or killed, and
+an AbsoluteConsistency workload must still die at its lease deadline. Why *one* for all
+workloads: a Python interpreter per workload costs ~15 MB, so 1,000 workloads would need
+15 GB for their guards. This process uses only the standard library and runs as a script
+(``python -I fence.py --parent PID``).
+
+What it guarantees, whatever the agent does:
+
+* every workload is its child, in its own process group, and dies with it
+  (PR_SET_PDEATHSIG=SIGKILL); on every exit path of the fence, each group is SIGKILLed;
+* at a workload's deadline (CLOCK_BOOTTIME, so a suspend or VM freeze does not stretch it)
+  its whole process group is SIGKILLed at once;
+* when the agent dies (PR_SET_PDEATHSIG=SIGTERM, or EOF on stdin) every workload gets
+  SIGTERM, then SIGKILL after its ``stop_timeout``, then the fence exits;
+* workload output goes straight into its log file, rotated by copy-and-truncate.
+
+Deadlines: a workload ``follows`` the session deadline (a float per line on the session fd,
+written by the agent's session thread after each renewal, so renewals reach the fence even
+while the agent's main loop is busy), or has a ``fixed`` deadline, or none (SplitBrainAllowed).
+
+Protocol (one JSON object per line). stdin, from the agent's main loop:
+``{"op": "spawn", "id", "argv", "env", "cwd", "uid", "gid", "log", "max_bytes", "backups",
+"stop_timeout", "mode": "follow|fixed|none", "deadline"}``, ``{"op": "deadline", "id",
+"mode", "deadline"}``, ``{"op": "stop", "id"}``, ``{"op": "kill", "id"}``.
+stdout: ``{"ev": "started", "id", "pid"}``, ``{"ev": "spawn-failed", "id", "error"}``,
+``{"ev": "exited", "id", "pid", "code", "reason": "exited|deadline|stopped|agent-gone"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+ROTATE_CHECK = 2.0
+TICK = 0.1
+"""Longest sleep: re-reading CLOCK_BOOTTIME this often bounds lateness after a resume."""
+
+
+def now() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def set_pdeathsig(sig: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def emit(event: dict[str, Any]) -> None:
+    try:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    except OSError:
+        # The agent is gone; swap stdout so the final flush does not raise again.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+
+
+@dataclass
+class Workload:
+    id: str
+    proc: subprocess.Popen[bytes]
+    log_fd: int
+    log_path: str
+    max_bytes: int
+    backups: int
+    stop_timeout: float
+    mode: str
+    deadline: float | None
+    reason: str = "exited"
+    kill_at: float | None = None
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid
+
+
+class Fence:
+    def __init__(self, parent: int, session_fd: int | None) -> None:
+        self.parent = parent
+        self.session_fd = session_fd
+        self.session_deadline = float("-inf")
+        self.workloads: dict[str, Workload] = {}
+        self.by_pid: dict[int, str] = {}
+        self.leaving = False
+        self.next_rotate = now() + ROTATE_CHECK
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)  # woken through the wakeup fd
+        self.buffers: dict[int, bytes] = {0: b""}
+        if session_fd is not None:
+            os.set_blocking(session_fd, False)
+            self.buffers[session_fd] = b""
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def command(self, line: bytes) -> None:
+        try:
+            cmd = json.loads(line)
+            op, wid = cmd["op"], str(cmd["id"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if op == "spawn":
+            self.spawn(wid, cmd)
+            return
+        w = self.workloads.get(wid)
+        if w is None:
+            return
+        if op == "deadline":
+            w.mode = str(cmd.get("mode", "fixed"))
+            value = cmd.get("deadline")
+            w.deadline = float(value) if isinstance(value, int | float) else None
+        elif op == "stop":
+            self.terminate(w, "stopped")
+        elif op == "kill":
+            w.reason = "stopped"
+            killpg(w.pgid, signal.SIGKILL)
+
+    def spawn(self, wid: str, cmd: dict[str, Any]) -> None:
+        if wid in self.workloads:
+            emit({"ev": "spawn-failed", "id": wid, "error": "already running"})
+            return
+        deadline = cmd.get("deadline")
+        mode = str(cmd.get("mode", "none"))
+        limit = self.session_deadline if mode == "follow" else deadline
+        if mode != "none" and (limit is None or now() >= float(limit)):
+            emit({"ev": "spawn-failed", "id": wid, "error": "deadline already passed"})
+            return
+        log_path = str(cmd["log"])
+        try:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        except OSError as exc:
+            emit({"ev": "spawn-failed", "id": wid, "error": f"log {log_path}: {exc}"})
+            return
+        uid, gid = cmd.get("uid"), cmd.get("gid")
+        try:
+            proc = subprocess.Popen(
+                [str(a) for a in cmd["argv"]],
+                env={str(k): str(v) for k, v in (cmd.get("env") or {}).items()},
+                cwd=cmd.get("cwd") or None,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=uid if isinstance(uid, int) else None,
+                group=gid if isinstance(gid, int) else None,
+                extra_groups=[] if isinstance(uid, int) and os.geteuid() == 0 else None,
+                preexec_fn=_in_child,  # noqa: PLW1509 - the fence is single-threaded
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            os.close(log_fd)
+            emit({"ev": "spawn-failed", "id": wid, "error": str(exc)})
+            return
+        self.workloads[wid] = Workload(
+            wid,
+            proc,
+            log_fd,
+            log_path,
+            int(cmd.get("max_bytes") or 10 * 1024 * 1024),
+            int(cmd.get("backups") or 0),
+            float(cmd.get("stop_timeout") or 5.0),
+            mode,
+            float(deadline) if isinstance(deadline, int | float) else None,
+        )
+        self.by_pid[proc.pid] = wid
+        emit({"ev": "started", "id": wid, "pid": proc.pid})
+
+    def terminate(self, w: Workload, reason: str) -> None:
+        """SIGTERM the group, SIGKILL after stop_timeout. Its deadline still applies on its
+        own (``enforce`` reads it every tick): a deadline that keeps moving, because the
+        session is renewed while the agent stops its workloads, must not cut the graceful
+        stop short, and one that stops moving still kills at once."""
+        if w.kill_at is not None:
+            return
+        w.reason = reason
+        w.kill_at = now() + w.stop_timeout
+        killpg(w.pgid, signal.SIGTERM)
+
+    def limit(self, w: Workload) -> float | None:
+        if w.mode == "follow":
+            return self.session_deadline
+        if w.mode == "fixed":
+            return w.deadline if w.deadline is not None else float("-inf")
+        return None
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def enforce(self) -> float:
+        """Kill what is due; return the next instant something becomes due."""
+        t = now()
+        due = t + TICK
+        for w in self.workloads.values():
+            limit = self.limit(w)
+            if limit is not None and t >= limit and w.reason != "deadline":
+                w.reason = "deadline"
+                killpg(w.pgid, signal.SIGKILL)
+            elif limit is not None:
+                due = min(due, limit)
+            if w.kill_at is not None:
+                if t >= w.kill_at:
+                    killpg(w.pgid, signal.SIGKILL)
+                else:
+                    due = min(due, w.kill_at)
+        return due
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            wid = self.by_pid.pop(pid, None)
+            w = self.workloads.pop(wid, None) if wid is not None else None
+            if w is None:
+                continue
+            killpg(w.pgid, signal.SIGKILL)  # leftovers of the group must not outlive it
+            with contextlib.suppress(OSError):
+                os.close(w.log_fd)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            w.proc.returncode = code
+            emit({"ev": "exited", "id": w.id, "pid": pid, "code": code, "reason": w.reason})
+
+    def rotate(self) -> None:
+        for w in self.workloads.values():
+            with contextlib.suppress(OSError):
+                if os.fstat(w.log_fd).st_size > w.max_bytes:
+                    for index in range(w.backups - 1, 0, -1):
+                        older = f"{w.log_path}.{index}"
+                        if os.path.exists(older):
+                            os.replace(older, f"{w.log_path}.{index + 1}")
+                    if w.backups > 0:
+                        shutil.copyfile(w.log_path, f"{w.log_path}.1")
+                    os.ftruncate(w.log_fd, 0)
+
+    def read(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            if fd == 0:
+                self.leave()
+            else:
+                self.session_fd = None
+            return
+        buffer = self.buffers.get(fd, b"") + chunk
+        *lines, rest = buffer.split(b"\n")
+        self.buffers[fd] = rest
+        for line in lines:
+            if fd == 0:
+                self.command(line)
+            else:
+                with contextlib.suppress(ValueError):
+                    self.session_deadline = float(line)
+
+    def leave(self) -> None:
+        """The agent is gone: stop everything gracefully, then exit when all are gone."""
+        if not self.leaving:
+            self.leaving = True
+            for w in self.workloads.values():
+                self.terminate(w, "agent-gone")
+
+    def run(self) -> None:
+        while not (self.leaving and not self.workloads):
+            due = self.enforce()
+            if os.getppid() != self.parent:
+                self.leave()
+            fds = [self.wake_r] + ([0] if not self.leaving else [])
+            if self.session_fd is not None:
+                fds.append(self.session_fd)
+            timeout = max(0.0, min(due - now(), TICK))
+            ready, _, _ = select.select(fds, [], [], timeout)
+            if self.wake_r in ready:
+                signums = os.read(self.wake_r, 512)
+                if set(signums) & {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}:
+                    self.leave()
+            for fd in ready:
+                if fd != self.wake_r:
+                    self.read(fd)
+            self.reap()
+            if now() >= self.next_rotate:
+                self.rotate()
+                self.next_rotate = now() + ROTATE_CHECK
+
+    def kill_all(self) -> None:
+        for w in self.workloads.values():
+            killpg(w.pgid, signal.SIGKILL)
+
+
+def _in_child() -> None:
+    set_pdeathsig(signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="harmony-fence")
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--session-fd", type=int, default=None)
+    args = parser.parse_args(argv)
+    set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != args.parent:
+        return 1  # the agent died before we could watch it
+    fence = Fence(args.parent, args.session_fd)
+    emit({"ev": "ready", "id": "", "pid": os.getpid()})
+    try:
+        fence.run()
+    finally:
+        fence.kill_all()  # every exit path: no group outlives the fence
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
