@@ -137,8 +137,9 @@ class ServerTlsConfig(_Section):
 class AccountsConfig(_Section):
     """Who may connect to the embedded server, by role (rendered by ``mesh.authz``)."""
 
-    stores: list[str] = Field(min_length=1)
-    """The mesh's lease stores (bucket ``harmony-leases-<store>`` each), as in the descriptor."""
+    stores: list[str] | None = Field(default=None, min_length=1)
+    """The mesh's lease stores (bucket ``harmony-leases-<store>`` each), as in the
+    descriptor; default: ``mesh.stores``."""
     agents: list[str] = Field(default_factory=list)
     """Agents that connect here: ``<node>`` of this site (the server's own node is always
     one), or ``<site>/<node>`` of a site without its own server, whose CA this server then
@@ -148,12 +149,20 @@ class AccountsConfig(_Section):
     trust_admins: list[str] = Field(default_factory=list)
     admins: list[str] = Field(default_factory=list)
 
-    @field_validator("stores", "operators", "viewers", "trust_admins", "admins")
+    @field_validator("stores")
+    @classmethod
+    def _stores(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or ():
+            if not re.match(SITE_PATTERN, name):
+                raise ValueError(f"{name!r} must match {SITE_PATTERN}")
+        return names
+
+    @field_validator("operators", "viewers", "trust_admins", "admins")
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not re.match(SITE_PATTERN, name):
-                raise ValueError(f"{name!r} must match {SITE_PATTERN}")
+            if not re.match(NODE_PATTERN, name):
+                raise ValueError(f"{name!r} must match {NODE_PATTERN}")
         return names
 
     @field_validator("agents")
@@ -458,6 +467,28 @@ class AgentConfig(BaseSettings):
         topo = self.topology
         command = getattr(topo, "command_timeout", None) or getattr(topo, "request_timeout", None)
         return Timing.from_ttl(self.lease.ttl, self.lease.margin, command)
+
+    @model_validator(mode="after")
+    def _accounts(self) -> AgentConfig:
+        """Per-identity accounts: the stores default to ``mesh.stores``, and an agent may
+        not create buckets (an admin does, ``harmony-agent mesh init``): it binds."""
+        accounts = self.nats.accounts
+        if accounts is None or not self.nats.embedded:
+            return self
+        if accounts.stores is None:
+            if self.mesh.stores is None:
+                raise ValueError(
+                    "nats.accounts.stores: name the mesh's lease stores (or set mesh.stores)"
+                )
+            accounts.stores = list(self.mesh.stores)
+        if self.mesh.bootstrap:
+            if "bootstrap" in self.mesh.model_fields_set:
+                raise ValueError(
+                    "mesh.bootstrap: must be false with nats.accounts (agents may not create "
+                    "buckets; an admin runs `harmony-agent mesh init`)"
+                )
+            self.mesh.bootstrap = False
+        return self
 
     @model_validator(mode="after")
     def _timing_rules(self) -> AgentConfig:

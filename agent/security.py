@@ -4,12 +4,15 @@
   private inbox prefix.
 - ``embedded_spec(config, system_password)``: the embedded nats-server with mTLS on client
   and route listeners, this site's accounts (``mesh.authz``) and the loopback system user.
-- ``SiteSecurity``: the ``trust-sync`` task (signed entries -> bundle file), eviction after
-  a CA leaves the bundle (reload without its routes, kick its clients), the ``cert-renew``
-  task (leaves renewed before 2/3 of their life when the site CA key is here), the
-  ``harmony_cert_expiry_seconds{cert}`` gauge and a ``security`` status section.
+- ``SiteSecurity``: the ``trust-sync`` task (signed entries -> bundle file, and in
+  Kubernetes the bundle ConfigMap), eviction after a CA leaves the bundle (reload without
+  its routes, kick its clients), the ``cert-renew`` task (leaves renewed before 2/3 of
+  their life when the site CA key is here), the ``harmony_cert_expiry_seconds{cert}`` gauge
+  and a ``security`` status section.
+- ``RedactingEventPublisher``: the controller's events, with every field redacted.
 
-Nothing here ever logs or returns a secret (see ``mesh.redact``).
+``agent.daemon`` (the composition root) makes these calls in its written order. Nothing here
+ever logs or returns a secret (see ``mesh.redact``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import Gauge
 
 from agent.config import AgentConfig
+from agent.controller.events import EventPublisher
 from agent.trust_sync import BundleChange, TrustSync, admin_key_or_none, read_bundle
 from mesh.authz import SYSTEM_INBOX, MeshNames, Roles, agent_inbox_prefix, render_accounts
 from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
@@ -45,7 +49,7 @@ from mesh.evict import (
     to_kick,
     wait_reloaded,
 )
-from mesh.redact import redact, register
+from mesh.redact import redact, redact_value, register
 from mesh.rotation import (
     expiry_seconds,
     expiry_warnings,
@@ -67,6 +71,14 @@ SYSTEM_USER = "harmony-system"
 MAX_RENEW_SLEEP = 30.0
 """Also how soon a leaf renewed by someone else (root's timer) is put to use."""
 MIN_RENEW_SLEEP = 0.2
+
+
+class RedactingEventPublisher(EventPublisher):
+    """Events go to a stream viewers read: no field may carry a secret (an error's repr
+    with a URL password, a registered password)."""
+
+    async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None:
+        await super().publish(event, app, token, **redact_value(fields))
 
 
 def system_password() -> str:
@@ -160,8 +172,9 @@ def embedded_spec(config: AgentConfig, system_password: str | None = None) -> Se
     if n.accounts is not None:
         a = n.accounts
         with_password = system_password if n.system_listen else None
+        stores = a.stores or config.mesh.stores or [config.site]
         accounts = render_accounts(
-            MeshNames(stores=tuple(a.stores)),
+            MeshNames(stores=tuple(stores)),
             Roles(
                 site=config.site,
                 agents=tuple(local_agents(config)),
@@ -262,6 +275,14 @@ class SiteSecurity:
             on_synced=self.on_synced,
         )
         return self.sync
+
+    async def run_trust_sync(self, kv: KeyValue) -> None:
+        """The ``trust-sync`` supervised task: learn whose routes are whose, then sync for
+        ever (it never ends by itself; a bad entry is counted, never raised)."""
+        sync = self.trust_sync(kv)
+        with contextlib.suppress(OSError, ValueError):
+            await self.learn_routes()
+        await sync.run()
 
     async def on_synced(self) -> None:
         """After the first sync: guest sites' CAs as the signed bundle has them now."""
@@ -395,6 +416,11 @@ class SiteSecurity:
     def warnings(self) -> list[str]:
         """Certificates in use that expire within 30 days (for ``status``)."""
         return expiry_warnings(self.update_expiry())
+
+    def last_warnings(self) -> list[str]:
+        """``warnings()`` as of the renewer's last look (at most 30 s old): the agent's
+        summary asks every second and need not re-read the files."""
+        return expiry_warnings(self.expiries)
 
     def _leaves(self) -> list[tuple[str, Path, Path]]:
         cfg = self.config

@@ -59,8 +59,12 @@ def agent_identity(site: str, node: str) -> str:
     return f"CN={_name('node', node, NODE_RE)},OU={_site(site)},O={ORGANIZATION}"
 
 
+def _user(user: str) -> str:
+    return _name("user", user, NODE_RE)
+
+
 def person_identity(user: str) -> str:
-    return f"CN={_name('user', user)},OU={PEOPLE_UNIT},O={ORGANIZATION}"
+    return f"CN={_user(user)},OU={PEOPLE_UNIT},O={ORGANIZATION}"
 
 
 def agent_inbox_prefix(site: str, node: str) -> str:
@@ -70,12 +74,35 @@ def agent_inbox_prefix(site: str, node: str) -> str:
 
 def user_inbox_prefix(user: str) -> str:
     """``_INBOX_user.<user>``; ``_INBOX_user`` has no second ``_`` so no agent prefix equals it."""
-    return f"_INBOX_user.{_name('user', user)}"
+    return f"_INBOX_user.{_user(user)}"
 
 
-def inbox_prefix_for(cert_file: str | None) -> str | None:
-    """The private inbox prefix the identity in this client certificate file is allowed
-    (None when there is no certificate, or it names no harmony identity)."""
+@dataclass(frozen=True)
+class Identity:
+    """Who a client certificate says it is, as nats-server maps it (``verify_and_map``:
+    the e-mail SAN first, else the subject): an agent ``site/node`` or a person ``user``."""
+
+    user: str | None = None
+    site: str | None = None
+    node: str | None = None
+
+    @property
+    def inbox_prefix(self) -> str:
+        if self.user is not None:
+            return user_inbox_prefix(self.user)
+        assert self.site is not None and self.node is not None
+        return agent_inbox_prefix(self.site, self.node)
+
+
+AGENT_EMAIL = re.compile(r"^(?P<node>[a-z0-9_-]{1,63})@agent\.(?P<site>[a-z0-9-]{1,63})\.harmony$")
+ROLE_EMAIL = re.compile(r"^(?:operator-)?(?P<user>[a-z0-9_-]{1,63})@[a-z0-9-]{1,63}\.harmony$")
+"""The Kubernetes generator's identities (``agent.deploy.site``): ``<node>@agent.<site>.harmony``
+for an agent, ``operator-<user>@<site>.harmony`` / ``<role>@<site>.harmony`` for people."""
+
+
+def identity_of(cert_file: str | None) -> Identity | None:
+    """The harmony identity in this client certificate file (None: no certificate, or it
+    names nobody the generated permissions know)."""
     if not cert_file:
         return None
     from pathlib import Path
@@ -87,16 +114,36 @@ def inbox_prefix_for(cert_file: str | None) -> str | None:
         cert = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())[0]
     except (OSError, ValueError, IndexError):
         return None
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if not cn or not ou:
-        return None
     try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        emails = san.get_values_for_type(x509.RFC822Name)
+    except x509.ExtensionNotFound:
+        emails = []
+    try:
+        if emails:
+            agent = AGENT_EMAIL.match(emails[0])
+            if agent:
+                agent_inbox_prefix(agent["site"], agent["node"])  # validates
+                return Identity(site=agent["site"], node=agent["node"])
+            person = ROLE_EMAIL.match(emails[0])
+            return Identity(user=person["user"]) if person else None
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        if not cn or not ou:
+            return None
         if ou[0].value == PEOPLE_UNIT:
-            return user_inbox_prefix(str(cn[0].value))
-        return agent_inbox_prefix(str(ou[0].value), str(cn[0].value))
+            return Identity(user=_user(str(cn[0].value)))
+        agent_inbox_prefix(str(ou[0].value), str(cn[0].value))  # validates
+        return Identity(site=str(ou[0].value), node=str(cn[0].value))
     except AuthzError:
         return None
+
+
+def inbox_prefix_for(cert_file: str | None) -> str | None:
+    """The private inbox prefix the identity in this client certificate file is allowed
+    (None when there is no certificate, or it names no harmony identity)."""
+    identity = identity_of(cert_file)
+    return identity.inbox_prefix if identity is not None else None
 
 
 def leases_bucket(store: str) -> str:
@@ -204,7 +251,7 @@ def operator_permissions(names: MeshNames, user: str) -> Permissions:
         f"$KV.{STATE_BUCKET}.drain.*",
         f"$KV.{STATE_BUCKET}.fence.*",
         "harmony.cmd.>",
-        f"harmony.audit.{_name('user', user)}.>",
+        f"harmony.audit.{_user(user)}.>",
         "harmony.status.>",
         *read_api(names.streams),
     )
@@ -225,9 +272,10 @@ def trust_admin_permissions(user: str) -> Permissions:
 
 
 def admin_permissions(user: str) -> Permissions:
-    """The only JetStream administrator: creates buckets and streams, writes the descriptor."""
+    """The only JetStream administrator: creates buckets and streams, writes the descriptor
+    and may repair any key (``agent forget``); it could delete whole streams anyway."""
     return Permissions(
-        ("$JS.API.>", f"$KV.{STATE_BUCKET}.mesh", "$JS.FC.>", "$JS.ACK.>"),
+        ("$JS.API.>", "$KV.>", "$JS.FC.>", "$JS.ACK.>"),
         (f"{user_inbox_prefix(user)}.>",),
     )
 
@@ -355,16 +403,16 @@ def render_accounts(names: MeshNames, roles: Roles) -> str:
 
 
 EXAMPLE_COMMAND = (
-    "harmony-agent ca accounts --site site-a --stores site-a,site-b,site-c --agents n1,n2 "
+    "harmony-agent ca accounts --site paris --stores paris,london,frankfurt --agents n1,n2 "
     "--operators ops-1 --viewers viewer-1 --trust-admins trust-admin-1 --admins admin-1"
 )
 
 
 def deploy_example() -> str:
-    """``deploy/nats/accounts.conf``: site-a's accounts, as the command in its header prints
-    them (a test keeps the file equal to this)."""
+    """``deploy/nats/accounts.conf``: site paris's accounts, as the command in its header
+    prints them (a test keeps the file equal to this)."""
     header = f"""\
-# harmony-agent: NATS accounts and per-identity permissions for site-a's nats-servers.
+# harmony-agent: NATS accounts and per-identity permissions for site paris's nats-servers.
 # Generated by mesh/authz.py; regenerate with:
 #   {EXAMPLE_COMMAND}
 # Render one file per site: a server lists only its own site's agents, and its client
@@ -384,13 +432,13 @@ def deploy_example() -> str:
 #                subjects; reads everything; inbox _INBOX_user.<user>.
 #   viewer       reads everything, writes nothing.
 #   trust-admin  ca.* in harmony-trust (entries are also signed by the trust-admin key).
-#   admin        the only JetStream administrator (buckets, streams, the mesh descriptor).
+#   admin        the only JetStream administrator (buckets, streams, the descriptor, repairs).
 # The SYS account has no user here: an embedded server adds its own agent's system user,
 # reachable only on a loopback websocket listener, to disconnect evicted connections.
 """
-    names = MeshNames(stores=("site-a", "site-b", "site-c"))
+    names = MeshNames(stores=("paris", "london", "frankfurt"))
     roles = Roles(
-        site="site-a",
+        site="paris",
         agents=("n1", "n2"),
         operators=("ops-1",),
         viewers=("viewer-1",),

@@ -1,10 +1,11 @@
 """Keep secrets out of every line we print: logs, status replies, events, errors.
 
-Two defences: passwords inside URLs (``nats://user:secret@host``) are masked wherever a
-string passes through ``redact``; and every secret value the process reads (a password
-file, the system user's password, a credentials file's seed) is *registered*, after which
-``redact`` replaces it anywhere it appears. The structlog processor applies both to every
-log event, so a secret that reaches a log call by accident is still not written.
+Two defences: passwords inside URLs (``nats://user:secret@host``), nkey seeds and private
+key PEM blocks are masked wherever a string passes through ``redact``; and every secret
+value the process reads (a password file, the system user's password, a credentials file's
+seed) is *registered*, after which ``redact`` replaces it anywhere it appears. The structlog
+processor applies both to every log event, so a secret that reaches a log call by accident
+is still not written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ MASK = "***"
 _URL_CREDS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):(?P<pw>[^@/\s]+)@")
 _SEED = re.compile(r"\bS[A-Z]{1}[A-Z2-7]{56}\b")
 """An nkey seed (``SU...``, ``SA...``): never printable."""
+_PEM_KEY = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.S
+)
+"""A private key's PEM block (also a truncated one): its contents never leave the file."""
 _MIN_SECRET = 4
 
 _lock = threading.Lock()
@@ -42,6 +47,7 @@ def redact(text: str) -> str:
     """``text`` with URL passwords, nkey seeds and every registered secret masked."""
     out = _URL_CREDS.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
     out = _SEED.sub(MASK, out)
+    out = _PEM_KEY.sub(MASK, out)
     for secret in sorted(registered(), key=len, reverse=True):
         if secret in out:
             out = out.replace(secret, MASK)

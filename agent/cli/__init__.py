@@ -41,6 +41,11 @@ COMMANDS = (
     ("logs", "agent.cli.logs:logs", "Print an application's workload output."),
     ("agent", "agent.cli.agents:agent", "Manage agent records (forget a departed agent)."),
     ("context", "agent.cli.context:context", "Save and select mesh connections."),
+    (
+        "mesh",
+        "agent.cli.meshinit:mesh",
+        "Create the mesh (admin): buckets, streams, lease stores, descriptor.",
+    ),
     ("ca", "agent.cli.ca:ca", "This site's certificate authority."),
     (
         "trust",

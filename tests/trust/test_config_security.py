@@ -184,7 +184,7 @@ async def test_embedded_server_that_cannot_start_does_not_hang_startup(tmp_path:
     import asyncio
 
     task = asyncio.create_task(server.run())
-    with pytest.raises(RuntimeError, match="not started: listen"):
+    with pytest.raises(InsecureListener, match=r"^listen: 0\.0\.0\.0:4222 is not loopback"):
         await asyncio.wait_for(server.wait_started(), 5)
     with pytest.raises(InsecureListener):
         await task

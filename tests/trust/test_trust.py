@@ -168,7 +168,7 @@ async def test_revoked_site_can_no_longer_connect(tmp_path: Path, nats_server: N
 
     # The mesh holds the trust entries; the sync task writes the bundle a TLS server uses.
     nc = await nats.connect(servers=[nats_server.url])
-    buckets = await ensure_mesh(nc.jetstream(), 1)
+    buckets = await ensure_mesh(nc.jetstream(), 1, stores=["site-a"])
     for site in ("site-a", "site-b"):
         added = cli(
             "trust",
