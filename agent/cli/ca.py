@@ -298,7 +298,11 @@ async def _current_serial(kv: KeyValue, key: str) -> int | None:
 
 @click.group()
 def trust() -> None:
-    """The trust bundle: every trusted site's CA certificate, signed by the trust-admin."""
+    """The trust bundle: every trusted site's public CA certificate.
+
+    Every entry is signed by the trust-admin key (kept offline); agents use only entries
+    that verify.
+    """
 
 
 @trust.command("add")
