@@ -7,6 +7,7 @@ operator reading a crash-looping unit's journal at 3 a.m. should not parse a tra
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import ipaddress
 import os
@@ -62,9 +63,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
+"""Off only where the files cannot exist yet (a generator checking the config it renders)."""
+
+
 def _file_check(check: Callable[[Path], object], path: Path | None) -> Path | None:
     """Run a mesh.tlsfiles check; its one-line problem becomes the field's error."""
-    if path is not None:
+    if path is not None and _CHECK_FILES.get():
         try:
             check(path)
         except FileProblem as exc:
@@ -94,7 +99,7 @@ class TlsConfig(_Section):
     def _pair(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file must be given together")
-        if self.cert_file is not None and self.key_file is not None:
+        if self.cert_file is not None and self.key_file is not None and _CHECK_FILES.get():
             try:
                 check_pair(self.cert_file, self.key_file)
             except FileProblem as exc:
@@ -127,10 +132,11 @@ class ServerTlsConfig(_Section):
 
     @model_validator(mode="after")
     def _pair(self) -> ServerTlsConfig:
-        try:
-            check_pair(self.cert_file, self.key_file)
-        except FileProblem as exc:
-            raise ValueError(str(exc)) from None
+        if _CHECK_FILES.get():
+            try:
+                check_pair(self.cert_file, self.key_file)
+            except FileProblem as exc:
+                raise ValueError(str(exc)) from None
         return self
 
 
@@ -353,6 +359,17 @@ class TrustConfig(_Section):
     ca_dir: Path | None = None
     """Where this site's CA key lives (bare metal, root only): when readable, the agent
     renews its own and its server's leaves before 2/3 of their life."""
+    bundle_configmap: str | None = None
+    """``<namespace>/<name>`` (Kubernetes topology): the agent also writes the bundle into
+    this ConfigMap's ``ca-bundle.pem``, which the NATS pods' reloader puts to use."""
+
+    @field_validator("bundle_configmap")
+    @classmethod
+    def _configmap(cls, value: str | None) -> str | None:
+        name = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+        if value is not None and not re.fullmatch(f"{name}/{name}", value):
+            raise ValueError(f"{value!r} must be <namespace>/<name> of a ConfigMap")
+        return value
 
     @field_validator("admin_public_key")
     @classmethod
@@ -538,8 +555,14 @@ def local_defaults() -> dict[str, Any]:
     }
 
 
-def load_config(path: str | Path | None = None, *, allow_zero_config: bool = False) -> AgentConfig:
-    """Load and validate; raise ConfigError with one line naming the file, field and problem."""
+def load_config(
+    path: str | Path | None = None, *, allow_zero_config: bool = False, check_files: bool = True
+) -> AgentConfig:
+    """Load and validate; raise ConfigError with one line naming the file, field and problem.
+
+    ``check_files=False`` skips reading the TLS, key and secret files the config names (their
+    existence, permissions, pairing): for checking a config that is meant for another
+    machine, such as one ``harmony-agent manifests`` generates."""
     path = path or os.environ.get(CONFIG_ENV)
     data: dict[str, Any] = {}
     where = "environment"
@@ -566,6 +589,7 @@ def load_config(path: str | Path | None = None, *, allow_zero_config: bool = Fal
         else:
             data, zero_config = local_defaults(), True
             where = "built-in local defaults"
+    token = _CHECK_FILES.set(check_files)
     try:
         config = AgentConfig(**data)
     except ValidationError as exc:
@@ -579,6 +603,8 @@ def load_config(path: str | Path | None = None, *, allow_zero_config: bool = Fal
             f"environment: {exc} (lists and mappings are JSON, e.g. "
             """HARMONY_AGENT_NATS__SERVERS='["nats://10.0.0.1:4222"]')"""
         ) from None
+    finally:
+        _CHECK_FILES.reset(token)
     if zero_config:
         # The local agent connects to the server it embeds, wherever HARMONY_AGENT_NATS__LISTEN
         # moved it (servers cannot be set here: that variable switches zero-config off).

@@ -26,7 +26,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from nats.aio.client import Client
@@ -59,6 +59,7 @@ from mesh.redact import redact_value
 from mesh.session import SessionThread, SessionView
 from topologies.base import Topology
 from topologies.build import build_topology
+from topologies.capabilities import KubernetesApi
 from topologies.supervisor import FenceSupervisor
 
 log = structlog.get_logger("agent.daemon")
@@ -231,6 +232,8 @@ class Agent:
         self.mesh = mesh = await self._bind()
 
         self.topology = topology = build_topology(cfg.topology)
+        if KubernetesApi in topology.capabilities():
+            self.security.kube = cast(KubernetesApi, topology)  # the bundle ConfigMap
         fence = getattr(topology, "fence", None)
         if isinstance(fence, FenceSupervisor):
             for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):

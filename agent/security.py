@@ -59,6 +59,7 @@ from mesh.rotation import (
     renewal_due,
 )
 from mesh.trust import SiteCA, TrustError, TrustState, fingerprint, write_atomically
+from topologies.capabilities import KubernetesApi
 
 log = structlog.get_logger("agent.security")
 
@@ -68,9 +69,12 @@ CERT_EXPIRY = Gauge(
     ["cert"],
 )
 SYSTEM_USER = "harmony-system"
+BUNDLE_KEY = "ca-bundle.pem"
+"""The bundle ConfigMap's key (``agent.deploy.reloader`` reads it)."""
 MAX_RENEW_SLEEP = 30.0
 """Also how soon a leaf renewed by someone else (root's timer) is put to use."""
 MIN_RENEW_SLEEP = 0.2
+RETRY_CONFIGMAP = 2.0
 
 
 class RedactingEventPublisher(EventPublisher):
@@ -235,6 +239,13 @@ class SiteSecurity:
         self.renew_problem: str | None = None
         self.expiries: dict[str, float] = {}
         self._digests: dict[str, str] = {}
+        self.kube: KubernetesApi | None = None
+        """The Kubernetes topology's API, where the bundle ConfigMap is written."""
+        self.configmap_problem: str | None = None
+        self._configmap_pending = False
+        self._configmap_written: str | None = None
+        self._wake = asyncio.Event()
+        """Wakes the renewer early (a ConfigMap write to retry)."""
 
     # --- trust ---------------------------------------------------------------------------
 
@@ -284,8 +295,37 @@ class SiteSecurity:
             await self.learn_routes()
         await sync.run()
 
+    async def publish_bundle(self) -> bool:
+        """Write the bundle file's content into ``trust.bundle_configmap`` (a merge patch of
+        its one key; the agent's Role allows exactly that ConfigMap). A failure is kept in
+        the status and retried by the ``cert-renew`` task; True when written."""
+        target, bundle = self.config.trust.bundle_configmap, self.config.trust.bundle_file
+        if target is None or self.kube is None or bundle is None:
+            return False
+        namespace, _, name = target.partition("/")
+        try:
+            pem = bundle.read_text()
+            if pem == self._configmap_written:
+                return True
+            await self.kube.patch(
+                "v1", "ConfigMap", name, {"data": {BUNDLE_KEY: pem}}, namespace=namespace
+            )
+        except Exception as exc:  # the API server down, RBAC: report, retry, never crash
+            self.configmap_problem = redact(f"{target}: {exc}")
+            self._configmap_pending = True
+            self._wake.set()
+            log.warning("trust bundle ConfigMap not written", error=self.configmap_problem)
+            return False
+        self.configmap_problem = None
+        self._configmap_pending = False
+        self._configmap_written = pem
+        log.info("trust bundle ConfigMap written", configmap=target)
+        return True
+
     async def on_synced(self) -> None:
-        """After the first sync: guest sites' CAs as the signed bundle has them now."""
+        """After the first sync: the ConfigMap (created empty by the manifests), and guest
+        sites' CAs as the signed bundle has them now."""
+        await self.publish_bundle()
         if self.embedded is not None and guest_agents(self.config) and self.sync is not None:
             _, changed = write_client_ca(self.config, self.sync.state.trusted())
             if changed:
@@ -298,8 +338,9 @@ class SiteSecurity:
             await self.routes.refresh(self.embedded.spec.routes)
 
     async def on_bundle_change(self, change: BundleChange) -> None:
+        await self.publish_bundle()
         if self.embedded is None:
-            return  # an external server: its operator reloads it (docs/trust.md)
+            return  # an external server: its reloader or operator reloads it (docs/trust.md)
         if guest_agents(self.config) and self.sync is not None:
             write_client_ca(self.config, self.sync.state.trusted())
         await self.evict(change)
@@ -507,14 +548,22 @@ class SiteSecurity:
         return min(MAX_RENEW_SLEEP, max(MIN_RENEW_SLEEP, wait))
 
     async def renew_forever(self) -> None:
-        """The ``cert-renew`` task: renew when due, update the expiry gauge, never exit."""
+        """The ``cert-renew`` task: renew when due, update the expiry gauge, retry a bundle
+        ConfigMap write that failed (every 2 s until it works); never exit."""
         while True:
+            if self._configmap_pending:
+                await self.publish_bundle()
             try:
                 self.renew_once()
             except Exception as exc:  # never take the agent down over a renewal
                 self.renew_problem = redact(repr(exc))
                 log.error("certificate renewal failed", error=self.renew_problem)
-            await asyncio.sleep(self.next_renewal())
+            delay = self.next_renewal()
+            if self._configmap_pending:
+                delay = min(delay, RETRY_CONFIGMAP)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
 
     # --- status --------------------------------------------------------------------------
 
@@ -528,5 +577,7 @@ class SiteSecurity:
                 "renewal_problem": self.renew_problem,
                 "renewals": list(self.renewals),
                 "evictions": list(self.evictions),
+                "bundle_configmap": self.config.trust.bundle_configmap,
+                "bundle_configmap_problem": self.configmap_problem,
             }
         }
