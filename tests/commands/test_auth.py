@@ -30,7 +30,7 @@ CONF = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "accounts.conf"
 class Pki:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.site = SiteCA.create("site-a", root / "site-a")
+        self.site = SiteCA.create("paris", root / "paris")
         self.people = SiteCA.create("operators", root / "operators")
         self.clients = root / "clients.pem"
         self.clients.write_bytes(cert_pem(self.site.cert) + cert_pem(self.people.cert))
@@ -45,7 +45,7 @@ class Pki:
 
     async def connect(self, node: NatsNode, ca: SiteCA, name: str, **kw: object) -> Client:
         crt, key = self.leaf(ca, name)
-        ctx = ssl.create_default_context(cafile=str(self.root / "site-a" / "ca.crt"))
+        ctx = ssl.create_default_context(cafile=str(self.root / "paris" / "ca.crt"))
         ctx.load_cert_chain(str(crt), str(key))
         return await nats.connect(
             servers=[f"tls://127.0.0.1:{node.port}"],
@@ -84,7 +84,7 @@ async def test_agent_identity_cannot_command_but_operator_can(
     await admin.close()
 
     agent = await pki.connect(node, pki.site, "n1")
-    server = CommandServer(agent, state, site="site-a", node="n1")
+    server = CommandServer(agent, state, site="paris", node="n1")
     await server.start()
     errors: list[str] = []
 
@@ -95,7 +95,7 @@ async def test_agent_identity_cannot_command_but_operator_can(
     operator = await pki.connect(node, pki.people, "ops-1")
     try:
         with pytest.raises(nats.errors.TimeoutError):
-            await rogue.request("harmony.cmd.site-a.n1.ping", b"{}", timeout=1)
+            await rogue.request("harmony.cmd.paris.n1.ping", b"{}", timeout=1)
         await eventually(
             lambda: any("permissions violation" in e.lower() for e in errors),
             what="the server to refuse the agent's command publish",
@@ -104,7 +104,7 @@ async def test_agent_identity_cannot_command_but_operator_can(
         assert rogue.is_connected  # refused, not disconnected
 
         reply = json.loads(
-            (await operator.request("harmony.cmd.site-a.n1.ping", b"{}", timeout=5)).data
+            (await operator.request("harmony.cmd.paris.n1.ping", b"{}", timeout=5)).data
         )
         assert reply["ok"] and reply["verb"] == "ping"
         assert server.answered == 1
@@ -132,9 +132,9 @@ async def test_operator_writes_apps_viewer_only_reads(secured: tuple[NatsNode, P
         async def status(msg: Msg) -> None:
             await msg.respond(b'{"ok": true}')
 
-        await agent.subscribe("harmony.status.site-a.n1", cb=status)
+        await agent.subscribe("harmony.status.paris.n1", cb=status)
         await agent.flush()
-        reply = await viewer.request("harmony.status.site-a.n1", b"{}", timeout=5)
+        reply = await viewer.request("harmony.status.paris.n1", b"{}", timeout=5)
         assert json.loads(reply.data)["ok"]
 
         await (await operator.jetstream().key_value("harmony-state")).put("app.ledger", b"{}")
@@ -147,7 +147,7 @@ async def test_operator_writes_apps_viewer_only_reads(secured: tuple[NatsNode, P
             what="the viewer's write refused",
         )
         with pytest.raises(nats.errors.TimeoutError):
-            await viewer.request("harmony.cmd.site-a.n1.drain", b"{}", timeout=0.5)
+            await viewer.request("harmony.cmd.paris.n1.drain", b"{}", timeout=0.5)
         await eventually(lambda: any("harmony.cmd" in e for e in errors), what="command refused")
         assert (await vkv.get("app.ledger")).value == b"{}"
     finally:
