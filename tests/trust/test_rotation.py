@@ -1,10 +1,11 @@
 """Rotation without restarts (issue 12 item 3), with leaves valid for a few seconds.
 
-A real embedded nats-server (mTLS, this site's accounts) and a real agent connection with
-a session on it; the renewer re-issues both leaves past 2/3 of their life, reloads the
-server and refreshes the client's TLS context. A fresh TLS handshake sees the server's new
-serial, a reconnection presents the agent's new certificate, the session never ends, and
-``harmony_cert_expiry_seconds`` follows the renewed certificates.
+A real embedded nats-server (mTLS, this site's accounts), the agent's main connection and
+its session thread on its own connection built from the same options (as the daemon does);
+the renewer re-issues both leaves past 2/3 of their life, reloads the server and refreshes
+the client's TLS context. A fresh TLS handshake sees the server's new serial, both
+connections present the agent's new certificate after a reconnection, the session never
+ends, and ``harmony_cert_expiry_seconds`` follows the renewed certificates.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ import nats
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from nats.js.api import KeyValueConfig
 from prometheus_client import REGISTRY
 
 from agent.cli import cli
 from agent.config import AgentConfig
 from agent.security import SiteSecurity, connection_options, embedded_spec, system_password
+from mesh.bootstrap import ensure_mesh
+from mesh.clock import boottime
 from mesh.connection import MeshConnection
 from mesh.embedded import EmbeddedServer
 from mesh.evict import cert_sha256, connections
 from mesh.rotation import leaf_of
-from mesh.session import Session
+from mesh.session import SessionThread
 from mesh.trust import SiteCA, cert_pem, write_private
 from tests.harness.ports import free_port
 from tests.harness.wait import eventually
@@ -114,7 +116,7 @@ async def secured(tmp_path: Path) -> AsyncIterator[tuple[SiteSecurity, MeshConne
         admin = await nats.connect(
             servers=[f"tls://127.0.0.1:{port}"], tls=ctx, inbox_prefix="_INBOX_user.adm-1"
         )
-        await admin.jetstream().create_key_value(KeyValueConfig(bucket="harmony-state"))
+        await ensure_mesh(admin.jetstream(), 1, stores=["site-a"])
         await admin.close()
         yield security, conn, port
     finally:
@@ -134,14 +136,21 @@ async def test_leaves_renewed_and_served_without_restart(
     first_server, first_agent = leaf_of(server_file), leaf_of(agent_file)
     assert await server_serial(port) == first_server.serial_number
 
-    kv = await conn.js.key_value("harmony-state")
-    session = Session(kv, "agent.site-a.n1", "site-a/n1", ttl=3.0, margin=0.3)
-    lost: list[str] = []
-    session.on_lost.append(lost.append)
-    assert await session.open()
-    epoch = session.epoch
+    extra: list[MeshConnection] = []
+
+    async def session_connection() -> nats.aio.client.Client:
+        """What the daemon gives its session thread: its own connection, same options."""
+        own = MeshConnection(conn.options)
+        await own.connect()
+        extra.append(own)
+        return own.nc
+
+    session = SessionThread(session_connection, ["site-a"], "site-a", "n1", ttl=3.0, margin=0.3)
+    await session.start()
+    epoch = session.view().epoch("site-a")
+    assert epoch and session.view().valid(boottime())
     pid = security.embedded.process.pid  # type: ignore[union-attr]
-    tasks = [asyncio.create_task(session.run()), asyncio.create_task(security.renew_forever())]
+    tasks = [asyncio.create_task(security.renew_forever())]
     try:
         # Two generations each: the renewed leaves are renewed again in their turn.
         await eventually(
@@ -165,22 +174,27 @@ async def test_leaves_renewed_and_served_without_restart(
         serial = await server_serial(port)
         assert serial == leaf_of(server_file).serial_number, "server serves the new leaf"
 
-        # The agent reconnects with its renewed certificate; the session is untouched.
+        # Both connections reconnect with the renewed certificate; the session is untouched.
         assert conn.tls_refreshes >= 1
         await conn.nc.force_reconnect()
-        await eventually(lambda: conn.connected, what="reconnected")
+        [own] = extra
+        loop = session._loop
+        assert loop is not None
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(own.nc.force_reconnect(), loop))
+        await eventually(lambda: conn.connected and own.connected, what="reconnected")
         agent_now = leaf_of(agent_file)
         assert agent_now.serial_number != first_agent.serial_number
         base = f"http://{cfg.nats.monitor_listen}"
 
         async def presented() -> bool:
             conns = await connections(base)
-            shas = {c["tls_peer_certs"][0]["cert_sha256"] for c in conns if c.get("tls_peer_certs")}
-            return cert_sha256(leaf_of(agent_file)) in shas
+            shas = [c["tls_peer_certs"][0]["cert_sha256"] for c in conns if c.get("tls_peer_certs")]
+            return shas.count(cert_sha256(leaf_of(agent_file))) == 2
 
-        await eventually(presented, what="the renewed agent certificate on the server")
-        await eventually(lambda: session.revision is not None and session.valid(), what="renew")
-        assert session.epoch == epoch and lost == [], lost
+        await eventually(presented, what="the renewed agent certificate on both connections")
+        assert own.tls_refreshes >= 1  # refreshed on its own disconnect, in its own thread
+        await eventually(lambda: session.view().valid(boottime()), what="renewing")
+        assert session.view().epoch("site-a") == epoch and session.alive()
 
         # The expiry gauge follows the renewed certificates.
         security.update_expiry()
@@ -196,6 +210,7 @@ async def test_leaves_renewed_and_served_without_restart(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
 
 
 def test_no_ca_key_no_renewal_but_a_reason(tmp_path: Path) -> None:
