@@ -1,11 +1,13 @@
-"""Eviction that disconnects (issue 12 item 2), in network namespaces with real servers.
+"""Eviction that disconnects (issue 12 item 2), in network namespaces with real agents.
 
-Three sites each run the agent's security code (``tests/harness/secure_site.py``: embedded
-mTLS nats-server, signed trust sync, eviction). site-c also has an agent without a server
-of its own (``site-c/n2``) connected to site-a. ``harmony-agent trust revoke site-c`` by
-the trust-admin must, within 2 x ttl: drop every route to and from site-c (``/routez`` on
-all three), drop site-c/n2's client connection at site-a (``/connz``); reconnects then
-fail; the site-a <-> site-b routes are the very same connections as before.
+Three sites each run ``harmony-agent run``: an embedded mTLS nats-server with per-identity
+accounts, signed trust sync, eviction, leases and a Process workload. site-c also has an
+agent identity without a server of its own (``site-c/n2``, a bare client here) connected
+to site-a. ``harmony-agent trust revoke site-c`` by the trust-admin must, within 2 x ttl:
+drop every route to and from site-c (``/routez`` on all three), drop site-c/n2's client
+connection at site-a (``/connz``); reconnects then fail; the site-a <-> site-b routes are
+the very same connections as before; site-c's application then runs on another site, and
+site-a's keeps its holder and fencing token (no lease of site-a or site-b is lost).
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig
 
 from agent.cli import cli
-from mesh.authz import agent_inbox_prefix
+from mesh.authz import agent_inbox_prefix, user_inbox_prefix
 from tests.harness.nats import NatsNode
 from tests.harness.secure import SecureSites, ca_cli, client_context, server_host
 from tests.harness.wait import eventually
@@ -53,9 +54,20 @@ class Mesh:
             for name in MEMBERS
         }
 
-    def status(self, site: str) -> dict[str, Any]:
-        path = self.sites.workdir / site / "state" / "security.json"
-        data: dict[str, Any] = json.loads(path.read_text())
+    async def status(self, site: str) -> dict[str, Any]:
+        """The agent's live status, asked through its own site's server as an operator."""
+        nc = await nats.connect(
+            servers=[self.url(site)],
+            tls=self.sites.person_context(site, "ops-1"),
+            inbox_prefix=user_inbox_prefix("ops-1"),
+            allow_reconnect=False,
+            connect_timeout=3,
+        )
+        try:
+            reply = await nc.request(f"harmony.status.{site}.n1", b"{}", timeout=3)
+        finally:
+            await nc.close()
+        data: dict[str, Any] = json.loads(reply.data)
         return data
 
     def routes(self, site: str) -> list[dict[str, Any]]:
@@ -84,18 +96,42 @@ class Mesh:
             CliRunner().invoke, cli, list(args), env=env, catch_exceptions=False
         )
 
-    async def trust(self, *args: str, env: dict[str, str]) -> None:
-        """``harmony-agent trust ...``, retried while JetStream is electing a leader for the
+    async def retried(self, *args: str, env: dict[str, str]) -> None:
+        """``harmony-agent <args>``, retried while JetStream is electing a leader for a
         bucket (just created, or its leader was on an evicted site): the CLI then fails
         with a timeout or "unavailable", as an operator would see, and is run again."""
 
         async def attempt() -> bool:
-            result = await self.cli("trust", *args, "-s", self.url("site-a"), env=env)
-            transient = "TimeoutError" in result.output or "ServiceUnavailable" in result.output
+            result = await self.cli(*args, "-s", self.url("site-a"), env=env)
+            transient = any(
+                t in result.output
+                for t in ("TimeoutError", "ServiceUnavailable", "no answer", "unavailable")
+            )
             assert result.exit_code == 0 or transient, result.output
             return result.exit_code == 0
 
-        await eventually(attempt, timeout=30, what=f"trust {' '.join(args[:2])}")
+        await eventually(attempt, timeout=30, interval=0.5, what=" ".join(args[:2]))
+
+    async def trust(self, *args: str, env: dict[str, str]) -> None:
+        await self.retried("trust", *args, env=env)
+
+
+def application(name: str, first: str) -> dict[str, Any]:
+    sites = [first, *(s for s in MEMBERS if s != first)]
+    return {
+        "apiVersion": "harmony/v1",
+        "kind": "Application",
+        "metadata": {"name": name},
+        "spec": {
+            "trait": "stateful",
+            "placement": {"sites": sites},
+            "score": {
+                "kind": "Process",
+                "command": [sys.executable, "-c", "import time; time.sleep(3600)"],
+                "stop_timeout": "1s",
+            },
+        },
+    }
 
 
 def site_config(sites: SecureSites, name: str, admin_public: str) -> Path:
@@ -108,6 +144,7 @@ def site_config(sites: SecureSites, name: str, admin_public: str) -> Path:
         "admins": ["adm-1"],
         "trust_admins": ["ta-1"],
         "operators": ["ops-1"],
+        "viewers": ["view-1"],
     }
     if name == "site-a":
         accounts["agents"] = ["site-c/n2"]  # site-c's serverless agent connects here
@@ -116,6 +153,7 @@ def site_config(sites: SecureSites, name: str, admin_public: str) -> Path:
         "node": "n1",
         "state_dir": str(site_dir / "state"),
         "lease": {"ttl": f"{TTL}s"},
+        "log": {"format": "json"},
         "nats": {
             "embedded": True,
             # Only so that the test reaches the monitoring port over the management link;
@@ -164,7 +202,7 @@ async def mesh(tmp_path: Path, require_netns: None) -> AsyncIterator[Mesh]:
             config = site_config(sites, name, admin_public)
             sites.spawn(
                 name,
-                [sys.executable, "-m", "tests.harness.secure_site", str(config)],
+                [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
                 log=sites.workdir / name / "agent.log",
                 env={"PYTHONPATH": str(REPO)},
             )
@@ -179,6 +217,9 @@ async def mesh(tmp_path: Path, require_netns: None) -> AsyncIterator[Mesh]:
             timeout=30,
             what="the mTLS mesh",
         )
+        # The admin creates the mesh; the agents were waiting for it.
+        adm = m.as_person("site-a", "adm-1")
+        await m.retried("mesh", "init", "--stores", ",".join(MEMBERS), "--replicas", "3", env=adm)
         yield m
     finally:
         for name in MEMBERS:
@@ -193,26 +234,12 @@ async def test_revoked_site_is_disconnected_and_stays_out(mesh: Mesh) -> None:
     admin_key = str(sites.pki.root / "admin" / "trust-admin.key")
     ta = mesh.as_person("site-a", "ta-1")
 
-    # The admin creates harmony-trust; the trust-admin signs every site's CA into it.
-    ctx = client_context(sites.pki.ca_cert("site-a"), *sites.leaf("operators", "adm-1"))
-    admin = await nats.connect(
-        servers=[mesh.url("site-a")], tls=ctx, inbox_prefix="_INBOX_user.adm-1"
-    )
-    try:
-        await eventually(
-            lambda: admin.jetstream(timeout=5).create_key_value(
-                KeyValueConfig(bucket="harmony-trust", history=5, replicas=3)
-            ),
-            timeout=30,
-            what="harmony-trust created",
-        )
-    finally:
-        await admin.close()
+    # The trust-admin signs every site's CA into harmony-trust.
     for name in MEMBERS:
         await mesh.trust("add", str(sites.pki.ca_cert(name)), "--admin-key", admin_key, env=ta)
 
-    def signed(site: str) -> bool:
-        trust = mesh.status(site)["security"]["trust"]
+    async def signed(site: str) -> bool:
+        trust = (await mesh.status(site))["security"]["trust"]
         return (
             bool(trust["synced"])
             and trust["bootstrap_only"] == []
@@ -222,9 +249,32 @@ async def test_revoked_site_is_disconnected_and_stays_out(mesh: Mesh) -> None:
     for name in MEMBERS:
         await eventually(
             lambda n=name: signed(n),  # type: ignore[misc]
-            timeout=20,
+            timeout=30,
             what=f"{name} synced the signed bundle",
         )
+
+    # One application preferring site-c, one preferring site-a.
+    ops = mesh.as_person("site-a", "ops-1")
+    apps = sites.workdir / "apps.yaml"
+    apps.write_text(
+        yaml.safe_dump_all([application("on-c", "site-c"), application("on-a", "site-a")])
+    )
+    await mesh.retried("apply", "-f", str(apps), env=ops)
+
+    async def running_on(site: str) -> dict[str, int | None]:
+        """What ``site``'s agent runs, by application, with its lease token (live status)."""
+        try:
+            instances = (await mesh.status(site))["instances"]
+        except (OSError, TimeoutError, nats.errors.Error):
+            return {}
+        return {i["app"]: i["lease_token"] for i in instances if i["state"] == "running"}
+
+    async def placed() -> bool:
+        return "on-c" in await running_on("site-c") and "on-a" in await running_on("site-a")
+
+    await eventually(placed, timeout=60, interval=0.5, what="on-c on site-c, on-a on site-a")
+    kept_token = (await running_on("site-a"))["on-a"]
+    assert kept_token is not None
 
     # site-c's serverless agent, connected to site-a (site-a trusts site-c's CA for it only
     # while the signed bundle does), reconnecting for ever like an agent does.
@@ -322,16 +372,27 @@ async def test_revoked_site_is_disconnected_and_stays_out(mesh: Mesh) -> None:
     assert ab_routes() == before_ab
 
     # What each site did and says.
-    report_a = mesh.status("site-a")["security"]["evictions"][-1]
+    report_a = (await mesh.status("site-a"))["security"]["evictions"][-1]
     assert report_a["routes_removed"] == [f"nats-route://{server_host('site-c')}:6222"]
     assert report_a["clients_kicked"] == 1 and report_a["reloaded"] is True
-    report_b = mesh.status("site-b")["security"]["evictions"][-1]
+    report_b = (await mesh.status("site-b"))["security"]["evictions"][-1]
     assert report_b["routes_removed"] == [f"nats-route://{server_host('site-c')}:6222"]
-    trust_c = mesh.status("site-c")["security"]["trust"]
+    trust_c = (await mesh.status("site-c"))["security"]["trust"]
     assert trust_c["own_site_revoked"] is True and "site-c" in trust_c["revoked"]
     assert sites.pki.ca_cert("site-c").read_bytes() in sites.route_ca("site-c").read_bytes()
     assert sites.pki.ca_cert("site-c").read_bytes() not in sites.route_ca("site-a").read_bytes()
     print(json.dumps({"site-a": report_a, "site-b": report_b}, indent=1))
+
+    # site-c's application runs elsewhere; site-a's never lost its lease (same token).
+    async def moved() -> str | None:
+        for site in ("site-a", "site-b"):
+            if "on-c" in await running_on(site):
+                return site
+        return None
+
+    where = await eventually(moved, timeout=60, interval=0.5, what="on-c running elsewhere")
+    print(f"on-c runs on {where} {time.monotonic() - t0:.1f}s after the revoke")
+    assert (await running_on("site-a"))["on-a"] == kept_token
 
     # Only a newer signed entry brings site-c back: its routes are restored, its guest
     # agent gets in again.
@@ -344,7 +405,7 @@ async def test_revoked_site_is_disconnected_and_stays_out(mesh: Mesh) -> None:
         timeout=20,
         what="site-c back after a newer signed entry",
     )
-    assert mesh.status("site-a")["security"]["evictions"][-1]["routes_restored"] == [
+    assert (await mesh.status("site-a"))["security"]["evictions"][-1]["routes_restored"] == [
         f"nats-route://{server_host('site-c')}:6222"
     ]
     await guest.close()
