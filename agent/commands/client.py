@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -34,6 +35,17 @@ def _import_nats_without_websockets() -> None:
 
 
 _import_nats_without_websockets()
+
+
+class _QuietTlsClose(logging.Filter):
+    """asyncio logs "returning true from eof_received() has no effect when using ssl"
+    whenever a TLS server closes a connection first: noise on every CLI call over TLS."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 
 import nats  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
@@ -125,20 +137,25 @@ class MeshClient:
                 await w.stop()
         return state
 
+    async def _store(self, name: str) -> KeyValue | None:
+        """A lease store's bucket, or None when its site does not answer in half the
+        deadline: nats-server does not answer for a single-replica stream whose server is
+        down, and the other stores must still be shown within the deadline."""
+        try:
+            return await asyncio.wait_for(self.bucket(name), self.timeout / 2)
+        except (MeshError, TimeoutError):
+            return None
+
     async def follow(
         self, state: MeshState, on_change: Callable[[], None] | None = None
     ) -> list[BucketFollower]:
         """Start one watch per bucket feeding ``state``; await ``.initial`` of each."""
-        buckets = [*MESH_BUCKETS, *await self.store_buckets()]
-        followers = []
-        for b in buckets:
-            try:
-                kv = await self.bucket(b)
-            except MeshError:
-                if b in MESH_BUCKETS:
-                    raise
-                continue  # a lease store of a site that is down: the others answer
-            followers.append(BucketFollower(kv, b, state, on_change))
+        kvs = [(b, await self.bucket(b)) for b in MESH_BUCKETS]
+        stores = await self.store_buckets()
+        opened = await asyncio.gather(*(self._store(b) for b in stores))
+        # A lease store of a site that is down is left out: the others answer.
+        kvs += [(b, kv) for b, kv in zip(stores, opened, strict=True) if kv is not None]
+        followers = [BucketFollower(kv, b, state, on_change) for b, kv in kvs]
         for f in followers:
             await f.start(self.timeout)
         return followers
