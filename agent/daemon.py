@@ -6,16 +6,17 @@ Start: embedded nats-server (mTLS, accounts, its loopback system user: ``agent.s
 -> connection (TLS, credentials, private inbox) -> mesh (buckets, descriptor, stores) ->
 topology and its fence (after stopping a previous incarnation's leftovers) -> session
 thread (its own connection with the same options; its renewals feed the fence directly) ->
-lease manager -> controller (its first snapshot of Applications and marks before any
-runner) -> command plane -> status, summary, control loop -> trust-sync (signed entries ->
-bundle, eviction) and cert-renew (leaves, the expiry gauge).
+lease manager (and the ``harmony-leases`` view it publishes) -> controller (its first
+snapshot of Applications and marks before any runner) -> command plane -> status, summary,
+control loop -> trust-sync (signed entries -> bundle, eviction) and cert-renew (leaves, the
+expiry gauge).
 
 Stop (SIGTERM): command plane -> controller (every workload stops, bounded by its
 stop_timeout, *while the session keeps renewing*; then every lease is released or handed
-over) -> lease manager -> control loop, summary, status, trust-sync, cert-renew -> session
-close (``closed`` in every store) -> fence -> connection -> embedded server. The budget is
-the configuration's (``Timing.shutdown_budget``), not a fixed per-step grace, and the
-session is never closed before the workloads are gone.
+over) -> lease manager -> lease view flushed -> control loop, summary, status, trust-sync,
+cert-renew -> session close (``closed`` in every store) -> fence -> connection -> embedded
+server. The budget is the configuration's (``Timing.shutdown_budget``), not a fixed
+per-step grace, and the session is never closed before the workloads are gone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
-from agent import __version__, metrics, sdnotify
+from agent import __version__, app_metrics, metrics, sdnotify
 from agent.commands import CommandServer
 from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
@@ -50,10 +51,11 @@ from agent.security import (
 )
 from agent.supervisor import Supervisor
 from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
-from mesh.clock import boottime, now_rfc3339
+from mesh.clock import boottime, now_rfc3339, wall_iso
 from mesh.connection import MeshConnection
 from mesh.embedded import EmbeddedServer, InsecureListener, PortInUse
 from mesh.leases import LeaseManager
+from mesh.mirror import LeaseMirror
 from mesh.names import agent_key, status_subject
 from mesh.redact import redact_value
 from mesh.session import SessionThread, SessionView
@@ -93,6 +95,7 @@ class Agent:
         self.statefile = StateFile(config.state_dir)
         self.session: SessionThread | None = None
         self.leases: LeaseManager | None = None
+        self.mirror: LeaseMirror | None = None
         self.controller: Controller | None = None
         self.commands: CommandServer | None = None
         self.last_cycle: float | None = None
@@ -200,7 +203,9 @@ class Agent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except (NatsError, JsError, TimeoutError, OSError) as exc:
-                log.warning("mesh not ready; retrying", error=repr(exc))
+                log.warning(
+                    "mesh_not_ready", msg=f"mesh not ready: {exc!r}; retrying", error=repr(exc)
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -236,8 +241,7 @@ class Agent:
             self.security.kube = cast(KubernetesApi, topology)  # the bundle ConfigMap
         fence = getattr(topology, "fence", None)
         if isinstance(fence, FenceSupervisor):
-            for sentence in await asyncio.to_thread(stop_leftovers, self.statefile):
-                log.warning(sentence)
+            await asyncio.to_thread(stop_leftovers, self.statefile)  # logs each one
             self.fence = fence
             await fence.start()
             if fence.proc is not None:
@@ -269,8 +273,14 @@ class Agent:
         )
         await self._retry("lease stores", leases.start)
         sup.spawn("leases", leases.run())
+        if mesh.lease_view is not None:
+            self.mirror = mirror = LeaseMirror(mesh.lease_view, cfg.site, cfg.node)
+            leases.on_acquired.append(mirror.acquired)
+            leases.on_lost.append(mirror.lost)
+            sup.spawn("lease-view", mirror.run())
 
         events = RedactingEventPublisher(self.connection.nc, cfg.site, cfg.node)
+        holders = app_metrics.HolderLog(leases)  # failovers and handovers, per application
         self.controller = ctl = Controller(
             nc=self.connection.nc,
             state=mesh.state,
@@ -282,11 +292,12 @@ class Agent:
             leases=leases,
             alive=leases.agent_alive,
             agents=leases.live_agents,
-            holder=leases.holder_of,
+            holder=holders.holder_of,
             events=events,
             topology=topology,
             statefile=self.statefile,
         )
+        leases.on_acquired.append(holders.acquired)
         leases.on_acquired.append(ctl.lease_changed)
         leases.on_lost.append(ctl.lease_changed)
         leases.on_renewed.append(ctl.renewed)
@@ -313,7 +324,12 @@ class Agent:
         sup.spawn("cert-renew", self.security.renew_forever())
         self.started = True
         await self._write_summary()
-        log.info("agent ready", tasks=sup.names, stores=mesh.stores)
+        log.info(
+            "agent_ready",
+            msg=f"agent {cfg.agent_id} ready (lease stores: {', '.join(mesh.stores)})",
+            tasks=sup.names,
+            stores=mesh.stores,
+        )
         sdnotify.ready(f"ready: {cfg.agent_id} in the mesh")
 
     async def _retry(self, what: str, start: Any) -> None:
@@ -325,7 +341,13 @@ class Agent:
                 await start()
                 return
             except (TimeoutError, NatsError, JsError, OSError) as exc:
-                log.warning(f"{what} could not start; retrying", error=repr(exc), backoff=backoff)
+                log.warning(
+                    "start_retry",
+                    msg=f"{what} could not start: {exc!r}; retrying in {backoff:g}s",
+                    what=what,
+                    error=repr(exc),
+                    backoff=backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -346,7 +368,6 @@ class Agent:
         raise RuntimeError("the session thread ended")
 
     def _connection_changed(self, up: bool) -> None:
-        metrics.MESH_CONNECTED.set(1 if up else 0)
         if not up:
             metrics.MESH_DISCONNECTS.inc()
 
@@ -361,9 +382,6 @@ class Agent:
             self.last_cycle = time.monotonic()
             sdnotify.watchdog()  # systemd WatchdogSec: a wedged loop stops these pings
             metrics.LOOP_CYCLES.inc()
-            metrics.MESH_CONNECTED.set(1 if self.connection.connected else 0)
-            metrics.IN_QUORUM.set(1 if self.in_quorum() else 0)
-            metrics.READY.set(1 if self.readiness()[0] else 0)
             await asyncio.sleep(interval)
 
     async def _write_summary(self) -> bool:
@@ -373,7 +391,7 @@ class Agent:
         try:
             await self.mesh.state.put(key, json.dumps(body).encode())
         except (NatsError, JsError, TimeoutError, OSError) as exc:
-            log.debug("summary not written", error=repr(exc))
+            log.debug("summary_not_written", msg=f"summary not written: {exc!r}", error=repr(exc))
             return False
         return True
 
@@ -419,7 +437,12 @@ class Agent:
                     float(getattr(getattr(r.interpret, "spec", None), "stop_timeout", 5.0))
                 )
         budget = self.timing.shutdown_budget(stop_timeouts)
-        log.info("stopping", budget=round(budget, 1))
+        log.info(
+            "agent_stopping",
+            msg=f"stopping: workloads, leases, session within {budget:.1f}s",
+            budget=round(budget, 1),
+            deadline=wall_iso(boottime() + budget),
+        )
         # systemd: deactivating from here on (no watchdog); TimeoutStopSec bounds the rest.
         sdnotify.stopping(self.supervisor.failure or "stopping: workloads, leases, session")
         sup = self.supervisor
@@ -432,10 +455,17 @@ class Agent:
                 clean = await asyncio.wait_for(self.controller.shutdown(), budget)
             except TimeoutError:
                 clean = False
-                log.error("workloads did not stop within the shutdown budget", budget=budget)
+                log.error(
+                    "shutdown_budget_exceeded",
+                    msg=f"workloads did not stop within the shutdown budget ({budget:.1f}s)",
+                    budget=budget,
+                )
         if self.leases is not None:
             await sup.cancel("leases")
             await self.leases.stop(release_budget=self.timing.release_budget)
+        if self.mirror is not None:
+            await self.mirror.flush(timeout=1.0)  # the view shows our releases, if it can
+            await sup.cancel("lease-view")
         for name in (
             "control-loop",
             "summary",
@@ -455,7 +485,10 @@ class Agent:
             # Otherwise the session simply lapses (a contender waits a ttl, the fence kills
             # whatever is left at the deadline): slower, never overlapping.
             if not clean:
-                log.error("a workload may still run: letting the session lapse, not closing it")
+                log.error(
+                    "session_left_to_lapse",
+                    msg="a workload may still run: letting the session lapse, not closing it",
+                )
             await self.session.close(write=clean)
         if self.fence is not None:
             await sup.cancel("fence")
@@ -471,8 +504,6 @@ class Agent:
     async def run(self) -> int:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        metrics.AGENT_INFO.info({"version": __version__, "site": cfg.site, "node": cfg.node})
-        metrics.UPTIME.set_function(lambda: time.monotonic() - self.started_mono)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
@@ -480,7 +511,10 @@ class Agent:
         health: HealthServer | None = None
         if cfg.health.listen:
             health = HealthServer(
-                cfg.health.listen, liveness=self.liveness, readiness=self.readiness
+                cfg.health.listen,
+                liveness=self.liveness,
+                readiness=self.readiness,
+                registry=metrics.registry_for(self),
             )
             await health.start()
         try:
@@ -499,17 +533,27 @@ class Agent:
                 await self.shutdown()
                 raise StartupError(str(exc))
             if exc is not None:
-                log.error("startup failed", error=repr(exc))
+                log.error("startup_failed", msg=f"startup failed: {exc!r}", error=repr(exc))
                 await self.shutdown()
                 return 1
             code = await self.supervisor.run(self.stop_event)
             await self.shutdown()
-            log.info("agent stopped", exit_code=code, reason=self.supervisor.failure or "signal")
+            log.info(
+                "agent_stopped",
+                msg=f"agent stopped (exit {code})",
+                exit_code=code,
+                reason=self.supervisor.failure or "signal",
+            )
             return code
         finally:
             if health is not None:
                 await health.stop()
 
     def _request_stop(self, sig: signal.Signals) -> None:
-        log.info("stop requested", signal=sig.name, pid=os.getpid())
+        log.info(
+            "stop_requested",
+            msg=f"stop requested by {sig.name}",
+            signal=sig.name,
+            pid=os.getpid(),
+        )
         self.stop_event.set()

@@ -7,6 +7,7 @@ connected, buckets ready, and a mesh write succeeded within the last ttl.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import socket
@@ -15,7 +16,10 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
+from prometheus_client.registry import CollectorRegistry
+
+from agent.metrics import render_families
 
 log = structlog.get_logger("agent.health")
 
@@ -70,8 +74,16 @@ def _answer(result: tuple[bool, dict[str, Any]]) -> web.Response:
 
 
 class HealthServer:
-    def __init__(self, listen: str, *, liveness: Probe, readiness: Probe) -> None:
+    def __init__(
+        self,
+        listen: str,
+        *,
+        liveness: Probe,
+        readiness: Probe,
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
         self.listen = listen
+        self.registry = registry
         self.host, self.port = split_listen(listen)
         self._liveness = liveness
         self._readiness = readiness
@@ -84,7 +96,10 @@ class HealthServer:
         return _answer(self._readiness())
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest())
+        """Collected on the event loop (the collectors read the agent's live state), written
+        out on a worker thread: 1,000 applications are 13,000 series."""
+        families = list(self.registry.collect())
+        resp = web.Response(body=await asyncio.to_thread(render_families, families))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
 
@@ -101,7 +116,11 @@ class HealthServer:
             await self._runner.cleanup()
             self._runner = None
             raise ListenError(_bind_error("health endpoint", self.listen, exc)) from None
-        log.info("health endpoint listening", listen=f"{self.host}:{self.port}")
+        log.info(
+            "health_listening",
+            msg=f"health endpoint listening on {self.host}:{self.port}",
+            listen=f"{self.host}:{self.port}",
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:

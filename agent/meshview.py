@@ -79,6 +79,10 @@ class Instance:
     detail: str
     stale: bool
     """The reporting agent is not healthy: this may no longer be true."""
+    pid: int | None = None
+    partitioned: bool = False
+    deadline_enforced: bool | None = None
+    """Whether the lease deadline holds without the agent (None: not reported)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ class MeshSnapshot:
             agent = self.agents.get(agent_id)
             state = item.get("state")
             token = item.get("token")
+            pid = item.get("pid")
+            enforced = item.get("deadline_enforced")
             out.append(
                 Instance(
                     app=app,
@@ -237,6 +243,9 @@ class MeshSnapshot:
                     token=token if isinstance(token, int) else None,
                     detail=str(item.get("detail") or ""),
                     stale=agent is None or not agent.healthy(now),
+                    pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                    partitioned=item.get("partitioned") is True,
+                    deadline_enforced=enforced if isinstance(enforced, bool) else None,
                 )
             )
         return out

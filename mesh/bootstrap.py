@@ -39,6 +39,7 @@ from mesh.descriptor import Descriptor, read_descriptor
 from mesh.names import (
     EVENTS_STREAM,
     EVENTS_SUBJECTS,
+    LEASE_VIEW_BUCKET,
     MESH_KEY,
     STATE_BUCKET,
     TRUST_BUCKET,
@@ -67,6 +68,8 @@ class Mesh:
     trust: KeyValue
     descriptor: Descriptor
     replicas: int
+    lease_view: KeyValue | None = None
+    """``harmony-leases``: the contract's view of who holds what (mesh/mirror.py)."""
 
     @property
     def stores(self) -> list[str]:
@@ -218,12 +221,13 @@ async def ensure_mesh(
     a descriptor that does not exist yet."""
     state, r = await _kv(js, STATE_BUCKET, replicas, 1, peer_grace)
     trust, r = await _kv(js, TRUST_BUCKET, r, 5, peer_grace)
+    view, r = await _kv(js, LEASE_VIEW_BUCKET, r, 1, peer_grace)
     await _events(js, r)
     desc = await ensure_descriptor(state, stores, r, default_stores)
     for store in desc.stores:
         await ensure_store(js, store)
     log.info("mesh ready", replicas=r, stores=list(desc.stores))
-    return Mesh(state=state, trust=trust, descriptor=desc, replicas=r)
+    return Mesh(state=state, trust=trust, descriptor=desc, replicas=r, lease_view=view)
 
 
 async def bind_mesh(js: JetStreamContext, *, stores: list[str] | None = None) -> Mesh:
@@ -236,7 +240,11 @@ async def bind_mesh(js: JetStreamContext, *, stores: list[str] | None = None) ->
     desc = (
         await ensure_descriptor(state, None, 0) if not stores else await _bind_desc(state, stores)
     )
-    return Mesh(state=state, trust=trust, descriptor=desc, replicas=0)
+    try:
+        view: KeyValue | None = await js.key_value(LEASE_VIEW_BUCKET)
+    except JsError:
+        view = None  # an older mesh: no view to publish into
+    return Mesh(state=state, trust=trust, descriptor=desc, replicas=0, lease_view=view)
 
 
 async def _bind_desc(state: KeyValue, stores: list[str]) -> Descriptor:

@@ -10,6 +10,7 @@ two processes on one machine can hand each other deadlines.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,3 +29,14 @@ def now_rfc3339() -> str:
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def wall_iso(at: float, clock: Clock = boottime) -> str | None:
+    """A CLOCK_BOOTTIME instant (a deadline) as wall-clock UTC, for logs and humans only;
+    None when there is none (minus infinity: nothing held)."""
+    if not math.isfinite(at):
+        return None
+    wall = time.time() + (at - clock())
+    return (
+        datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )

@@ -30,7 +30,7 @@ from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
 from mesh import metrics
-from mesh.clock import Clock, boottime, wall_ms
+from mesh.clock import Clock, boottime, wall_iso, wall_ms
 from mesh.election import Action, Decision, Held, Me, decide
 from mesh.names import lease_claim_key, lease_family, slot_claim_key, slot_family, store_bucket
 from mesh.observe import StoreCache
@@ -221,7 +221,13 @@ class LeaseManager:
                 if watch.created is not None:
                     self._created[store] = watch.created
                 cache.mark_ready(recreated=recreated, quarantine=self.ttl)
-                log.info("lease store watched", store=store, quarantined=recreated)
+                log.info(
+                    "lease_store_watched",
+                    msg=f"watching lease store {store}"
+                    + (" (recreated: ignored for a ttl)" if recreated else ""),
+                    store=store,
+                    quarantined=recreated,
+                )
                 if recreated:  # decide again when the quarantine ends
                     for name in self._wants:
                         self._timers[name] = min(
@@ -231,15 +237,28 @@ class LeaseManager:
                 self._wake.set()
                 backoff = 0.2
                 await watch.closed.wait()
-                log.warning("lease store watch ended; restarting", store=store)
+                log.warning(
+                    "lease_store_watch_ended",
+                    msg=f"watch of lease store {store} ended; restarting it",
+                    store=store,
+                )
             except NotFoundError:
-                log.error("lease store is gone", store=store)
+                log.error("lease_store_gone", msg=f"lease store {store} is gone", store=store)
                 if self._recreate is not None:
                     with contextlib.suppress(Exception):
                         await self._recreate(store)
-                        log.warning("lease store recreated", store=store)
+                        log.warning(
+                            "lease_store_recreated",
+                            msg=f"recreated lease store {store}",
+                            store=store,
+                        )
             except (TimeoutError, NatsError, OSError) as exc:
-                log.debug("lease store not watchable yet", store=store, error=repr(exc))
+                (log.warning if backoff == 0.2 else log.debug)(  # first failure of a streak
+                    "lease_store_unreachable",
+                    msg=f"cannot watch lease store {store}: {exc!r}; retrying",
+                    store=store,
+                    error=repr(exc),
+                )
             finally:
                 await watch.stop()
             self._dirty.update(self._wants)
@@ -321,7 +340,14 @@ class LeaseManager:
                 done.append(store)
                 if len(done) >= len(self.stores) // 2 + 1 and not quorum.is_set():
                     quorum.set()
-                    log.info(why, lease=name, term=held.term, stores=sorted(done))
+                    log.info(
+                        "lease_released" if to is None else "lease_handed_over",
+                        msg=f"lease {name} (token {held.term}) {why}",
+                        lease=name,
+                        term=held.term,
+                        to=to,
+                        stores=sorted(done),
+                    )
 
         for b, (seq, epoch) in held.claims.items():
             task = asyncio.create_task(one(b, seq, epoch), name=f"release:{name}:{b}")
@@ -331,7 +357,11 @@ class LeaseManager:
         try:
             await asyncio.wait_for(asyncio.shield(quorum.wait()), budget)
         except TimeoutError:
-            log.warning("release not confirmed by a quorum yet; still retrying", lease=name)
+            log.warning(
+                "lease_release_unconfirmed",
+                msg=f"release of lease {name} not confirmed by a quorum yet; still retrying",
+                lease=name,
+            )
             return False
         return True
 
@@ -512,7 +542,12 @@ class LeaseManager:
         d = self.decide(want, now)
         if self._decisions.get(want.name) != d.why:
             self._decisions[want.name] = d.why
-            log.debug("lease decision", lease=want.name, action=str(d.action), why=d.why)
+            log.debug(
+                "lease_decision",
+                msg=f"lease {want.name}: {d.why}",
+                lease=want.name,
+                action=str(d.action),
+            )
         held = self._held.get(want.name)
         if d.action is Action.HOLD and d.term is not None:
             if held is None:
@@ -540,7 +575,12 @@ class LeaseManager:
                 async with self._limit:
                     await coro
             except Exception as exc:
-                log.error("lease write failed", lease=name, error=repr(exc))
+                log.error(
+                    "lease_write_failed",
+                    msg=f"write for lease {name} failed: {exc!r}",
+                    lease=name,
+                    error=repr(exc),
+                )
             finally:
                 self._in_flight.discard(name)
                 self._touch(name)
@@ -576,7 +616,12 @@ class LeaseManager:
         if repair:
             if held is not None and held.term == d.term and landed:
                 held.claims.update(landed)
-                log.info("lease claim repaired", lease=want.name, stores=sorted(landed))
+                log.info(
+                    "lease_claim_repaired",
+                    msg=f"claim of lease {want.name} repaired in {', '.join(sorted(landed))}",
+                    lease=want.name,
+                    stores=sorted(landed),
+                )
                 self._update_anchors()
             return
         now = self.clock()
@@ -587,7 +632,12 @@ class LeaseManager:
         if self._view.deadline(claim.support()) > now:
             self._gain(want, claim)
         elif landed:
-            log.info("lost the race for a lease", lease=want.name, landed=sorted(landed))
+            log.info(
+                "lease_race_lost",
+                msg=f"lost the race for lease {want.name}; withdrawing our claim",
+                lease=want.name,
+                landed=sorted(landed),
+            )
             await self._undo(want, d.term, landed)
             self._timers[want.name] = now + random.uniform(0.05, 0.05 + self.step * 2)
 
@@ -612,7 +662,12 @@ class LeaseManager:
         ok = sorted(b for b, r in results.items() if r.ok)
         if ok:
             metrics.SESSION_EXPIRIES.inc()
-            log.info("session expired", session=d.target, stores=ok, why=d.why)
+            log.info(
+                "peer_session_expired",
+                msg=f"expired the session of {d.target} in {', '.join(ok)}: {d.why}",
+                session=d.target,
+                stores=ok,
+            )
         for b, r in results.items():
             if r.conflict:
                 await self._refresh(b, f"sess.{d.target.replace('/', '.')}.>")
@@ -640,7 +695,14 @@ class LeaseManager:
         deadline = self.deadline(want.name)
         metrics.ACQUISITIONS.inc()
         metrics.LEASES_HELD.inc()
-        log.info("lease acquired", lease=want.name, term=held.term, stores=sorted(held.claims))
+        log.info(
+            "lease_acquired",
+            msg=f"acquired lease {want.name} with token {held.term}",
+            lease=want.name,
+            term=held.term,
+            deadline=wall_iso(deadline, self.clock),
+            stores=sorted(held.claims),
+        )
         self._update_anchors()
         for cb in self.on_acquired:
             cb(want.name, held.term, deadline)
@@ -654,7 +716,14 @@ class LeaseManager:
         self.tenures.append(Tenure(name, held.term, held.start, max(held.start, end), why))
         metrics.LEASES_HELD.dec()
         metrics.LOSSES.labels(reason).inc()
-        log.info("lease lost", lease=name, term=held.term, why=why)
+        log.info(
+            "lease_lost",
+            msg=f"no longer hold lease {name} (token {held.term}): {why}",
+            lease=name,
+            term=held.term,
+            reason=reason,
+            deadline=wall_iso(self._view.deadline(held.support()), self.clock),
+        )
         for cb in self.on_lost:
             cb(name, held.term, why)
         if name in self._wants:

@@ -14,6 +14,9 @@ EVENTS_STREAM = "harmony-events"
 EVENTS_SUBJECTS = ("harmony.events.>", "harmony.audit.>")
 STORE_PREFIX = "harmony-leases-"
 """Lease stores: one single-replica KV bucket per store site (docs/leases.md)."""
+LEASE_VIEW_BUCKET = "harmony-leases"
+"""CONTRACT section 7: who holds each lease, published by holders (mesh/mirror.py). A view
+for tools and people; leases are decided in the stores, never here."""
 
 # --- harmony-state keys ------------------------------------------------------------------
 APP_PREFIX = "app."
@@ -50,6 +53,12 @@ def fence_key(app: str) -> str:
 
 def trust_key(site: str) -> str:
     return f"ca.{site}"
+
+
+def lease_view_key(lease: str) -> str:
+    """``app.<name>`` for a stateful lease, ``app.<name>.<site>`` for a slot (``name@site``)."""
+    app, _, site = lease.partition("@")
+    return f"app.{app}.{site}" if site else f"app.{app}"
 
 
 # --- lease stores ------------------------------------------------------------------------

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field, replace
 import structlog
 from nats.aio.client import Client
 
-from mesh.clock import Clock, boottime
+from mesh import metrics
+from mesh.clock import Clock, boottime, wall_iso
 from mesh.names import session_family, session_key
 from mesh.records import SessionRecord, SessionState, parse_session
 from mesh.stores import Entry, Store, StoreError, quorum_deadline
@@ -163,7 +164,11 @@ class SessionCore:
             try:
                 cb(view)
             except Exception as exc:
-                log.error("session callback failed", error=repr(exc))
+                log.error(
+                    "session_callback_failed",
+                    msg=f"session callback failed: {exc!r}",
+                    error=repr(exc),
+                )
 
     def anchor(self, store: str, epoch: str) -> None:
         if store in self._state:
@@ -191,8 +196,10 @@ class SessionCore:
     async def _wait_unchanged(self, store: Store, seq: int, ttl: float) -> bool:
         """Poll a live foreign record; True once it stayed at ``seq`` for a full ttl."""
         log.warning(
-            "our agent id already has a live session in this store (a duplicate agent, or a "
-            "restart right after a crash): waiting for it to stay unchanged for a full ttl",
+            "session_duplicate_wait",
+            msg=f"our agent id already has a live session in store {store.name} (a duplicate "
+            "agent, or a restart right after a crash): waiting for it to stay unchanged for "
+            f"a full ttl ({ttl:g}s)",
             store=store.name,
             ttl=ttl,
         )
@@ -240,7 +247,13 @@ class SessionCore:
             anchor = self._state[name].anchor or epoch
             self._set(name, epoch=epoch, seq=0, fresh_until=NEG_INF, live=True, anchor=anchor)
             self._landed(name, sent, seq)
-            log.info("session opened", store=name, epoch=epoch, seq=seq)
+            log.info(
+                "session_opened",
+                msg=f"session opened in store {name} (epoch {epoch})",
+                store=name,
+                epoch=epoch,
+                seq=seq,
+            )
             return True
         return False
 
@@ -264,8 +277,10 @@ class SessionCore:
         except StoreError as exc:
             if not exc.conflict:
                 self._set(name, error=str(exc))
+                metrics.RENEW_FAILURES.labels("error").inc()
                 return False
             return await self._after_conflict(name, s)
+        metrics.RENEW_SECONDS.observe(self.clock() - sent)
         if self._state[name].epoch == s.epoch and self._state[name].live:
             self._landed(name, sent, seq)
         return True
@@ -285,7 +300,13 @@ class SessionCore:
                 self._landed(name, sent, entry.seq)
                 return True
         who = entry.key if entry is not None else "the family is gone (store recreated?)"
-        log.warning("session lost in one store: foreign write", store=name, by=who)
+        log.warning(
+            "session_store_lost",
+            msg=f"session lost in one store ({name}): foreign write ({who}); opening a new epoch",
+            store=name,
+            by=who,
+        )
+        metrics.RENEW_FAILURES.labels("lost").inc()
         self._set(name, live=False, fresh_until=NEG_INF, error=f"lost: {who}")
         self._changed()
         return await self.open(name)
@@ -376,11 +397,13 @@ class _Watchdog:
         stalled = self.clock() - self.stamp > self.stall_limit
         if stalled and not self.stalled:
             log.error(
-                "the agent's main loop made no progress: no more renewals, leases will lapse",
+                "main_loop_stalled",
+                msg=f"the agent's main loop made no progress for {self.stall_limit:g}s: "
+                "no more renewals, leases will lapse",
                 stall_limit=self.stall_limit,
             )
         elif self.stalled and not stalled:
-            log.info("the agent's main loop is back: renewing again")
+            log.info("main_loop_back", msg="the agent's main loop is back: renewing again")
         self.stalled = stalled
         return not stalled
 
@@ -468,7 +491,11 @@ class SessionThread:
             try:
                 cb(view)
             except Exception as exc:
-                log.error("session subscriber failed", error=repr(exc))
+                log.error(
+                    "session_subscriber_failed",
+                    msg=f"session subscriber failed: {exc!r}",
+                    error=repr(exc),
+                )
 
     async def start(self) -> None:
         """Start the thread; returns once its connection is up and the first open ran."""
@@ -484,7 +511,7 @@ class SessionThread:
         except BaseException as exc:  # reported through the ready/done futures
             if not self._ready.done():
                 self._ready.set_exception(exc)
-            log.error("session thread ended", error=repr(exc))
+            log.error("session_thread_ended", msg=f"session thread ended: {exc!r}", error=repr(exc))
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -522,7 +549,11 @@ class SessionThread:
         while True:
             valid = core.view().valid(self.clock())
             if was_valid and not valid:
-                log.warning("session validity ran out without a quorum of renewals")
+                log.warning(
+                    "session_lapsed",
+                    msg="session validity ran out without a quorum of renewals",
+                    deadline=wall_iso(core.view().deadline(), self.clock),
+                )
                 self._publish(core.view())
             was_valid = valid
             await asyncio.sleep(0.1)

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 ROTATE_CHECK = 2.0
 TICK = 0.1
 """Longest sleep: re-reading CLOCK_BOOTTIME this often bounds lateness after a resume."""
@@ -57,6 +59,15 @@ def now() -> float:
 def set_pdeathsig(sig: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def clear_ambient_caps() -> None:
+    """An unprivileged agent holds ambient CAP_SETUID/SETGID/KILL (the systemd unit gives
+    them so that it can run workloads as another user). Ambient capabilities survive a
+    switch between two non-root users and an exec: a workload would inherit them. Clear
+    them in the child after the user switch; no privilege is needed to drop them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
 def killpg(pgid: int, sig: int) -> None:
@@ -164,7 +175,9 @@ class Fence:
                 start_new_session=True,
                 user=uid if isinstance(uid, int) else None,
                 group=gid if isinstance(gid, int) else None,
-                extra_groups=[] if isinstance(uid, int) and os.geteuid() == 0 else None,
+                # Drop the agent's supplementary groups with its user (needs CAP_SETGID,
+                # which run_as needs anyway).
+                extra_groups=[] if isinstance(uid, int) else None,
                 preexec_fn=_in_child,  # noqa: PLW1509 - the fence is single-threaded
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -310,7 +323,9 @@ class Fence:
 
 
 def _in_child() -> None:
+    """Runs in the workload's process after the user switch, before exec."""
     set_pdeathsig(signal.SIGKILL)
+    clear_ambient_caps()
 
 
 def main(argv: list[str] | None = None) -> int:

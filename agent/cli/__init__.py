@@ -40,12 +40,12 @@ COMMANDS = (
     ("events", "agent.cli.events:events", "Print the mesh's event stream (harmony-events)."),
     ("logs", "agent.cli.logs:logs", "Print an application's workload output."),
     ("agent", "agent.cli.agents:agent", "Manage agent records (forget a departed agent)."),
-    ("context", "agent.cli.context:context", "Save and select mesh connections."),
     (
         "mesh",
-        "agent.cli.meshinit:mesh",
-        "Create the mesh (admin): buckets, streams, lease stores, descriptor.",
+        "agent.cli.mesh_cmd:mesh",
+        "Create the mesh's buckets and lease stores, and show where they live.",
     ),
+    ("context", "agent.cli.context:context", "Save and select mesh connections."),
     ("ca", "agent.cli.ca:ca", "This site's certificate authority."),
     (
         "trust",

@@ -74,9 +74,9 @@ def _explain_zero_config(config_path: str | None, blockers: list[str]) -> None:
     if blockers:
         log.info(
             "zero_config_off",
-            message=f"zero-config off because {', '.join(blockers)} is set: "
+            msg=f"zero-config off because {', '.join(blockers)} is set: "
             "configuration from the environment only",
             variables=blockers,
         )
     else:
-        log.info("zero_config", message="zero-config local site with an embedded mesh")
+        log.info("zero_config", msg="zero-config local site with an embedded mesh")

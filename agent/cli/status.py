@@ -73,6 +73,9 @@ def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
                         "token": i.token,
                         "detail": i.detail,
                         "stale": i.stale,
+                        "pid": i.pid,
+                        "partitioned": i.partitioned,
+                        "deadline_enforced": i.deadline_enforced,
                     }
                     for i in snap.instances_of(name, now)
                 ],

@@ -35,6 +35,7 @@ from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 from nats.js.kv import KeyValue
 
+from agent import app_metrics
 from agent.commands import marks
 from agent.commands.decoder import DecodeError, decode_request
 from agent.commands.models import (
@@ -138,7 +139,7 @@ class CommandServer:
         self._agent_sub = await self.nc.subscribe(self.agent_subject, cb=self._on_agent_msg)
         log.info(
             "command_plane_serving",
-            message=f"command plane serving {self.agent_subject}",
+            msg=f"command plane serving {self.agent_subject}",
             subject=self.agent_subject,
         )
 
@@ -187,6 +188,7 @@ class CommandServer:
                 await self._respond(msg, Reply.failure(request.message, agent=self.agent_id))
                 return
             if len(self._tasks) >= self.max_in_flight:
+                self._refuse(msg, "busy", "busy: too many commands in flight", verb=verb[:64])
                 await self._respond(msg, Reply.failure("busy: too many commands in flight"))
                 return
             task = asyncio.create_task(self._serve(msg, request), name=f"cmd {verb}")
@@ -195,7 +197,7 @@ class CommandServer:
         except Exception as exc:  # a bug here must not kill the subscription
             log.exception(
                 "command_receive_failed",
-                message="command receive failed",
+                msg="command receive failed",
                 subject=msg.subject,
                 error=repr(exc),
             )
@@ -208,7 +210,7 @@ class CommandServer:
             suppressed, self._limiter.suppressed = self._limiter.suppressed, 0
             log.warning(
                 "command_refused",
-                message=f"command refused: {message}",
+                msg=f"command refused: {message}",
                 subject=msg.subject[:200],
                 size=len(msg.data),
                 code=code,
@@ -273,9 +275,7 @@ class CommandServer:
         except (NatsError, JsError, OSError) as exc:
             reply = Reply.failure(f"mesh error: {exc or type(exc).__name__}")
         except Exception as exc:
-            log.exception(
-                "command_failed", message="command handler failed", verb=request.verb.value
-            )
+            log.exception("command_failed", msg="command handler failed", verb=request.verb.value)
             reply = Reply.failure(f"internal error: {type(exc).__name__}: {exc}")
         fields = {
             k: v
@@ -293,7 +293,7 @@ class CommandServer:
             routine = request.verb in (Verb.PING, Verb.LOGS)
             (log.debug if routine else log.info)(
                 "command_served",
-                message=f"{request.verb.value} served",
+                msg=f"{request.verb.value} served",
                 verb=request.verb.value,
                 by=request.by,
                 **fields,
@@ -301,6 +301,7 @@ class CommandServer:
         return reply
 
     async def _respond(self, msg: Msg, reply: Reply) -> None:
+        app_metrics.command(msg.subject, reply.ok)
         if not msg.reply:
             return  # a bare publish: nobody to tell, nothing to do
         body = reply.model_copy(update={"agent": self.agent_id})

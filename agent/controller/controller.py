@@ -153,7 +153,11 @@ class Controller:
         await asyncio.wait_for(self._watch.ready.wait(), timeout)
         for name in sorted(self.desired):
             self._ensure_runner(name)
-        log.info("controller started", apps=len(self.desired), agent=self.agent_id)
+        log.info(
+            "controller_started",
+            msg=f"controller started with {len(self.desired)} applications",
+            apps=len(self.desired),
+        )
 
     async def run(self) -> None:
         """The controller's own task: flush reports and gossip, and fail loudly if any
@@ -180,7 +184,12 @@ class Controller:
         for runner, result in zip(runners, results, strict=True):
             if isinstance(result, BaseException):
                 clean = False
-                log.error("workload not stopped at shutdown", app=runner.name, error=str(result))
+                log.error(
+                    "app_not_stopped_at_shutdown",
+                    msg=f"{runner.name}: workload not stopped at shutdown: {result}",
+                    app=runner.name,
+                    error=str(result),
+                )
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -190,7 +199,11 @@ class Controller:
         if self._gossip_sub is not None:
             with contextlib.suppress(Exception):
                 await self._gossip_sub.unsubscribe()
-        log.info("controller stopped", agent=self.agent_id, clean=clean)
+        log.info(
+            "controller_stopped",
+            msg="controller stopped" + ("" if clean else "; a workload may still run"),
+            clean=clean,
+        )
         return clean
 
     # --- inputs ----------------------------------------------------------------------------
@@ -237,7 +250,7 @@ class Controller:
         if value is None:
             self.desired.pop(name, None)
             self.invalid.pop(name, None)
-            log.info(f"{name}: application deleted", app=name)
+            log.info("app_deleted", msg=f"{name}: application deleted", app=name)
         else:
             data = codec.load_object(
                 value, kind="application", key=f"app.{name}", revision=revision
@@ -252,12 +265,15 @@ class Controller:
                 # Keep the last good spec: a bad write must not stop a running application.
                 self.invalid[name] = str(exc).splitlines()[0]
                 log.error(
-                    f"{name}: invalid application ignored", app=name, error=self.invalid[name]
+                    "app_invalid",
+                    msg=f"{name}: invalid application ignored: {self.invalid[name]}",
+                    app=name,
+                    error=self.invalid[name],
                 )
                 return
             self.invalid.pop(name, None)
             if self.desired.get(name) != app:
-                log.info(f"{name}: application changed", app=name)
+                log.info("app_changed", msg=f"{name}: application changed", app=name)
             self.desired[name] = app
         if self._watch is not None and self._watch.ready.is_set():
             self._ensure_runner(name)
@@ -280,7 +296,12 @@ class Controller:
             return
         exc = task.exception()
         if exc is not None and not self.stopping:
-            log.error("application runner died", app=name, error=repr(exc))
+            log.error(
+                "app_runner_died",
+                msg=f"{name}: application runner died: {exc!r}",
+                app=name,
+                error=repr(exc),
+            )
             self.failure = exc
             self._failed.set()
             return
@@ -341,7 +362,12 @@ class Controller:
             except Exception as exc:
                 # The state bucket is unreachable (partition): keep the newest, retry later.
                 self._pending_reports.setdefault(app, report)
-                log.debug("instance report not written", app=app, error=repr(exc))
+                log.debug(
+                    "instance_report_not_written",
+                    msg=f"{app}: instance report not written: {exc!r}",
+                    app=app,
+                    error=repr(exc),
+                )
         if self._pending_reports:
             await asyncio.sleep(1.0)
             self._reports_dirty.set()

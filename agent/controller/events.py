@@ -43,4 +43,9 @@ class EventPublisher:
             )
             self.published += 1
         except (NatsError, OSError) as exc:
-            log.debug("event not published", event_name=event, error=repr(exc))
+            log.debug(
+                "event_not_published",
+                msg=f"{app}: event {event} not published: {exc!r}",
+                event_name=event,
+                error=repr(exc),
+            )

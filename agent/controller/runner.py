@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from agent import app_metrics
 from agent.application import Application, Strategy, Trait
 from agent.controller.decide import decide
 from agent.controller.model import (
@@ -38,6 +39,7 @@ from agent.controller.model import (
     WorkloadView,
 )
 from agent.timing import Timing
+from mesh.clock import wall_iso
 from scores.base import Deadline, Interpret, Observation, Outcome, RunContext, WorkloadState
 from scores.check import CapabilityError, interpret_for
 from scores.health import health_rules
@@ -128,6 +130,8 @@ class AppRunner:
         self.lease_name: str | None = None
         self.consistent = True
         self.run_token: int | None = None
+        self.pid: int | None = None
+        """The running workload's main pid, as last observed (for status)."""
         self.failures = 0
         self.crash_base = 0
         self.healthy_since: float | None = None
@@ -162,7 +166,12 @@ class AppRunner:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.exception("controller step failed", app=self.name, error=repr(exc))
+                    log.exception(
+                        "app_step_failed",
+                        msg=f"{self.name}: controller step failed: {exc!r}",
+                        app=self.name,
+                        error=repr(exc),
+                    )
 
     # --- one cycle ---------------------------------------------------------------------------
 
@@ -181,12 +190,20 @@ class AppRunner:
         """Follow the spec: a changed trait or Score restarts from scratch."""
         lease_name = self._lease_name(app) if app is not None and eligible else None
         if self.lease_name is not None and lease_name is not None and lease_name != self.lease_name:
-            log.info(f"{self.name}: trait changed; stopping and releasing", app=self.name)
+            log.info(
+                "app_trait_changed",
+                msg=f"{self.name}: trait changed; stopping and releasing",
+                app=self.name,
+            )
             await self._release(None)
             await self._stop_workload()
             self.lease_name = None
         if app is not None and self.interpret is not None and app.spec.score != self.score:
-            log.info(f"{self.name}: score changed; restarting the workload", app=self.name)
+            log.info(
+                "app_score_changed",
+                msg=f"{self.name}: score changed; restarting the workload",
+                app=self.name,
+            )
             await self._stop_workload()
             await self.interpret.close()
             self.interpret = None
@@ -316,11 +333,15 @@ class AppRunner:
         if isinstance(obs, Outcome):
             return Observation(WorkloadState.FAILED, obs.message, reason="unreachable")
         if obs.state is WorkloadState.RUNNING and obs.pids and self.run_token is not None:
+            self.pid = obs.pids[0]
             self.p.remember(self.name, self.run_token, obs.pids[0], self._stop_timeout())
+        elif obs.state is not WorkloadState.RUNNING:
+            self.pid = None
         return obs
 
     def _count_failures(self, obs: Observation | None, now: float) -> None:
         """Consecutive crashes of the current run, reset after a healthy stretch."""
+        app_metrics.observed(self.name, obs)
         if obs is None:
             return
         crashes = obs.restarts + (
@@ -343,6 +364,7 @@ class AppRunner:
         p = self.p
         changed = False
         if plan.give_up:
+            app_metrics.gave_up(self.name)
             cooldown = p.timing.cooldown
             if self.health is not None:
                 cooldown = self.health.give_up(cooldown)
@@ -361,7 +383,12 @@ class AppRunner:
         if plan.sentence != self.last_sentence:
             self.last_sentence = plan.sentence
             log.info(
-                plan.sentence, app=self.name, fencing_token=plan.event_token, state=plan.state.value
+                f"app_{plan.event.value.replace('-', '_')}" if plan.event else "app_status",
+                msg=plan.sentence,
+                app=self.name,
+                fencing_token=plan.event_token if plan.event_token is not None else s.lease.token,
+                state=plan.state.value,
+                deadline=wall_iso(s.lease.deadline) if s.lease.held else None,
             )
         if plan.event is not None and (changed or plan.run is Run.KEEP):
             mark = (plan.event.value, plan.event_token)
@@ -399,16 +426,17 @@ class AppRunner:
             detail=plan.sentence,
             lease_token=s.lease.token,
             partitioned=plan.partitioned,
-            pid=self.report.pid if running else None,
+            pid=self.pid if self.run_token is not None else None,
             enforced=not self.consistent
             or (self.interpret is not None and self.interpret.enforces_deadline),
         )
-        key = (report.state, report.token, report.partitioned, report.lease_token)
+        key = (report.state, report.token, report.partitioned, report.lease_token, report.pid)
         old = (
             self.report.state,
             self.report.token,
             self.report.partitioned,
             self.report.lease_token,
+            self.report.pid,
         )
         self.report = report
         if key != old:
@@ -459,10 +487,7 @@ class AppRunner:
         if self.health is not None:
             self.health.started(ctx)
         obs = await interpret.observe()
-        pid = obs.pids[0] if obs.pids else None
-        self.report = InstanceReport(
-            self.name, self.report.state, token, self.report.detail, token, False, pid
-        )
+        self.pid = pid = obs.pids[0] if obs.pids else None
         p.remember(self.name, token, pid, self._stop_timeout())
         return True
 
@@ -490,7 +515,11 @@ class AppRunner:
                 raise StillRunning(f"{self.name}: did not stop within {bound:g}s") from None
             was = was or outcome.changed
             if not outcome.ok:
-                log.warning(f"{self.name}: stop failed: {outcome.message}", app=self.name)
+                log.warning(
+                    "app_stop_failed",
+                    msg=f"{self.name}: stop failed: {outcome.message}",
+                    app=self.name,
+                )
                 raise StillRunning(f"{self.name}: stop failed: {outcome.message}")
         self.p.forget(self.name)
         if self.health is not None:
@@ -542,7 +571,7 @@ class AppRunner:
                 f"{self.name}: planned failover; stopped token {token} on {self.p.agent_id} "
                 f"and handed the lease to {to} in {took * 1000:.0f}ms"
             )
-            log.info(sentence, app=self.name, fencing_token=token)
+            log.info("app_handed_over", msg=sentence, app=self.name, fencing_token=token, to=to)
             self.report = InstanceReport(
                 self.name, InstanceState.STANDBY, None, sentence, None, False, None
             )

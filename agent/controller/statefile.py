@@ -123,7 +123,12 @@ class StateFile:
             try:
                 await asyncio.to_thread(self.save)
             except OSError as exc:
-                log.error("cannot write the state file", path=str(self.path), error=repr(exc))
+                log.error(
+                    "statefile_write_failed",
+                    msg=f"cannot write the state file {self.path}: {exc!r}",
+                    path=str(self.path),
+                    error=repr(exc),
+                )
             await asyncio.sleep(every)
 
 
@@ -159,7 +164,7 @@ def stop_leftovers(state: StateFile, *, poll: float = 0.02) -> list[str]:
         _signal_group(rec.pid, signal.SIGTERM)
         waits.append((rec.pid, rec.pid_start, rec.stop_timeout))
     for sentence in said:
-        log.warning(sentence)
+        log.warning("leftover_stopping", msg=sentence)
     start = time.monotonic()
     for pid, pid_start, timeout in waits:
         while alive(pid, pid_start):

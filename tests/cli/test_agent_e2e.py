@@ -173,7 +173,7 @@ async def test_zero_config_with_overrides(tmp_path: Path, invoke: Invoke) -> Non
 
         record = await eventually(said_why, timeout=30, what="the zero_config_off log line")
         assert record["variables"] == ["HARMONY_AGENT_NATS__SERVERS"]
-        assert "HARMONY_AGENT_NATS__SERVERS is set" in str(record["message"])
+        assert "HARMONY_AGENT_NATS__SERVERS is set" in str(record["msg"])
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 30)

@@ -170,3 +170,33 @@ async def test_planned_failover(deployed: Cli) -> None:
         return d is not None and app(d, "ledger")["holder"] == f"{target}/n1"
 
     await eventually(moved, timeout=30, interval=0.3, what=f"failover to {target}")
+    doc = await cli.status()
+    await _view_shows(cli.url, "app.ledger", f"{target}/n1", app(doc, "ledger"))
+
+    async def pid_shown() -> bool:
+        live = running(await cli.status(), "ledger")
+        return len(live) == 1 and isinstance(live[0].get("pid"), int)
+
+    await eventually(pid_shown, timeout=10, what="the running instance's pid in status")
+
+
+async def _view_shows(url: str, key: str, holder: str, ledger: dict[str, Any]) -> None:
+    """CONTRACT section 7: ``harmony-leases`` ``app.<name>`` names the holder and token
+    that ``status`` reads from the lease stores (published by the holder, mesh/mirror.py)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value("harmony-leases")
+
+        async def shows() -> dict[str, Any] | None:
+            try:
+                value: dict[str, Any] = json.loads((await kv.get(key)).value or b"")
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            return value if value.get("holder") == holder else None
+
+        value = await eventually(shows, timeout=15, what=f"{key} in harmony-leases")
+        assert value["token"] == ledger["fencing_token"] and value["state"] == "held", value
+    finally:
+        await nc.close()

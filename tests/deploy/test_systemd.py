@@ -86,6 +86,9 @@ def test_stop_timeout_covers_the_shutdown_budget() -> None:
     dropin = _service(DROPIN.read_text())
     assert parse_duration(dropin["TimeoutStopSec"]) >= shutdown_budget(60)
     assert shutdown_budget(8) == 23 and shutdown_budget(0.5) == 16
+    # Only the agent gets SIGTERM: it stops each workload within its stop_timeout. With
+    # control-group systemd would SIGTERM the fence and every workload at the same moment.
+    assert unit["KillMode"] == "mixed"
 
 
 def test_unprivileged_with_only_the_workload_capabilities() -> None:

@@ -247,6 +247,88 @@ async def test_workloads_run_as_the_configured_user_and_cannot_read_agent_secret
         shutil.rmtree(shared, ignore_errors=True)
 
 
+UNPRIVILEGED_AGENT = """
+import asyncio, sys
+from pathlib import Path
+from scores.base import RunContext
+from scores.process import ProcessSpec
+from topologies.localhost import LocalhostTopology
+
+async def main(out: str) -> None:
+    topology = LocalhostTopology(run_as=(65533, 65533))
+    task = asyncio.create_task(topology.fence.run())
+    await asyncio.wait_for(topology.fence.started.wait(), 15)
+    topology.fence.session_deadline(float("inf"))
+    ctx = RunContext(app="caps", site="site-a", node="n", fencing_token=1, state_dir=Path(out))
+    spec = ProcessSpec(command=["sh", "-c", f"grep ^Cap /proc/self/status > {out}/caps.tmp; "
+                                f"id -G >> {out}/caps.tmp; mv {out}/caps.tmp {out}/caps"])
+    proc = spec.interpret(topology)
+    assert (await proc.apply(ctx)).ok
+    for _ in range(200):
+        if (Path(out) / "caps").exists():
+            break
+        await asyncio.sleep(0.05)
+    await topology.fence.close()
+    task.cancel()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Every directory on the interpreter's real path is searchable by other users."""
+    real = Path(os.path.realpath(path))
+    return all(p.stat().st_mode & 0o001 for p in real.parents)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+    reason="needs root and setpriv to play an unprivileged agent with ambient capabilities",
+)
+@pytest.mark.skipif(
+    not _reachable_by_others(sys.executable),
+    reason="this Python lives where an unprivileged user cannot run it (e.g. under /root)",
+)
+def test_workloads_of_an_unprivileged_agent_inherit_no_capabilities() -> None:
+    """The systemd unit runs the agent as its own user with ambient CAP_SETUID/SETGID/KILL
+    (deploy/systemd): a workload it runs as another user must get none of them, nor the
+    agent's supplementary groups."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="harmony-caps-", dir="/tmp"))
+    tmp_path.chmod(0o777)
+    script = tmp_path / "agent.py"
+    script.write_text(UNPRIVILEGED_AGENT)
+    script.chmod(0o644)
+    caps = "+setuid,+setgid,+kill"
+    subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--groups=65534,4",
+            f"--inh-caps={caps}",
+            f"--ambient-caps={caps}",
+            sys.executable,
+            str(script),
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=60,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    lines = dict(
+        line.split(":\t") for line in (tmp_path / "caps").read_text().splitlines() if ":" in line
+    )
+    groups = (tmp_path / "caps").read_text().splitlines()[-1].split()
+    assert int(lines["CapAmb"], 16) == 0, lines
+    assert int(lines["CapEff"], 16) == 0 and int(lines["CapPrm"], 16) == 0, lines
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert groups == ["65533"], groups
+
+
 async def test_logs_are_rotated_by_copy_and_truncate(
     make_process: MakeProcess, ctx: RunContext
 ) -> None:
