@@ -199,7 +199,11 @@ class Agent:
                 if cfg.mesh.bootstrap or "mesh init" not in str(exc):
                     raise
                 # Under per-identity accounts an admin creates the mesh: wait for it.
-                log.warning("waiting for an admin to initialise the mesh", error=str(exc))
+                log.warning(
+                    "mesh_not_initialised",
+                    msg=f"waiting for an admin to initialise the mesh: {exc}",
+                    error=str(exc),
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except (NatsError, JsError, TimeoutError, OSError) as exc:

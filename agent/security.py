@@ -270,7 +270,8 @@ class SiteSecurity:
             and n.server_tls.route_ca_file not in (None, cfg.trust.bundle_file)
         ):
             log.warning(
-                "the embedded server's route CA file is not trust.bundle_file: "
+                "route_ca_not_bundle",
+                msg="the embedded server's route CA file is not trust.bundle_file: "
                 "revocations will not reach its routes",
                 route_ca_file=str(n.server_tls.route_ca_file),
                 bundle_file=str(cfg.trust.bundle_file),
@@ -314,12 +315,18 @@ class SiteSecurity:
             self.configmap_problem = redact(f"{target}: {exc}")
             self._configmap_pending = True
             self._wake.set()
-            log.warning("trust bundle ConfigMap not written", error=self.configmap_problem)
+            log.warning(
+                "bundle_configmap_failed",
+                msg=f"trust bundle ConfigMap not written: {self.configmap_problem}",
+                error=self.configmap_problem,
+            )
             return False
         self.configmap_problem = None
         self._configmap_pending = False
         self._configmap_written = pem
-        log.info("trust bundle ConfigMap written", configmap=target)
+        log.info(
+            "bundle_configmap_written", msg=f"trust bundle written to {target}", configmap=target
+        )
         return True
 
     async def on_synced(self) -> None:
@@ -388,7 +395,7 @@ class SiteSecurity:
         }
         self.evictions.append(report)
         del self.evictions[:-10]
-        log.info("bundle change applied", **report)
+        log.info("bundle_change_applied", msg=f"bundle change applied: {report}", **report)
         return report
 
     async def _reload(self, base: str | None, spec: ServerSpec) -> bool:
@@ -404,7 +411,10 @@ class SiteSecurity:
 
     async def _kick(self, base: str, change: BundleChange) -> int:
         if self.system_password is None or self.embedded is None:
-            log.warning("no system user: evicted clients stay until they reconnect")
+            log.warning(
+                "evict_no_system_user",
+                msg="no system user: evicted clients stay until they reconnect",
+            )
             return 0
         trusted = list(change.trusted)
         if self.embedded.spec.server_tls is not None:
@@ -514,7 +524,13 @@ class SiteSecurity:
                     {"cert": name, "serial": format(new.serial_number, "x"), "at": time.time()}
                 )
                 del self.renewals[:-10]
-                log.info("certificate renewed", cert=name, serial=format(new.serial_number, "x"))
+                serial = format(new.serial_number, "x")
+                log.info(
+                    "certificate_renewed",
+                    msg=f"{name} certificate renewed ({serial})",
+                    cert=name,
+                    serial=serial,
+                )
         # Renewed here or by root's `harmony-agent ca renew` (a timer, when the agent may not
         # read the CA key): whatever changed on disk is put to use.
         changed = self._changed_leaves()
@@ -557,7 +573,11 @@ class SiteSecurity:
                 self.renew_once()
             except Exception as exc:  # never take the agent down over a renewal
                 self.renew_problem = redact(repr(exc))
-                log.error("certificate renewal failed", error=self.renew_problem)
+                log.error(
+                    "certificate_renewal_failed",
+                    msg=f"certificate renewal failed: {self.renew_problem}",
+                    error=self.renew_problem,
+                )
             delay = self.next_renewal()
             if self._configmap_pending:
                 delay = min(delay, RETRY_CONFIGMAP)

@@ -115,7 +115,11 @@ class TrustSync:
         try:
             return TrustState.load(self.state_path)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            log.error("trust state unreadable; starting empty", path=str(self.state_path))
+            log.error(
+                "trust_state_unreadable",
+                msg=f"trust state {self.state_path} unreadable; starting empty",
+                path=str(self.state_path),
+            )
             return TrustState()
 
     # --- entries -------------------------------------------------------------------------
@@ -126,7 +130,13 @@ class TrustSync:
         self.last_rejected.append(
             {"key": key, "reason": reason, "detail": detail, "at": rfc3339_now()}
         )
-        log.warning("trust entry ignored", key=key, reason=reason, detail=detail)
+        log.warning(
+            "trust_entry_ignored",
+            msg=f"trust entry {key} ignored: {reason}: {detail}",
+            key=key,
+            reason=reason,
+            detail=detail,
+        )
 
     def handle(self, key: str, value: bytes | None, operation: str | None) -> bool:
         """Apply one watched entry; True when the trusted set changed. Never raises."""
@@ -148,7 +158,13 @@ class TrustSync:
             return False
         self._persist()
         what = "revoked" if entry.certificate is None else "trusted"
-        log.info("trust entry accepted", key=key, state=what, serial=entry.serial)
+        log.info(
+            "trust_entry_accepted",
+            msg=f"trust entry {key} accepted: {what} (serial {entry.serial})",
+            key=key,
+            state=what,
+            serial=entry.serial,
+        )
         return changed
 
     def _persist(self) -> None:
@@ -162,7 +178,9 @@ class TrustSync:
         data = self.state.bundle(self.own_site, self.own_ca)
         if not data:
             log.warning(
-                "trust bundle would be empty; keeping the current file", path=str(self.path)
+                "trust_bundle_empty",
+                msg=f"trust bundle would be empty; keeping {self.path}",
+                path=str(self.path),
             )
             return False
         before = read_bundle(self.path)
@@ -180,7 +198,8 @@ class TrustSync:
             path=self.path,
         )
         log.info(
-            "trust bundle updated",
+            "trust_bundle_updated",
+            msg=f"trust bundle {self.path} now holds {', '.join(sorted(self.state.trusted()))}",
             path=str(self.path),
             sites=sorted(self.state.trusted()),
             evicted=[fingerprint(c) for c in change.evicted],
@@ -192,7 +211,11 @@ class TrustSync:
                 raise
             except Exception as exc:
                 self.last_error = f"after bundle change: {exc!r}"
-                log.error("reacting to the bundle change failed", error=repr(exc))
+                log.error(
+                    "bundle_change_failed",
+                    msg=f"reacting to the bundle change failed: {exc!r}",
+                    error=repr(exc),
+                )
         return True
 
     async def run(self) -> None:
@@ -212,7 +235,12 @@ class TrustSync:
                 raise
             except Exception as exc:
                 self.last_error = f"watch: {exc!r}"
-                log.warning("trust watch failed; retrying", error=repr(exc), backoff=backoff)
+                log.warning(
+                    "trust_watch_failed",
+                    msg=f"trust watch failed: {exc!r}; retrying in {backoff:g}s",
+                    error=repr(exc),
+                    backoff=backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
@@ -232,7 +260,11 @@ class TrustSync:
                 raise
             except Exception as exc:
                 self.last_error = f"after the first sync: {exc!r}"
-                log.error("reacting to the first sync failed", error=repr(exc))
+                log.error(
+                    "trust_first_sync_failed",
+                    msg=f"reacting to the first sync failed: {exc!r}",
+                    error=repr(exc),
+                )
 
     async def _watch_once(self) -> None:
         queue: asyncio.Queue[Change] = asyncio.Queue()
@@ -345,7 +377,7 @@ async def sync_bundle(
         pid = server_pid() if server_pid else None
         if pid:
             os.kill(pid, signal.SIGHUP)
-            log.info("nats-server reloaded", pid=pid)
+            log.info("nats_server_reloaded", msg=f"nats-server {pid} reloaded", pid=pid)
 
     sync = TrustSync(
         kv,

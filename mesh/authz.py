@@ -31,6 +31,8 @@ SYSTEM_ACCOUNT = "SYS"
 STATE_BUCKET = "harmony-state"
 TRUST_BUCKET = "harmony-trust"
 LEASES_PREFIX = "harmony-leases-"
+LEASE_VIEW_BUCKET = "harmony-leases"
+"""The contract's display-only view of holders (``mesh.mirror``); nothing decides from it."""
 EVENTS_STREAM = "harmony-events"
 NAME_RE = re.compile(r"^[a-z0-9-]{1,63}$")
 NODE_RE = re.compile(r"^[a-z0-9_-]{1,63}$")
@@ -186,7 +188,8 @@ class MeshNames:
 
     @property
     def kv_streams(self) -> tuple[str, ...]:
-        return tuple(f"KV_{b}" for b in (STATE_BUCKET, TRUST_BUCKET, *self.lease_buckets))
+        buckets = (STATE_BUCKET, TRUST_BUCKET, LEASE_VIEW_BUCKET, *self.lease_buckets)
+        return tuple(f"KV_{b}" for b in buckets)
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -231,6 +234,9 @@ def agent_permissions(names: MeshNames, site: str, node: str) -> Permissions:
     publish += [
         f"$KV.{STATE_BUCKET}.agent.{me}",
         f"$KV.{STATE_BUCKET}.inst.*.{me}",
+        # The holders' view: its keys name no agent, so any agent may write any entry. It
+        # is display only (status reads the lease stores; nothing decides from it).
+        f"$KV.{LEASE_VIEW_BUCKET}.app.>",
         f"harmony.events.{me}.>",
         f"harmony.instances.{me}",
         *read_api(names.kv_streams),

@@ -107,11 +107,15 @@ class MeshConnection:
         try:
             ctx = self._tls_context()
         except (OSError, ssl.SSLError) as exc:
-            log.error("TLS files unusable; keeping the previous context", error=redact(repr(exc)))
+            log.error(
+                "tls_files_unusable",
+                msg="TLS files unusable; keeping the previous context",
+                error=redact(repr(exc)),
+            )
             return False
         self.nc.options["tls"] = ctx
         self.tls_refreshes += 1
-        log.info("client TLS context rebuilt from renewed files")
+        log.info("tls_refreshed", msg="client TLS context rebuilt from renewed files")
         return True
 
     def _password(self) -> str | None:

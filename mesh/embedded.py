@@ -310,7 +310,7 @@ class EmbeddedServer:
             return False
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGHUP)
-            log.info("nats-server reloaded", pid=proc.pid)
+            log.info("nats_server_reloaded", msg=f"nats-server {proc.pid} reloaded", pid=proc.pid)
             return True
         return False
 

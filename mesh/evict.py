@@ -165,11 +165,21 @@ async def kick(system: Client, server_id: str, cids: Iterable[int], timeout: flo
                 f"$SYS.REQ.SERVER.{server_id}.KICK", json.dumps({"cid": cid}).encode(), timeout
             )
         except Exception as exc:
-            log.warning("kick failed", cid=cid, error=repr(exc))
+            log.warning(
+                "kick_failed",
+                msg=f"kick of connection {cid} failed: {exc!r}",
+                cid=cid,
+                error=repr(exc),
+            )
             continue
         body = json.loads(reply.data or b"{}")
         if "error" in body:
-            log.info("kick refused (already gone?)", cid=cid, error=body["error"])
+            log.info(
+                "kick_refused",
+                msg=f"kick of connection {cid} refused (already gone?)",
+                cid=cid,
+                error=body["error"],
+            )
         else:
             done += 1
     return done
