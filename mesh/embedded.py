@@ -48,6 +48,7 @@ def busy_addresses(spec: ServerSpec) -> list[str]:
         ("client", spec.listen),
         ("monitor", spec.monitor_listen),
         ("cluster", spec.cluster_listen),
+        ("system", spec.system_listen),
     ):
         if not listen:
             continue
