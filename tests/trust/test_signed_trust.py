@@ -184,9 +184,11 @@ def test_revoke_is_a_signed_tombstone_and_serials_only_grow(
 
 
 def test_profile_check_wants_a_site_ca(cas: dict[str, SiteCA]) -> None:
-    check_ca_profile(cas["site-a"].cert, "site-a", NOW)
+    # The fixture's CAs are made when the test runs, perhaps long after NOW (collection).
+    now = datetime.datetime.now(datetime.UTC)
+    check_ca_profile(cas["site-a"].cert, "site-a", now)
     with pytest.raises(Rejected, match="ou_mismatch"):
-        check_ca_profile(cas["site-a"].cert, "site-b", NOW)
+        check_ca_profile(cas["site-a"].cert, "site-b", now)
     with pytest.raises(Rejected, match="not_yet_valid"):
         check_ca_profile(
             make_ca(ou("site-a"), not_before=datetime.timedelta(days=1)), "site-a", NOW
