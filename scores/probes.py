@@ -109,17 +109,18 @@ class LocalExecProbe:
         full_env = {k: v for k, v in os.environ.items() if k in _INHERITED_ENV}
         full_env.update(env)
         uid, gid = self._runtime.run_as  # as the workload runs, not as the agent
+        argv = as_workload(self.argv, uid, gid)
+        if argv is None:
+            why = "setpriv (util-linux) is needed to run a probe as the workload's user"
+            return CheckResult(False, why, source)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 env=full_env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                user=uid,
-                group=gid,
-                extra_groups=[] if gid is not None else None,
             )
         except OSError as exc:
             return CheckResult(False, f"cannot run {self.argv[0]}: {_os_error(exc)}", source)
@@ -142,6 +143,35 @@ class LocalExecProbe:
 
     async def close(self) -> None:
         return None
+
+
+def _ambient_caps() -> bool:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapAmb:"):
+                    return int(line.split()[1], 16) != 0
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def as_workload(argv: list[str], uid: int | None, gid: int | None) -> list[str] | None:
+    """``argv`` run as the workload would be: its user and group, no supplementary groups,
+    none of the agent's ambient capabilities (the fence does the same for workloads).
+
+    Why setpriv and not ``user=``/``group=``: uvloop's subprocess_exec refuses those
+    arguments, and a ``preexec_fn`` is unsafe in the agent, which has threads (the session
+    thread). None when setpriv is needed but missing."""
+    if uid is None and not _ambient_caps():
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv]
+    if uid is not None:
+        prefix += [f"--reuid={uid}", f"--regid={gid if gid is not None else uid}", "--clear-groups"]
+    return [*prefix, "--inh-caps=-all", "--ambient-caps=-all", "--", *argv]
 
 
 def _kill_group(pgid: int) -> None:

@@ -9,6 +9,7 @@ that are not UTF-8).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -18,14 +19,18 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError
 
-from mesh.names import STATE_BUCKET, instance_key, store_bucket
+from mesh.names import STATE_BUCKET, instance_key, lease_claim_key, store_bucket
 from tests.harness.agents import AgentProcess
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
+from tests.mesh.lease_world import make_mesh
 
 TTL = 2.0
 NESTED = b"[" * 30_000 + b"]" * 30_000  # 60 kB: RecursionError for json.loads
+FILLER = 20_000
+"""Instance reports between an Application and its fence mark in the boot snapshot."""
 HOSTILE = [NESTED, b"\xff\xfe not utf-8", b"null", b"[1, 2]", b'{"epoch": {"a": 1}}']
 
 
@@ -145,22 +150,40 @@ async def test_hostile_values_everywhere_crash_nothing_and_stop_nothing(
     logs = "".join(a.log(3_000_000) for a in agents)
     assert "rejected a value read from the mesh" in logs
     assert "Traceback" not in logs
+    # A decoder that raises is caught by the watch (or by nats-py for a subscription) and
+    # the agent lives on: only these lines show that the decoder itself let it escape.
+    assert "watch callback failed" not in logs, "a decoder raised into a KV watch"
+    assert "mesh client error" not in logs, "a decoder raised into a subscription callback"
 
 
 async def test_a_fenced_application_never_starts_at_boot(
-    client: Client, agents: list[AgentProcess], tmp_path: Path
+    client: Client, nats_cluster: NatsCluster, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     """Marks and Applications are loaded before any lease is wanted: an application fenced
-    before the agents start is never run, not even for the moment before the mark is seen."""
+    before the agents start is never run, not even for the moment before the mark is seen.
+
+    The fence is written after the Application, behind thousands of instance reports, so
+    the boot snapshot delivers the Application long before the mark. A controller that
+    made runners as Applications arrive (not once the whole snapshot is in) contends for
+    the lease before it sees the fence; the workload itself rarely gets as far as starting
+    (the agent's loop is busy with the snapshot, and the fence arrives before the start),
+    so the test checks what it would start from: no claim on ``ledger`` in any lease store.
+    With the fence written first and only the marker checked, that bug could not fail it.
+    """
     js = client.jetstream(timeout=10)
-    for agent in agents[:1]:  # one agent creates the mesh
-        agent.start()
-        await eventually(agent.ready, timeout=60, what="first agent ready")
-        agent.kill()
+
+    async def created() -> bool:  # JetStream may still be electing its meta leader
+        await make_mesh(nats_cluster.urls, nats_cluster.stores)
+        return True
+
+    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
     state = await js.key_value(STATE_BUCKET)
     marker = tmp_path / "fenced.pids"
-    await state.put("fence.ledger", b'{"kind": "fence", "app": "ledger", "by": "test"}')
     await state.put("app.ledger", app_doc("ledger", marker))
+    for i in range(FILLER):  # core publishes into the stream: fast, and ordered before the mark
+        await client.publish(f"$KV.{STATE_BUCKET}.inst.filler.site-x.n{i}", b"{}")
+    await client.flush()
+    await state.put("fence.ledger", b'{"kind": "fence", "app": "ledger", "by": "test"}')
     for agent in agents:
         agent.start()
     reports: dict[str, Any] = {}
@@ -176,3 +199,11 @@ async def test_a_fenced_application_never_starts_at_boot(
 
     await eventually(all_fenced, timeout=60, what="every agent to report ledger fenced")
     assert pids(marker) == [], "a fenced application ran at boot"
+    for store in nats_cluster.stores:
+        kv = await js.key_value(store_bucket(store))
+        for agent in agents:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await kv.get(lease_claim_key("ledger", agent.site, agent.node))
+                raise AssertionError(
+                    f"{agent.agent_id} contended for fenced ledger: {entry.value!r}"
+                )

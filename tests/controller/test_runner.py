@@ -231,8 +231,12 @@ async def test_crash_loop_gives_up_and_releases(world: Any) -> None:
 
 
 async def test_an_interpret_call_is_bounded_by_the_lease_deadline(tmp_path: Path) -> None:
-    """A hung start (an SSH or API call) must not hold the runner past the lease."""
-    ports = FakePorts(tmp_path, timing=Timing(2.0, 0.2, command_timeout=2.0))
+    """A hung start (an SSH or API call) must not hold the runner past the lease.
+
+    The command timeout (30 s, an SSH call's) is far longer than what is left of the lease
+    (200 ms): the call must be cut at the lease deadline. With a command timeout as short
+    as the test's patience, a runner bounded by the command timeout alone passed too."""
+    ports = FakePorts(tmp_path, timing=Timing(2.0, 0.2, command_timeout=30.0))
     ports.apps["ledger"] = application()
     runner = AppRunner("ledger", ports)
     runner.interpret = FakeInterpret([], hang=True)
@@ -240,8 +244,11 @@ async def test_an_interpret_call_is_bounded_by_the_lease_deadline(tmp_path: Path
     await runner.step()
     ports.leases.grant("ledger", 3, ttl=100)
     ports.leases.valid_until = ports.now + 0.2  # the lease ends in 200 ms
-    await asyncio.wait_for(runner.step(), 5)  # returns: bounded, not stuck for ever
-    assert runner.start_failed is not None and "did not finish" in runner.start_failed
+    try:
+        await asyncio.wait_for(runner.step(), 5)
+    except TimeoutError:
+        pytest.fail("a hung start held the runner past the lease deadline")
+    assert runner.start_failed is not None and "did not finish within 0.2s" in runner.start_failed
 
 
 async def test_shutdown_stops_then_releases(world: Any) -> None:

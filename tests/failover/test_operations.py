@@ -126,22 +126,28 @@ async def test_restarted_agent_never_starts_a_second_copy(stage: Stage, run: int
 
 @pytest.mark.parametrize("run", runs())
 async def test_sigterm_gives_a_slow_workload_its_whole_stop_timeout(stage: Stage, run: int) -> None:
-    """Issue 9 item 1: the workload needs 3 x ttl to exit after SIGTERM and its stop_timeout
-    is 5 x ttl. A SIGTERM to its agent lets it finish (the session is renewed meanwhile, so
-    the lease deadline does not SIGKILL it), then hands over, and nothing starts elsewhere
-    before it is gone."""
-    app = application(APP, stage.history, term_delay=3 * TTL, stop_timeout=f"{5 * TTL}s")
+    """Issue 9 item 1: the workload needs ``linger`` to exit after SIGTERM, and its
+    stop_timeout is longer still. A SIGTERM to its agent lets it finish (the session is
+    renewed meanwhile, so the lease deadline does not SIGKILL it), then hands over, and
+    nothing starts elsewhere before it is gone.
+
+    ``linger`` outlasts a fixed 5 s shutdown grace plus the lease's lapse after it (the old
+    bug's worst case, about 5 s + ttl): only a budget taken from the stop_timeout lets the
+    workload finish. With 3 x ttl it finished by itself within a 5 s grace's lapse, so a
+    fixed grace went unnoticed."""
+    linger = 5.0 + 3 * TTL
+    app = application(APP, stage.history, term_delay=linger, stop_timeout=f"{linger + 2 * TTL}s")
     first = await _up(stage, app)
     holder = stage.agent_of(first)
     holder.signal(signal.SIGTERM)
     sigterm_ns = time.monotonic_ns()
     assert holder.proc is not None
-    code = await asyncio.wait_for(asyncio.to_thread(holder.proc.wait), 10 * TTL + 10)
+    code = await asyncio.wait_for(asyncio.to_thread(holder.proc.wait), linger + 5 * TTL + 15)
     assert code == 0, holder.log()
     second = await stage.one_running(APP, not_site=first.site, timeout=30)
     insts = stage.instances(APP)
     assert not history.overlaps(insts), stage.report()
     old = next(i for i in insts if i.key == first.key)
     lived = (old.last_ns - sigterm_ns) / 1e9
-    assert lived >= 3 * TTL - 0.2, f"SIGKILLed {lived:.2f}s after SIGTERM, not allowed to finish"
+    assert lived >= linger - 0.2, f"SIGKILLed {lived:.2f}s after SIGTERM, not allowed to finish"
     assert second.first_ns > old.last_ns and second.token > first.token

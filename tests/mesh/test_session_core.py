@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
@@ -42,14 +43,31 @@ async def last_record(nc: Client) -> tuple[str, SessionState]:
 
 
 async def test_renewals_extend_validity_from_their_send_time(nc: Client) -> None:
+    """Validity runs from when a write was sent, never from when its answer came back.
+
+    Every answer here comes back ``SLOW`` after the write landed: counted from the answer,
+    validity would reach ``SLOW`` past what the store can vouch for. (With instant local
+    answers, send and answer times coincide and that bug could not fail this test.)"""
+    slow = 0.3
     c = core(nc)
+    store = c.stores["solo"]
+    real_cas = store.cas
+
+    async def slow_answer(*args: Any, **kwargs: Any) -> int:
+        seq = await real_cas(*args, **kwargs)
+        await asyncio.sleep(slow)  # the answer is slow to come back; the write has landed
+        return seq
+
+    store.cas = slow_answer  # type: ignore[method-assign]
     before = boottime()
     assert await c.open("solo")
     first = c.view().stores["solo"]
-    assert first.live and before + TTL - 0.1 <= first.fresh_until <= boottime() + TTL - 0.1
+    assert first.live and before + TTL - 0.1 <= first.fresh_until
+    assert first.fresh_until <= boottime() - slow + TTL - 0.1, "counted from the answer"
     assert await c.renew("solo")
-    assert c.view().stores["solo"].fresh_until > first.fresh_until
-    assert c.view().stores["solo"].seq > first.seq
+    renewed = c.view().stores["solo"]
+    assert renewed.fresh_until > first.fresh_until and renewed.seq > first.seq
+    assert renewed.fresh_until <= boottime() - slow + TTL - 0.1, "counted from the answer"
 
 
 async def test_a_foreign_write_ends_the_epoch_and_a_new_one_opens(nc: Client) -> None:
@@ -67,10 +85,25 @@ async def test_a_foreign_write_ends_the_epoch_and_a_new_one_opens(nc: Client) ->
 
 async def test_close_also_closes_the_ghost_of_a_cancelled_open(nc: Client) -> None:
     """Issue 9 item 8: close() ran while open() was in flight; the open's write landed but
-    its answer was lost. The store must not keep an ``alive`` record nobody renews."""
+    its answer was lost. The store must not keep an ``alive`` record nobody renews.
+
+    The open really is cancelled after its write landed (not marked not-live after a
+    completed open): an epoch that became "ours" only once the answer came back would
+    leave the ghost, and the old form of this test could not see that."""
     c = core(nc)
-    assert await c.open("solo")
-    c._set("solo", live=False)  # the open's answer never reached us
+    store = c.stores["solo"]
+    real_cas = store.cas
+
+    async def landed_then_cancelled(*args: Any, **kwargs: Any) -> int:
+        await real_cas(*args, **kwargs)  # the open's write lands in the store...
+        raise asyncio.CancelledError  # ...and close() cancels the open before it hears so
+
+    store.cas = landed_then_cancelled  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await c.open("solo")
+    store.cas = real_cas  # type: ignore[method-assign]
+    assert not c.view().stores["solo"].live
+    assert (await last_record(nc))[1] is SessionState.ALIVE  # the ghost (test premise)
     await c.close()
     key, state = await last_record(nc)
     assert key == session_key("site-a", "n1") and state is SessionState.CLOSED

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
+from mesh.clock import boottime
 from mesh.names import store_stream
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
@@ -47,10 +48,17 @@ async def test_every_store_deleted_tokens_keep_increasing(
             await js.delete_stream(store_stream(store))
     finally:
         await nc.close()
+    deleted_at = boottime()
 
     def new_holder() -> list[tuple[str, int]]:
-        now = holders(trio)
-        return now if now and now[0][1] != first[0][1] else []
+        # Acquired after the deletion (not "a different token": a token that went back to
+        # where it was would then read as "never held again" instead of failing below).
+        return [
+            (c.id, t)
+            for c in trio
+            for n, t in c.held().items()
+            if n == "ledger" and c.acquired_at.get(n, 0.0) > deleted_at
+        ]
 
     second = await eventually(new_holder, timeout=30, what="held again after the stores came back")
     assert len(second) == 1 and second[0][1] > first[0][1], (first, second)

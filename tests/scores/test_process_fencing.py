@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,6 +42,9 @@ async def main() -> None:
     interpret = spec.interpret(topology)
     ctx = RunContext("owned", "site-a", "node-1", 1, Path(sys.argv[1]), deadline)
     outcome = await interpret.apply(ctx)
+    if not outcome.ok:
+        print(json.dumps({"ok": False, "error": outcome.message}), flush=True)
+        await asyncio.Event().wait()
     seen = await interpret.observe()
     while not child.exists() or not child.read_text().strip():
         await asyncio.sleep(0.01)
@@ -54,9 +58,17 @@ uvloop.run(main())
 
 
 @asynccontextmanager
-async def owner(state: Path, deadline_in: float = 0.0) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def owner(
+    state: Path, deadline_in: float = 0.0, wrap: tuple[str, ...] = ()
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", OWNER, str(state), str(deadline_in), stdout=asyncio.subprocess.PIPE
+        *wrap,
+        sys.executable,
+        "-c",
+        OWNER,
+        str(state),
+        str(deadline_in),
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -162,9 +174,13 @@ async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Pa
         )
         assert usage
         assert topology.fence.proc is not None and topology.fence.proc.returncode is None
-        seen = await eventually(
-            lambda: _dead_at_deadline(interpret), timeout=10, what="killed at the deadline"
-        )
+        fence = topology.fence.proc
+
+        async def dead_at_deadline() -> bool:
+            assert fence.returncode is None, f"the fence died of the full disk ({fence.returncode})"
+            return await _dead_at_deadline(interpret)
+
+        seen = await eventually(dead_at_deadline, timeout=10, what="killed at the deadline")
         assert seen and boottime() >= deadline
         assert not alive(grandchild), "a grandchild outlived the deadline on a full disk"
         assert topology.fence.proc.returncode is None, "the fence died of the full disk"
@@ -177,3 +193,109 @@ async def test_a_full_disk_kills_neither_the_fence_nor_its_deadline(tmp_path: Pa
 async def _dead_at_deadline(interpret: Any) -> bool:
     seen = await interpret.observe()
     return bool(seen.reason == "deadline")
+
+
+AHEAD = 1000.0
+"""CLOCK_BOOTTIME minus CLOCK_MONOTONIC in the time namespaces below: what a machine shows
+after being suspended that long (CLOCK_MONOTONIC stops during suspend, BOOTTIME does not)."""
+
+
+def _time_namespaces() -> bool:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--time", "--boottime", "1", "true"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+async def test_deadlines_are_kept_on_boottime_when_it_runs_ahead_of_monotonic(
+    tmp_path: Path,
+) -> None:
+    """Issue 9 item 11: the agent's deadlines (session, leases, runner) and the fence's
+    checks are on CLOCK_BOOTTIME. On this machine the two clocks agree (it was never
+    suspended), so a component on CLOCK_MONOTONIC would pass every other test; in a time
+    namespace where BOOTTIME runs ``AHEAD`` of MONOTONIC, a mix of the two clocks shows:
+    an agent on MONOTONIC hands the fence a deadline long past (nothing starts), a fence on
+    MONOTONIC sees a deadline far away (nothing is killed)."""
+    import pytest
+
+    if not _time_namespaces():
+        pytest.skip("needs root and unshare --time (Linux >= 5.6)")
+    wrap = ("unshare", "--time", "--boottime", str(int(AHEAD)))
+    async with owner(tmp_path, deadline_in=1.0, wrap=wrap) as (_agent, info):
+        deadline = float(info["deadline"]) - AHEAD  # on this namespace's CLOCK_BOOTTIME
+        pids = [info["pid"], info["child"]]
+        await eventually(
+            lambda: not any(alive(pid) for pid in pids),
+            timeout=10,
+            interval=0.005,
+            what="workload and its child to be killed at the deadline",
+        )
+        # Measured on the kernel's clock, not mesh.clock: that is one of the clocks under test.
+        lateness = time.clock_gettime(time.CLOCK_BOOTTIME) - deadline
+        assert -0.05 <= lateness <= 0.5, f"killed {lateness:.3f} s after the deadline"
+
+
+SUSPENDED = """
+import asyncio, ctypes, json, os, sys
+from pathlib import Path
+import uvloop
+from mesh.clock import boottime
+from scores.base import Deadline, RunContext
+from scores.process import ProcessSpec
+from topologies.localhost import LocalhostTopology
+
+CLONE_NEWTIME = 0x80
+
+async def main() -> None:
+    # Children (the fence) start in a time namespace whose CLOCK_BOOTTIME is ahead by
+    # argv[2] seconds and whose CLOCK_MONOTONIC is ours: as if the machine had been
+    # suspended that long between our deadline and the fence's check.
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWTIME) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWTIME)")
+    Path("/proc/self/timens_offsets").write_text(f"boottime {int(sys.argv[2])} 0\\n")
+    topology = LocalhostTopology()
+    asyncio.create_task(topology.fence.run())
+    await topology.fence.started.wait()
+    spec = ProcessSpec(command=["sleep", "60"], stop_timeout=1)
+    interpret = spec.interpret(topology)
+    ctx = RunContext("resumed", "site-a", "node-1", 1, Path(sys.argv[1]), Deadline(boottime() + 5))
+    outcome = await interpret.apply(ctx)
+    seen = await interpret.observe()
+    print(json.dumps({"ok": outcome.ok, "detail": outcome.message, "pids": list(seen.pids)}),
+          flush=True)
+    await topology.fence.close()
+
+uvloop.run(main())
+"""
+
+
+async def test_a_fence_resumed_past_the_deadline_starts_nothing(tmp_path: Path) -> None:
+    """Issue 9 item 11, the other half: the fence's own clock. Its children see CLOCK_BOOTTIME
+    ``AHEAD`` of ours and the same CLOCK_MONOTONIC, as after a suspend between the agent
+    computing a deadline 5 s ahead and the fence checking it: the fence must find it passed
+    and refuse the start. A fence on CLOCK_MONOTONIC (even with the agent on it too) would
+    start the workload as if no time had passed."""
+    import pytest
+
+    if not _time_namespaces():
+        pytest.skip("needs root and unshare --time (Linux >= 5.6)")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUSPENDED,
+        str(tmp_path),
+        str(int(AHEAD)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = b""
+    while not line.startswith(b"{"):
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line, "the owner exited before reporting"
+    await asyncio.wait_for(proc.wait(), 30)
+    info = json.loads(line)
+    assert not info["ok"] and not info["pids"], f"started after its deadline passed: {info}"
+    assert "deadline already passed" in info["detail"], info

@@ -1,0 +1,140 @@
+"""Issue 9 item 6: a long-lived task that dies ends the agent with exit 1, never silently.
+
+A real agent (in this process, so a fault can be put into one of its tasks) on a real
+3-node cluster: the lease manager's decision loop, or an application's runner, dies of an
+unexpected exception. The agent must notice, shut down in order and return 1 (systemd or
+the kubelet then restart it clean); carrying on with nobody deciding, while /healthz stays
+green, is the failure under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import nats
+import pytest
+import yaml
+from nats.aio.client import Client
+
+from agent.config import load_config
+from agent.daemon import Agent
+from mesh.names import STATE_BUCKET
+from tests.harness.agents import AgentProcess
+from tests.harness.nats import NatsCluster
+from tests.harness.wait import eventually
+from tests.mesh.lease_world import make_mesh
+
+TTL = 2.0
+
+
+class Injected(RuntimeError):
+    """The fault put into a task: stands for any bug."""
+
+
+def app_doc(name: str) -> bytes:
+    return json.dumps(
+        {
+            "apiVersion": "harmony/v1",
+            "kind": "Application",
+            "metadata": {"name": name},
+            "spec": {
+                "trait": "stateful",
+                "placement": {"sites": ["site-a"]},
+                "score": {
+                    "kind": "Process",
+                    "command": [sys.executable, "-c", "import time; time.sleep(3600)"],
+                    "stop_timeout": "1s",
+                },
+            },
+        }
+    ).encode()
+
+
+@pytest.fixture
+async def client(nats_cluster: NatsCluster) -> AsyncIterator[Client]:
+    async def created() -> bool:  # JetStream may still be electing its meta leader
+        await make_mesh(nats_cluster.urls, nats_cluster.stores)
+        return True
+
+    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
+    nc = await nats.connect(servers=nats_cluster.urls)
+    yield nc
+    await nc.close()
+
+
+@pytest.fixture
+async def agent(tmp_path: Path, nats_cluster: NatsCluster) -> AsyncIterator[Agent]:
+    """The same configuration ``tests.harness.agents`` gives a subprocess agent."""
+    spec = AgentProcess(
+        site="site-a",
+        node="n1",
+        workdir=tmp_path / "agent",
+        servers=nats_cluster.urls,
+        ttl=f"{TTL}s",
+        extra={"mesh": {"stores": nats_cluster.stores}},
+    )
+    spec.workdir.mkdir(parents=True)
+    spec.config_path.write_text(yaml.safe_dump(spec.config()))
+    yield Agent(load_config(spec.config_path))
+
+
+async def _started(agent: Agent) -> asyncio.Task[int]:
+    task = asyncio.create_task(agent.run(), name="agent-under-test")
+    await eventually(lambda: agent.started or task.done(), timeout=30, what="agent started")
+    assert not task.done(), "the agent did not start"
+    return task
+
+
+async def _exit_code(agent: Agent, task: asyncio.Task[int], what: str) -> Any:
+    """The agent's exit code once it stopped by itself; if it carries on instead, stop it
+    and fail (after checking it still called itself healthy: the silent death)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout=5 * TTL)
+    except TimeoutError:
+        healthy = agent.liveness()[0]
+        agent.stop_event.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=30)
+        pytest.fail(f"{what} died and the agent carried on (liveness {healthy})")
+
+
+async def test_a_dead_lease_loop_ends_the_agent_with_exit_1(agent: Agent, client: Client) -> None:
+    task = await _started(agent)
+    assert agent.leases is not None
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise Injected("a bug in the lease decision loop")
+
+    agent.leases.decide = broken  # type: ignore[method-assign]
+    kv = await client.jetstream(timeout=5).key_value(STATE_BUCKET)
+    await kv.put("app.ledger", app_doc("ledger"))  # wanting the lease makes the loop decide
+    assert await _exit_code(agent, task, "the lease loop") == 1
+    assert agent.supervisor.failure is not None and "leases" in agent.supervisor.failure
+    assert "Injected" in agent.supervisor.failure
+
+
+async def test_a_dead_runner_ends_the_agent_with_exit_1(agent: Agent, client: Client) -> None:
+    task = await _started(agent)
+    kv = await client.jetstream(timeout=5).key_value(STATE_BUCKET)
+    await kv.put("app.ledger", app_doc("ledger"))
+    controller = agent.controller
+    assert controller is not None
+    runner = await eventually(
+        lambda: controller.runners.get("ledger"), timeout=10, what="a runner for ledger"
+    )
+
+    class BrokenEvent(asyncio.Event):
+        async def wait(self) -> Literal[True]:  # outside the runner's per-step error handling
+            raise Injected("a bug in the runner loop")
+
+    assert runner is not None
+    runner.wake = BrokenEvent()
+    assert await _exit_code(agent, task, "the runner") == 1
+    assert agent.supervisor.failure is not None and "controller" in agent.supervisor.failure
+    assert "Injected" in agent.supervisor.failure
