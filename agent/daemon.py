@@ -2,18 +2,21 @@
 starts, and stopped in ``shutdown``, in the order written there (after kopf's
 ``running.py`` and Patroni's ``Patroni.__init__``).
 
-Start: embedded nats-server -> connection -> mesh (buckets, descriptor, stores) -> topology
-and its fence (after stopping a previous incarnation's leftovers) -> session thread (its
-renewals feed the fence directly) -> lease manager (and the ``harmony-leases`` view it
-publishes) -> controller (its first snapshot of
-Applications and marks before any runner) -> command plane -> status, summary, control loop.
+Start: embedded nats-server (mTLS, accounts, its loopback system user: ``agent.security``)
+-> connection (TLS, credentials, private inbox) -> mesh (buckets, descriptor, stores) ->
+topology and its fence (after stopping a previous incarnation's leftovers) -> session
+thread (its own connection with the same options; its renewals feed the fence directly) ->
+lease manager (and the ``harmony-leases`` view it publishes) -> controller (its first
+snapshot of Applications and marks before any runner) -> command plane -> status, summary,
+control loop -> trust-sync (signed entries -> bundle, eviction) and cert-renew (leaves, the
+expiry gauge).
 
 Stop (SIGTERM): command plane -> controller (every workload stops, bounded by its
 stop_timeout, *while the session keeps renewing*; then every lease is released or handed
-over) -> lease manager -> lease view flushed -> session close (``closed`` in every store)
--> fence -> connection -> embedded server. The budget is the configuration's
-(``Timing.shutdown_budget``), not a fixed per-step grace, and the session is never closed
-before the workloads are gone.
+over) -> lease manager -> lease view flushed -> control loop, summary, status, trust-sync,
+cert-renew -> session close (``closed`` in every store) -> fence -> connection -> embedded
+server. The budget is the configuration's (``Timing.shutdown_budget``), not a fixed
+per-step grace, and the session is never closed before the workloads are gone.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from nats.aio.client import Client
@@ -37,52 +40,31 @@ from agent.commands import CommandServer
 from agent.commands.models import MAX_REQUEST_BYTES
 from agent.config import AgentConfig
 from agent.controller.controller import Controller
-from agent.controller.events import EventPublisher
 from agent.controller.statefile import StateFile, stop_leftovers
 from agent.health import HealthServer
+from agent.security import (
+    RedactingEventPublisher,
+    SiteSecurity,
+    connection_options,
+    embedded_spec,
+    system_password,
+)
 from agent.supervisor import Supervisor
-from agent.trust_sync import sync_bundle
 from mesh.bootstrap import Mesh, MeshMismatch, bind_mesh, ensure_mesh, ensure_store
 from mesh.clock import boottime, now_rfc3339, wall_iso
-from mesh.connection import ConnectionOptions, MeshConnection, TlsFiles
-from mesh.embedded import EmbeddedServer, PortInUse, ServerSpec
+from mesh.connection import MeshConnection
+from mesh.embedded import EmbeddedServer, InsecureListener, PortInUse
 from mesh.leases import LeaseManager
 from mesh.mirror import LeaseMirror
-from mesh.names import agent_key, inbox_prefix, status_subject
+from mesh.names import agent_key, status_subject
+from mesh.redact import redact_value
 from mesh.session import SessionThread, SessionView
 from topologies.base import Topology
 from topologies.build import build_topology
+from topologies.capabilities import KubernetesApi
 from topologies.supervisor import FenceSupervisor
 
 log = structlog.get_logger("agent.daemon")
-
-
-def connection_options(config: AgentConfig) -> ConnectionOptions:
-    tls = config.nats.tls
-    return ConnectionOptions(
-        servers=tuple(config.nats.servers),
-        name=f"harmony-agent {config.agent_id}",
-        tls=TlsFiles(tls.ca_file, tls.cert_file, tls.key_file) if tls else None,
-        credentials=config.nats.credentials,
-        connect_timeout=config.nats.connect_timeout,
-        # Detect a dead server well within one ttl so the client fails over in time.
-        ping_interval=max(1.0, config.lease.ttl / 3),
-        inbox_prefix=inbox_prefix(config.site, config.node),
-    )
-
-
-def embedded_spec(config: AgentConfig) -> ServerSpec:
-    n = config.nats
-    return ServerSpec(
-        name=f"{config.site}-{config.node}",
-        store_dir=config.state_dir / "nats" / "jetstream",
-        listen=n.listen,
-        monitor_listen=n.monitor_listen or None,
-        cluster_name=n.cluster_name,
-        cluster_listen=n.cluster_listen,
-        routes=tuple(n.routes),
-        tags=(f"site:{config.site}",),
-    )
 
 
 class StartupError(RuntimeError):
@@ -99,6 +81,12 @@ class Agent:
         self.started_mono = time.monotonic()
         self.supervisor = Supervisor()
         self.connection = MeshConnection(connection_options(config))
+        with_system_user = config.nats.embedded and config.nats.accounts is not None
+        self.security = SiteSecurity(
+            config,
+            connection=self.connection,
+            system_password=system_password() if with_system_user else None,
+        )
         self.stop_event = asyncio.Event()
         self.embedded: EmbeddedServer | None = None
         self.mesh: Mesh | None = None
@@ -154,6 +142,7 @@ class Agent:
             "ttl": self.ttl,
             "health": self.health(),
             "state": "alive",
+            "warnings": self.security.last_warnings(),
         }
 
     def live_status(self) -> dict[str, Any]:
@@ -181,7 +170,10 @@ class Agent:
         }
         if self.controller is not None:
             body.update(self.controller.status())
-        return body
+        body.update(self.security.status())
+        # Viewers may read this: no password, key or URL credential, whatever a field holds.
+        redacted: dict[str, Any] = redact_value(body)
+        return redacted
 
     # --- start -----------------------------------------------------------------------------
 
@@ -203,8 +195,17 @@ class Agent:
                         js, cfg.mesh.replicas, stores=cfg.mesh.stores, default_stores=default
                     )
                 return await bind_mesh(js, stores=cfg.mesh.stores)
-            except MeshMismatch:
-                raise
+            except MeshMismatch as exc:
+                if cfg.mesh.bootstrap or "mesh init" not in str(exc):
+                    raise
+                # Under per-identity accounts an admin creates the mesh: wait for it.
+                log.warning(
+                    "mesh_not_initialised",
+                    msg=f"waiting for an admin to initialise the mesh: {exc}",
+                    error=str(exc),
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             except (NatsError, JsError, TimeoutError, OSError) as exc:
                 log.warning(
                     "mesh_not_ready", msg=f"mesh not ready: {exc!r}; retrying", error=repr(exc)
@@ -228,8 +229,10 @@ class Agent:
         sup = self.supervisor
         if cfg.nats.embedded:
             self.embedded = EmbeddedServer(
-                embedded_spec(cfg), cfg.state_dir / "nats" / "nats-server.conf"
+                embedded_spec(cfg, self.security.system_password),
+                cfg.state_dir / "nats" / "nats-server.conf",
             )
+            self.security.embedded = self.embedded
             sup.spawn("nats-server", self.embedded.run())
             await self.embedded.wait_started()
 
@@ -238,6 +241,8 @@ class Agent:
         self.mesh = mesh = await self._bind()
 
         self.topology = topology = build_topology(cfg.topology)
+        if KubernetesApi in topology.capabilities():
+            self.security.kube = cast(KubernetesApi, topology)  # the bundle ConfigMap
         fence = getattr(topology, "fence", None)
         if isinstance(fence, FenceSupervisor):
             await asyncio.to_thread(stop_leftovers, self.statefile)  # logs each one
@@ -278,7 +283,7 @@ class Agent:
             leases.on_lost.append(mirror.lost)
             sup.spawn("lease-view", mirror.run())
 
-        events = EventPublisher(self.connection.nc, cfg.site, cfg.node)
+        events = RedactingEventPublisher(self.connection.nc, cfg.site, cfg.node)
         holders = app_metrics.HolderLog(leases)  # failovers and handovers, per application
         self.controller = ctl = Controller(
             nc=self.connection.nc,
@@ -320,10 +325,8 @@ class Agent:
         sup.spawn("summary", self.publish_summary())
         sup.spawn("control-loop", self.control_loop())
         if cfg.trust.bundle_file is not None:
-            sup.spawn(
-                "trust-sync",
-                sync_bundle(mesh.trust, cfg.trust.bundle_file, server_pid=self._server_pid),
-            )
+            sup.spawn("trust-sync", self.security.run_trust_sync(mesh.trust))
+        sup.spawn("cert-renew", self.security.renew_forever())
         self.started = True
         await self._write_summary()
         log.info(
@@ -368,10 +371,6 @@ class Agent:
         """A supervised task that ends (failing the agent) if the session thread dies."""
         await session.join()
         raise RuntimeError("the session thread ended")
-
-    def _server_pid(self) -> int | None:
-        proc = self.embedded.process if self.embedded else None
-        return proc.pid if proc is not None and proc.returncode is None else None
 
     def _connection_changed(self, up: bool) -> None:
         if not up:
@@ -472,7 +471,14 @@ class Agent:
         if self.mirror is not None:
             await self.mirror.flush(timeout=1.0)  # the view shows our releases, if it can
             await sup.cancel("lease-view")
-        for name in ("control-loop", "summary", "status-responder", "trust-sync", "session"):
+        for name in (
+            "control-loop",
+            "summary",
+            "status-responder",
+            "trust-sync",
+            "cert-renew",
+            "session",
+        ):
             await sup.cancel(name)
         if self.mesh is not None:
             with contextlib.suppress(Exception):
@@ -528,7 +534,7 @@ class Agent:
                 await self.shutdown()
                 return 0
             exc = starting.exception()
-            if isinstance(exc, MeshMismatch | PortInUse):
+            if isinstance(exc, MeshMismatch | PortInUse | InsecureListener):
                 await self.shutdown()
                 raise StartupError(str(exc))
             if exc is not None:

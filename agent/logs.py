@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from mesh.redact import structlog_processor as redact_secrets
+
 FIRST = ("timestamp", "level", "event", "msg", "site", "node")
 """Keys every JSON line starts with, in this order (the line's own fields follow)."""
 
@@ -39,6 +41,7 @@ def configure(level: str = "info", fmt: str = "auto", **bound: Any) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            redact_secrets,  # after tracebacks are text: no secret reaches a log line
             _ordered,
             renderer,
         ],

@@ -114,6 +114,8 @@ class AgentView:
     revision: int
     stores: tuple[str, ...] = ()
     """The lease stores where the agent's session is live."""
+    warnings: tuple[str, ...] = ()
+    """Certificates the agent uses that expire within 30 days (or have expired)."""
 
     def age(self, now: datetime) -> float | None:
         return None if self.last_seen is None else (now - self.last_seen).total_seconds()
@@ -146,10 +148,17 @@ class LeaseView:
 
 @dataclass(frozen=True)
 class TrustView:
+    """A ``ca.<site>`` entry as ``mesh.trust.describe`` sees it: the site is the KV key's and
+    the fingerprint is computed from the certificate, never read from the entry."""
+
     site: str
     fingerprint: str | None
     not_after: str | None
     revision: int
+    state: str = "unverified"
+    """trusted, revoked, rejected:<reason>, or unverified/unverified-revoked (no trust-admin
+    public key: ``$HARMONY_TRUST_ADMIN_PUBLIC_KEY``)."""
+    detail: str | None = None
 
 
 TRAITS = frozenset({"stateful", "stateless"})
@@ -328,6 +337,7 @@ def _agent(site: str, node: str, raw: Raw) -> AgentView | None:
         ttl = 10.0
     health = data.get("health")
     instances = data.get("instances")
+    warnings = data.get("warnings")
     return AgentView(
         id=f"{site}/{node}",
         site=site,
@@ -344,6 +354,7 @@ def _agent(site: str, node: str, raw: Raw) -> AgentView | None:
         if isinstance(instances, list)
         else (),
         revision=raw.revision,
+        warnings=tuple(str(w)[:200] for w in warnings[:10]) if isinstance(warnings, list) else (),
     )
 
 
@@ -424,15 +435,31 @@ def _family(
         snap.slots.setdefault(app, []).append(view)
 
 
+TRUST_ADMIN_ENV = "HARMONY_TRUST_ADMIN_PUBLIC_KEY"
+
+
 def _trust_entry(snap: MeshSnapshot, key: str, raw: Raw) -> None:
     parts = key.split(".")
     if parts[0] != "ca" or len(parts) != 2:
         return
-    data = _json(raw.value) or {}
-    fp, na = data.get("fingerprint"), data.get("not_after")
+    import os
+
+    from mesh.trust import TrustError, describe, parse_admin_public_key
+
+    admin = None
+    if os.environ.get(TRUST_ADMIN_ENV):
+        try:
+            admin = parse_admin_public_key(os.environ[TRUST_ADMIN_ENV])
+        except TrustError as exc:
+            problem = f"${TRUST_ADMIN_ENV}: {exc}"
+            if problem not in snap.problems:
+                snap.problems.append(problem)
+    view = describe(key, raw.value, admin)
     snap.trust[parts[1]] = TrustView(
-        site=str(data.get("site") or parts[1]),
-        fingerprint=fp if isinstance(fp, str) else None,
-        not_after=na if isinstance(na, str) else None,
+        site=view.site or parts[1],
+        fingerprint=view.fingerprint,
+        not_after=view.not_after,
         revision=raw.revision,
+        state=view.state,
+        detail=view.detail or None,
     )

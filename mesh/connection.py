@@ -3,11 +3,19 @@
 nats-py reconnects by itself once connected, but gives up on the *first* connect when no
 server answers; an agent booted before its mesh (a node rebooting with its site) must keep
 trying, so the first connect is retried here with capped exponential backoff.
+
+Identity: a client certificate (``TlsFiles``), a ``.creds`` file, or a user with a
+password *file* (read at each connect, registered with ``mesh.redact`` so it is masked in
+every log line; never in a URL). Certificates are renewed in place on disk: nats-py builds
+each (re)connection's TLS from ``options["tls"]``, so ``refresh_tls`` swaps in a context
+built from the current files, and every disconnect does so when the files changed; the
+live connection (and the session on it) is left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 import time
 from collections.abc import Callable
@@ -18,6 +26,9 @@ import nats
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+
+from mesh.redact import redact, register
+from mesh.tlsfiles import read_secret
 
 log = structlog.get_logger("mesh.connection")
 
@@ -36,6 +47,18 @@ class TlsFiles:
             ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
         return ctx
 
+    def digest(self) -> str:
+        """Changes whenever any of the files' content does (renewal, new bundle)."""
+        h = hashlib.sha256()
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            h.update(b"\0")
+            if path is not None:
+                try:
+                    h.update(path.read_bytes())
+                except OSError:
+                    h.update(b"?")
+        return h.hexdigest()
+
 
 @dataclass(frozen=True)
 class ConnectionOptions:
@@ -43,12 +66,15 @@ class ConnectionOptions:
     name: str
     tls: TlsFiles | None = None
     credentials: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
     connect_timeout: float = 2.0
     reconnect_wait: float = 0.5
     ping_interval: float = 5.0
     max_outstanding_pings: int = 2
     inbox_prefix: str = "_INBOX"
-    """A private prefix, so per-agent permissions can allow only our own replies."""
+    """A private prefix (``_INBOX_<site>_<node>`` for an agent), so per-agent permissions
+    can allow only our own replies (``mesh.authz``)."""
 
 
 class MeshConnection:
@@ -62,6 +88,40 @@ class MeshConnection:
         self.last_change = time.monotonic()
         self.on_state_change: Callable[[bool], None] | None = None
         self.closing = False
+        self._tls_digest: str | None = None
+        self.tls_refreshes = 0
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.options.tls
+        if tls is None:
+            return None
+        self._tls_digest = tls.digest()
+        return tls.context()
+
+    def refresh_tls(self, *, force: bool = False) -> bool:
+        """Use a context built from the current files for the next (re)connection; True
+        when the files had changed (or ``force``). The live connection is untouched."""
+        tls = self.options.tls
+        if tls is None or (not force and tls.digest() == self._tls_digest):
+            return False
+        try:
+            ctx = self._tls_context()
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "tls_files_unusable",
+                msg="TLS files unusable; keeping the previous context",
+                error=redact(repr(exc)),
+            )
+            return False
+        self.nc.options["tls"] = ctx
+        self.tls_refreshes += 1
+        log.info("tls_refreshed", msg="client TLS context rebuilt from renewed files")
+        return True
+
+    def _password(self) -> str | None:
+        if self.options.password_file is None:
+            return None
+        return register(read_secret(self.options.password_file))
 
     @property
     def connected(self) -> bool:
@@ -96,6 +156,7 @@ class MeshConnection:
             return
         self.disconnects += 1
         log.warning("mesh disconnected", server=self.server_url_redacted)
+        self.refresh_tls()  # the reconnect then presents renewed certificates
         self._changed(False)
 
     async def _reconnected(self) -> None:
@@ -104,7 +165,7 @@ class MeshConnection:
         self._changed(True)
 
     async def _error(self, exc: Exception) -> None:
-        log.debug("mesh client error", error=repr(exc))
+        log.debug("mesh client error", error=redact(repr(exc)))
 
     async def connect(self, *, max_backoff: float = 5.0) -> None:
         """Connect, retrying for ever with backoff; cancel to give up."""
@@ -114,10 +175,14 @@ class MeshConnection:
         while True:
             attempt += 1
             try:
+                extra: dict[str, object] = {}
+                if opts.user is not None:
+                    extra["user"] = opts.user
+                    extra["password"] = self._password()
                 await self.nc.connect(
                     servers=list(opts.servers),
                     name=opts.name,
-                    tls=opts.tls.context() if opts.tls else None,
+                    tls=self._tls_context(),
                     user_credentials=str(opts.credentials) if opts.credentials else None,
                     connect_timeout=opts.connect_timeout,  # type: ignore[arg-type]
                     reconnect_time_wait=opts.reconnect_wait,  # type: ignore[arg-type]
@@ -129,10 +194,13 @@ class MeshConnection:
                     error_cb=self._error,
                     allow_reconnect=True,
                     inbox_prefix=opts.inbox_prefix,
+                    **extra,  # type: ignore[arg-type]
                 )
-            except (OSError, TimeoutError, nats.errors.Error) as exc:
+            except (OSError, TimeoutError, ValueError, nats.errors.Error) as exc:
                 if attempt == 1 or attempt % 10 == 0:
-                    log.warning("mesh unreachable; retrying", error=repr(exc), attempt=attempt)
+                    log.warning(
+                        "mesh unreachable; retrying", error=redact(repr(exc)), attempt=attempt
+                    )
                 self.nc = Client()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)

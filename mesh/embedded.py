@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import os
 import shutil
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -47,6 +48,7 @@ def busy_addresses(spec: ServerSpec) -> list[str]:
         ("client", spec.listen),
         ("monitor", spec.monitor_listen),
         ("cluster", spec.cluster_listen),
+        ("system", spec.system_listen),
     ):
         if not listen:
             continue
@@ -103,21 +105,116 @@ class ServerSpec:
     TCP's next backed-off retransmission (seconds later): reconcile waits on that."""
     ping_max: int = 3
     extra: str = ""
-    """Raw config appended verbatim (TLS blocks, accounts), for the few who need it."""
-    tls: dict[str, str] = field(default_factory=dict)
+    """Raw config appended verbatim, for the few who need it."""
+    server_tls: ServerTls | None = None
+    """mTLS on the client and route listeners (None: plaintext, loopback only unless
+    ``insecure``)."""
+    accounts: str = ""
+    """The ``accounts`` block (``mesh.authz.render_accounts``): who may connect, as what."""
+    system_listen: str | None = None
+    """Loopback websocket listener for the local system-account user (kicks connections)."""
+    insecure: bool = False
+    """Allow a non-loopback listener without TLS (``nats.insecure``)."""
+    route_pins: tuple[str, ...] = ()
+    """SHA-256 (hex) of the SubjectPublicKeyInfo of the only route peers to keep: set for
+    one reload during an eviction, so that nats-server closes every other route, whichever
+    side dialled it (see ``agent.security``)."""
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The site's server certificate and the two sets of CAs it trusts.
+
+    Clients are verified against ``client_ca_file`` (this site's CA plus the operators'
+    CA) and mapped to users from their certificate subject (``verify_and_map``); routes
+    against ``route_ca_file`` (the federated trust bundle) and accepted only when their
+    certificate names a configured route host (``verify_cert_and_check_known_urls``):
+    routes must therefore be DNS names, which the peers' certificates carry as SANs.
+    """
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+    route_ca_file: Path
+    timeout: float = 2.0
+    map_clients: bool = True
+    """False: verify client certificates but map nothing (no ``accounts`` given)."""
+
+
+class InsecureListener(ValueError):
+    """A listener that would accept plaintext from the network; the message names the field."""
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]") if ":" in listen else listen
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_listeners(spec: ServerSpec) -> list[str]:
+    """Fields of ``spec`` that would listen beyond loopback without TLS."""
+    bad = []
+    if spec.server_tls is None:
+        if not is_loopback(spec.listen):
+            bad.append("listen")
+        if spec.cluster_listen and not is_loopback(spec.cluster_listen):
+            bad.append("cluster_listen")
+    if spec.monitor_listen and not is_loopback(spec.monitor_listen):
+        bad.append("monitor_listen")  # plain HTTP, connection details: loopback only
+    if spec.system_listen and not is_loopback(spec.system_listen):
+        bad.append("system_listen")  # never: the system user's password crosses it
+    return bad
+
+
+def check_listeners(spec: ServerSpec) -> None:
+    """Raise InsecureListener naming the first field that listens in the clear beyond
+    loopback, unless ``spec.insecure``; a system listener must be loopback regardless."""
+    bad = insecure_listeners(spec)
+    if spec.system_listen and "system_listen" in bad:
+        raise InsecureListener(f"system_listen: {spec.system_listen} must be a loopback address")
+    if bad and not spec.insecure:
+        field_ = bad[0]
+        raise InsecureListener(
+            f"{field_}: {getattr(spec, field_)} is not loopback and has no TLS "
+            "(configure nats.server_tls, or set nats.insecure: true to allow plaintext)"
+        )
 
 
 def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _tls_block(
+    indent: str, tls: ServerTls, ca_file: Path, mode: str, pins: tuple[str, ...] = ()
+) -> list[str]:
+    lines = [
+        f"{indent}tls {{",
+        f"{indent}  cert_file: {_q(str(tls.cert_file))}",
+        f"{indent}  key_file: {_q(str(tls.key_file))}",
+        f"{indent}  ca_file: {_q(str(ca_file))}",
+        f"{indent}  {mode}: true",
+        f"{indent}  timeout: {tls.timeout}",
+    ]
+    if pins:
+        lines.append(f"{indent}  pinned_certs: [{', '.join(_q(p) for p in pins)}]")
+    return [*lines, f"{indent}}}"]
+
+
 def render_config(spec: ServerSpec) -> str:
+    """nats-server's config for ``spec``; pure (the agent checks listeners before writing)."""
     lines = [
         f"server_name: {_q(spec.name)}",
         f"listen: {_q(spec.listen)}",
     ]
     if spec.monitor_listen:
         lines.append(f"http: {_q(spec.monitor_listen)}")
+    if spec.server_tls:
+        mode = "verify_and_map" if spec.server_tls.map_clients else "verify"
+        lines += _tls_block("", spec.server_tls, spec.server_tls.client_ca_file, mode)
     lines += [f"ping_interval: {_q(spec.ping_interval)}", f"ping_max: {spec.ping_max}"]
     if spec.tags:
         lines.append("server_tags: [" + ", ".join(_q(t) for t in spec.tags) + "]")
@@ -137,11 +234,19 @@ def render_config(spec: ServerSpec) -> str:
             lines.append("  routes: [" + ", ".join(_q(r) for r in spec.routes) + "]")
         if spec.no_advertise:
             lines.append("  no_advertise: true")
-        if spec.tls:
-            lines.append("  tls {")
-            lines += [f"    {k}: {_q(v)}" for k, v in spec.tls.items()]
-            lines.append("  }")
+        if spec.server_tls:
+            lines += _tls_block(
+                "  ",
+                spec.server_tls,
+                spec.server_tls.route_ca_file,
+                "verify_cert_and_check_known_urls",
+                spec.route_pins,
+            )
         lines.append("}")
+    if spec.system_listen:
+        lines += ["websocket {", f"  listen: {_q(spec.system_listen)}", "  no_tls: true", "}"]
+    if spec.accounts:
+        lines.append(spec.accounts.rstrip("\n"))
     if spec.extra:
         lines.append(spec.extra)
     return "\n".join(lines) + "\n"
@@ -183,10 +288,32 @@ class EmbeddedServer:
         self._failed: BaseException | None = None
 
     def write_config(self) -> None:
+        """Write the config (0600: it may hold the system user's password) atomically, so a
+        reload never reads half of it."""
+        check_listeners(self.spec)
         self.spec.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.config_path.write_text(render_config(self.spec))
-        self.config_path.chmod(0o600)
+        tmp = self.config_path.with_name(self.config_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(render_config(self.spec))
+        os.replace(tmp, self.config_path)
+
+    def reload(self, spec: ServerSpec | None = None) -> bool:
+        """Rewrite the config (``spec`` replaces the current one) and SIGHUP the server: new
+        certificates, a new bundle, a new route list. False when no server is running (the
+        next start reads the new config)."""
+        if spec is not None:
+            self.spec = spec
+        self.write_config()
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGHUP)
+            log.info("nats_server_reloaded", msg=f"nats-server {proc.pid} reloaded", pid=proc.pid)
+            return True
+        return False
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         log_path = self.config_path.with_suffix(".log")
@@ -204,7 +331,8 @@ class EmbeddedServer:
             )
 
     async def wait_started(self) -> None:
-        """Return once the server was spawned; raise what stopped ``run`` before that."""
+        """Return once the server was spawned; raise what stopped ``run`` before that (an
+        insecure listener, an unwritable state dir, a port in use)."""
         await self._started.wait()
         if self._failed is not None:
             raise self._failed

@@ -6,10 +6,15 @@ once cannot silently overwrite each other's concurrent edit, and re-applying the
 is a no-op that prints ``unchanged``. ``--diff`` writes nothing and prints a unified diff
 of what is stored against the file, exiting like ``kubectl diff``: 0 no differences,
 1 differences, 2 bad input, 3 the mesh failed.
+
+Each application written (or deleted) is audited: ``harmony.audit.<user>.apply`` (or
+``.delete``) with the application and the outcome, under the operator's own identity
+(``agent.commands.audit``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 
     from agent.application import Application
     from agent.cli.profile import Profile
+    from agent.commands.client import MeshClient
 
 EXIT_DIFFERS = 1
 EXIT_DIFF_FAILED = 3
@@ -92,6 +98,24 @@ async def store(kv: KeyValue, app: Application, *, dry_run: bool) -> str:
     raise MeshError(f"{app.name}: changed concurrently by someone else; try again")
 
 
+async def audit(mesh: MeshClient, profile: Profile, verb: str, fields: dict[str, Any]) -> None:
+    """``harmony.audit.<user>.<verb>``; raises MeshError when the stream did not store it."""
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+
+    from agent.commands.audit import Auditor
+    from agent.commands.client import MeshError
+
+    auditor = Auditor.of(profile.cert_file, profile.user)
+    try:
+        await auditor.publish(mesh.js, verb, fields, mesh.timeout)
+    except (NatsError, JsError, TimeoutError) as exc:
+        raise MeshError(
+            f"{fields.get('app')}: {verb} done, but its audit event was not recorded: "
+            f"{mesh.explain(exc)}"
+        ) from None
+
+
 async def _apply(profile: Profile, timeout: float, apps: list[Application], dry_run: bool) -> None:
     import asyncio
 
@@ -108,8 +132,13 @@ async def _apply(profile: Profile, timeout: float, apps: list[Application], dry_
             try:
                 verdict = await asyncio.wait_for(store(kv, app, dry_run=dry_run), timeout)
             except (NatsError, JsError, TimeoutError) as exc:
+                if not dry_run:
+                    with contextlib.suppress(MeshError):
+                        await audit(mesh, profile, "apply", {"app": app.name, "outcome": "failed"})
                 raise MeshError(f"{app.name}: write failed: {mesh.explain(exc)}") from None
             click.echo(f"application/{app.name} {verdict}{suffix}")
+            if not dry_run:
+                await audit(mesh, profile, "apply", {"app": app.name, "outcome": verdict})
 
 
 def as_yaml(doc: Any) -> str:
@@ -231,8 +260,11 @@ async def _delete(profile: Profile, timeout: float, name: str) -> None:
         try:
             await asyncio.wait_for(kv.delete(app_key(name)), timeout)
         except (NatsError, JsError, TimeoutError) as exc:
+            with contextlib.suppress(MeshError):
+                await audit(mesh, profile, "delete", {"app": name, "outcome": "failed"})
             raise MeshError(f"{name}: delete failed: {mesh.explain(exc)}") from None
-    click.echo(f"application/{name} deleted")
+        click.echo(f"application/{name} deleted")
+        await audit(mesh, profile, "delete", {"app": name, "outcome": "deleted"})
 
 
 @click.command()

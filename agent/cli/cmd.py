@@ -1,9 +1,13 @@
-"""``harmony-agent cmd``: a thin client of the command plane (docs/commands.md).
+"""``harmony-agent cmd``: operator verbs (docs/commands.md).
 
-drain/undrain/fence/resume/ping go to a healthy agent (they are mesh writes any agent
-serves); failover goes to ``harmony.cmd.app.<name>.failover``, which only the holder
-answers, once the CLI has checked that the application exists. Names are validated
-locally (exit 2) so that a typo never reaches the mesh.
+drain/undrain/fence/resume are marks in ``harmony-state`` that the CLI writes itself, with
+the operator's own credentials (SPEC v2: agents may not write marks); failover goes to
+``harmony.cmd.app.<name>.failover``, which only the holder answers, once the CLI has checked
+that the application exists; ping goes to a healthy agent. Every verb but ping then
+publishes ``harmony.audit.<user>.<verb>`` with the target and the outcome
+(``agent.commands.audit``). Requests to agents carry a request id, so the one retry the CLI
+makes after a lost reply is answered, not acted on twice. Names are validated locally
+(exit 2) so that a typo never reaches the mesh.
 """
 
 from __future__ import annotations
@@ -20,22 +24,12 @@ from agent.patterns import NAME_PATTERN, NODE_PATTERN, SITE_PATTERN
 
 if TYPE_CHECKING:
     from agent.cli.profile import Profile
+    from agent.commands.audit import Auditor
     from agent.commands.client import MeshClient
     from agent.commands.reply import Reply
 
 OUTPUTS = ["text", "json"]
-
-
-def requester() -> str:
-    """``user@host`` for the audit trail (``by`` in requests and marks)."""
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+MARK_VERBS = ("drain", "undrain", "fence", "resume")
 
 
 async def live_agents(mesh: MeshClient) -> list[str]:
@@ -92,8 +86,15 @@ async def _failover(mesh: MeshClient, body: dict[str, Any], timeout: float) -> R
     app = body["app"]
     if not await app_exists(mesh, app):
         raise MeshError(f"unknown application {app}")
+    subject = app_cmd_subject(app, "failover")
     try:
-        return await mesh.request(app_cmd_subject(app, "failover"), body, timeout)
+        try:
+            return await mesh.request(subject, body, timeout / 2)
+        except MeshError as exc:
+            if "no reply" not in str(exc):
+                raise
+            # The reply may be what was lost: the same request id is answered, not redone.
+            return await mesh.request(subject, body, timeout / 2)
     except MeshError as exc:
         if "no agent serves" not in str(exc):
             raise
@@ -103,27 +104,89 @@ async def _failover(mesh: MeshClient, body: dict[str, Any], timeout: float) -> R
         ) from None
 
 
+async def _mark(mesh: MeshClient, verb: str, body: dict[str, Any], timeout: float) -> Reply:
+    """Write the mark ourselves (our credentials, our identity in the mark)."""
+    import asyncio
+
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+
+    from agent.commands.client import MeshError
+    from agent.commands.marks import apply_mark
+    from mesh.names import STATE_BUCKET
+
+    kv = await mesh.bucket(STATE_BUCKET)
+    target = body.get("site") or body["app"]
+    write = apply_mark(
+        kv,
+        verb,
+        target,
+        by=body.get("by"),
+        reason=body.get("reason"),
+        request_id=body.get("request_id"),
+    )
+    try:
+        return await asyncio.wait_for(write, timeout)
+    except (NatsError, JsError, TimeoutError) as exc:
+        raise MeshError(f"{verb} {target}: write refused: {mesh.explain(exc)}") from None
+
+
 async def _send(
-    profile: Profile, timeout: float, verb: str, body: dict[str, Any], via: str | None
+    profile: Profile,
+    timeout: float,
+    verb: str,
+    body: dict[str, Any],
+    via: str | None,
+    auditor: Auditor | None = None,
 ) -> Reply:
     from agent.commands.client import MeshError, open_mesh
     from mesh.names import agent_cmd_subject
 
     async with open_mesh(profile, timeout) as mesh:
         if verb == "failover":
-            return await _failover(mesh, body, timeout)
-        targets = [via] if via else (await live_agents(mesh))[:3]
-        if not targets:
-            raise MeshError("no healthy agent in the mesh to serve the command")
-        last: MeshError | None = None
-        for agent_id in targets:
-            site, _, node = agent_id.partition("/")
-            try:
-                return await mesh.request(agent_cmd_subject(site, node, verb), body, timeout)
-            except MeshError as exc:
-                last = exc  # that agent just went away: ask the next one
-        assert last is not None
-        raise last
+            reply = await _failover(mesh, body, timeout)
+        elif verb in MARK_VERBS:
+            reply = await _mark(mesh, verb, body, timeout)
+        else:
+            targets = [via] if via else (await live_agents(mesh))[:3]
+            if not targets:
+                raise MeshError("no healthy agent in the mesh to serve the command")
+            last: MeshError | None = None
+            for agent_id in targets:
+                site, _, node = agent_id.partition("/")
+                try:
+                    return await mesh.request(agent_cmd_subject(site, node, verb), body, timeout)
+                except MeshError as exc:
+                    last = exc  # that agent just went away: ask the next one
+            assert last is not None
+            raise last
+        if auditor is not None:
+            await _audit(mesh, auditor, verb, body, reply, timeout)
+        return reply
+
+
+async def _audit(
+    mesh: MeshClient, auditor: Auditor, verb: str, body: dict[str, Any], reply: Reply, t: float
+) -> None:
+    from nats.errors import Error as NatsError
+    from nats.js.errors import Error as JsError
+
+    from agent.commands.audit import outcome
+    from agent.commands.client import MeshError
+
+    fields = {k: v for k, v in body.items() if k not in ("by",) and v is not None}
+    said = reply.fields
+    keys: tuple[str, ...] = ("changed", "moves", "stops", "agent")
+    detail = {k: said[k] for k in keys if k in said}
+    try:
+        await auditor.publish(
+            mesh.js, verb, {**fields, **outcome(reply.ok, reply.error), **detail}, t
+        )
+    except (NatsError, JsError, TimeoutError) as exc:
+        done = "done" if reply.ok else "refused"
+        raise MeshError(
+            f"{verb} {done}, but its audit event was not recorded: {mesh.explain(exc)}"
+        ) from None
 
 
 def _names(apps: Any) -> str:
@@ -190,19 +253,23 @@ def _run(ctx: click.Context, verb: str, body: dict[str, Any]) -> None:
     import asyncio
     import json
 
+    from agent.commands.audit import Auditor, new_request_id
     from agent.commands.client import MeshError
 
     opts = settings(ctx)
     via = _via(ctx)
-    body = {**body, "by": requester()}
+    auditor = None
+    if verb != "ping":
+        auditor = Auditor.of(opts.profile.cert_file, opts.profile.user)
+        body = {**body, "by": auditor.user, "request_id": new_request_id()}
     try:
-        reply = asyncio.run(_send(opts.profile, opts.timeout, verb, body, via))
+        reply = asyncio.run(_send(opts.profile, opts.timeout, verb, body, via, auditor))
     except MeshError as exc:
         fail(str(exc))
     if opts.output == "json":
         click.echo(json.dumps(json.loads(reply.encode()), indent=2))
     if not reply.ok:
-        fail(f"{verb} refused by {reply.fields.get('agent', 'the mesh')}: {reply.error}")
+        fail(f"{verb} refused by {reply.fields.get('agent') or 'the mesh'}: {reply.error}")
     if opts.output != "json":
         click.echo(describe(verb, reply))
 

@@ -41,6 +41,14 @@ def event_record(msg: Msg) -> dict[str, Any]:
     record.setdefault(
         "time", meta.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
+    parts = msg.subject.split(".")
+    if parts[:2] == ["harmony", "audit"] and len(parts) >= 4:
+        # The server let only <user> publish here: the subject is who did it, the body
+        # merely what the client said (kept as claimed_user when it differs).
+        claimed = record.get("user")
+        record["user"] = parts[2]
+        if claimed is not None and claimed != parts[2]:
+            record["claimed_user"] = claimed
     return {"subject": msg.subject, "seq": meta.sequence.stream, **record}
 
 
@@ -58,8 +66,7 @@ def event_line(record: dict[str, Any]) -> str:
     sentence = record.get("sentence") or record.get("message") or record.get("detail") or ""
     if not sentence:
         shown = {"subject", "seq", "time", "app", "fencing_token"}
-        if not audit:
-            shown |= {"agent", "site", "node", "event"}
+        shown |= {"user", "request_id"} if audit else {"agent", "site", "node", "event"}
         sentence = " ".join(f"{k}={v}" for k, v in record.items() if k not in shown)
     text = f"{record['time']}  {who}  {event}  {app}"
     if token is not None:

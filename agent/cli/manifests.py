@@ -63,6 +63,13 @@ def _csv(value: str | None) -> tuple[str, ...]:
     help="Slowest workload stop_timeout: terminationGracePeriodSeconds = this + 15 s.",
 )
 @click.option("--operators", default="", help="Operator user names (NATS users), comma-separated.")
+@click.option(
+    "--trust-admin-public-key",
+    default=None,
+    metavar="ed25519:KEY",
+    help="The trust-admin's public key: agents then sync the signed trust bundle into the "
+    "NATS pods' bundle ConfigMap.",
+)
 def manifests(
     site: str,
     nodes: str,
@@ -82,6 +89,7 @@ def manifests(
     lease_ttl: str,
     max_stop_timeout: str,
     operators: str,
+    trust_admin_public_key: str | None,
 ) -> None:
     """Print one site's Kubernetes manifests (YAML) on stdout."""
     import dataclasses
@@ -120,6 +128,7 @@ def manifests(
         lease_ttl=lease_ttl,
         max_stop_timeout=stop,
         operators=_csv(operators),
+        trust_admin_public_key=trust_admin_public_key,
     )
     if image:
         spec = dataclasses.replace(spec, image=image)

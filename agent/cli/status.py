@@ -89,6 +89,8 @@ def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
         )
     known = set(snap.apps)
     problems = list(snap.problems)
+    for a in agents:
+        problems += [f"{a.id}: certificate {w}" for w in a.warnings]
     for lease in sorted(snap.leases.values(), key=lambda v: v.key):
         if lease.app not in known:
             problems.append(f"harmony-leases {lease.key}: lease of an unknown application")
@@ -132,6 +134,8 @@ def status_document(snap: MeshSnapshot, now: datetime) -> dict[str, Any]:
                 "fingerprint": t.fingerprint,
                 "not_after": t.not_after,
                 "revision": t.revision,
+                "state": t.state,
+                "detail": t.detail,
             }
             for _, t in sorted(snap.trust.items())
         ],

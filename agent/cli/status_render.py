@@ -291,12 +291,12 @@ def _replication(doc: dict[str, Any], wide: bool) -> Table | None:
 
 
 def _trust(doc: dict[str, Any], wide: bool) -> Table:
-    table = Table(["TRUSTED SITE", "FINGERPRINT", "NOT AFTER"])
+    table = Table(["TRUSTED SITE", "STATE", "FINGERPRINT", "NOT AFTER"])
     for t in doc["trust"]:
         fp = t["fingerprint"] or "-"
         if not wide and len(fp) > 23:
             fp = fp[:23] + "..."
-        table.add_row(t["site"], fp, t["not_after"] or "-")
+        table.add_row(t["site"], t.get("state") or "-", fp, t["not_after"] or "-")
     return table
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,6 +36,17 @@ def _import_nats_without_websockets() -> None:
 
 _import_nats_without_websockets()
 
+
+class _QuietTlsClose(logging.Filter):
+    """asyncio logs "returning true from eof_received() has no effect when using ssl"
+    whenever a TLS server closes a connection first: noise on every CLI call over TLS."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsClose())
+
 import nats  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.errors import Error as NatsError  # noqa: E402
@@ -43,6 +55,7 @@ from nats.js.errors import BucketNotFoundError  # noqa: E402
 from nats.js.errors import Error as JsError  # noqa: E402
 from nats.js.kv import KeyValue  # noqa: E402
 
+from mesh.authz import inbox_prefix_for  # noqa: E402
 from mesh.names import STATE_BUCKET, TRUST_BUCKET, store_bucket  # noqa: E402
 
 if TYPE_CHECKING:
@@ -132,21 +145,26 @@ class MeshClient:
                 await w.stop()
         return state
 
+    async def _store(self, name: str) -> KeyValue | None:
+        """A lease store's bucket, or None when its site does not answer in half the
+        deadline: nats-server does not answer for a single-replica stream whose server is
+        down, and the other stores must still be shown within the deadline."""
+        try:
+            return await asyncio.wait_for(self.bucket(name), self.timeout / 2)
+        except (MeshError, TimeoutError):
+            return None
+
     async def follow(
         self, state: MeshState, on_change: Callable[[], None] | None = None
     ) -> list[BucketFollower]:
         """Start one watch per bucket feeding ``state``; await ``.initial`` of each."""
-        buckets = [*MESH_BUCKETS, *await self.store_buckets()]
-        followers = []
+        kvs = [(b, await self.bucket(b)) for b in MESH_BUCKETS]
+        stores = await self.store_buckets()
+        opened = await asyncio.gather(*(self._store(b) for b in stores))
+        # A lease store of a site that is down is left out: the others answer.
+        kvs += [(b, kv) for b, kv in zip(stores, opened, strict=True) if kv is not None]
+        followers = [BucketFollower(kv, b, state, on_change) for b, kv in kvs]
         store_wait = min(2.0, self.timeout / 2)  # a store on a site that is down: skip it
-        for b in buckets:
-            try:
-                kv = await self.bucket(b, None if b in MESH_BUCKETS else store_wait)
-            except MeshError:
-                if b in MESH_BUCKETS:
-                    raise
-                continue  # a lease store of a site that is down: the others answer
-            followers.append(BucketFollower(kv, b, state, on_change))
         started = []
         for f in followers:
             try:
@@ -243,6 +261,10 @@ async def open_mesh(target: Profile | Sequence[str], timeout: float) -> AsyncIte
     auth: dict[str, Any] = {}
     if profile.user:
         auth = {"user": profile.user, "password": password}
+    # Per-identity permissions allow only this identity's own inbox (mesh.authz).
+    prefix = inbox_prefix_for(profile.cert_file)
+    if prefix:
+        auth["inbox_prefix"] = prefix
     try:
         nc = await asyncio.wait_for(
             nats.connect(

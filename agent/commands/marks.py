@@ -2,13 +2,20 @@
 
 Why KV keys and not agent memory: a drain or a fence is a decision by a human that must
 outlive any agent (restarts, crashes, a whole site going away and coming back), and every
-agent must see the same answer. The controller reads these keys every cycle; any agent can
-write them, so these verbs work even while no agent holds the application.
+agent must see the same answer. The controller reads these keys every cycle.
 
-Value (JSON): ``{"kind": "drain", "site": "site-b", "by": "ops@host", "at": RFC3339,
-"reason": "..."}`` or ``{"kind": "fence", "app": "ledger", ...}``. The *presence* of a live
-key is the mark; undrain/resume delete it. Readers must treat a value they cannot parse as
-present (a mark written by a newer version is still a mark): ``parse_mark`` never fails.
+Who writes them (SPEC v2): the operator, with their own credentials: ``harmony-agent cmd
+drain`` writes the mark itself and publishes ``harmony.audit.<user>.drain``
+(``agent.commands.audit``); under per-identity accounts an agent may not write marks at all.
+``apply_mark`` is that one write, shared with the agents' legacy ``drain``/``fence`` verbs,
+which still serve meshes with one shared account.
+
+Value (JSON): ``{"kind": "drain", "site": "site-b", "by": "ops-1", "at": RFC3339,
+"reason": "...", "request_id": "..."}`` or ``{"kind": "fence", "app": "ledger", ...}``. The
+*presence* of a live key is the mark; undrain/resume delete it. ``by`` is what the writer
+said; the identity the server vouched for is the audit event's subject with the same
+``request_id``. Readers must treat a value they cannot parse as present (a mark written by
+a newer version is still a mark): ``parse_mark`` never fails.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from agent.commands.reply import Reply
 
 DRAIN_PREFIX = "drain."
 FENCE_PREFIX = "fence."
@@ -79,8 +88,17 @@ def parse_mark(key: str, value: bytes | None, revision: int) -> Mark | None:
     return Mark(kind, target, text("by"), text("at"), text("reason"), revision)
 
 
-def _value(kind: str, field: str, target: str, by: str | None, reason: str | None) -> bytes:
+def _value(
+    kind: str,
+    field: str,
+    target: str,
+    by: str | None,
+    reason: str | None,
+    request_id: str | None = None,
+) -> bytes:
     body = {"kind": kind, field: target, "by": by, "at": now_rfc3339(), "reason": reason}
+    if request_id is not None:
+        body["request_id"] = request_id
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -121,9 +139,14 @@ async def _clear(kv: KeyValue, key: str) -> Mark | None:
 
 
 async def set_drain(
-    kv: KeyValue, site: str, *, by: str | None = None, reason: str | None = None
+    kv: KeyValue,
+    site: str,
+    *,
+    by: str | None = None,
+    reason: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Mark, bool]:
-    return await _set(kv, drain_key(site), _value("drain", "site", site, by, reason))
+    return await _set(kv, drain_key(site), _value("drain", "site", site, by, reason, request_id))
 
 
 async def clear_drain(kv: KeyValue, site: str) -> Mark | None:
@@ -131,9 +154,14 @@ async def clear_drain(kv: KeyValue, site: str) -> Mark | None:
 
 
 async def set_fence(
-    kv: KeyValue, app: str, *, by: str | None = None, reason: str | None = None
+    kv: KeyValue,
+    app: str,
+    *,
+    by: str | None = None,
+    reason: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Mark, bool]:
-    return await _set(kv, fence_key(app), _value("fence", "app", app, by, reason))
+    return await _set(kv, fence_key(app), _value("fence", "app", app, by, reason, request_id))
 
 
 async def clear_fence(kv: KeyValue, app: str) -> Mark | None:
@@ -169,3 +197,99 @@ async def read_marks(kv: KeyValue) -> tuple[dict[str, Mark], dict[str, Mark]]:
             if mark is not None:
                 into[mark.target] = mark
     return drains, fences
+
+
+# --- the four verbs, as one write each ------------------------------------------------------
+
+MARK_VERBS = frozenset({"drain", "undrain", "fence", "resume"})
+
+
+async def app_exists(kv: KeyValue, app: str) -> bool:
+    from mesh.names import app_key
+
+    try:
+        await kv.get(app_key(app))
+    except KeyNotFoundError:
+        return False
+    return True
+
+
+async def _placements(kv: KeyValue) -> dict[str, tuple[str, ...]]:
+    """Each stored Application's placement sites (decoded without pydantic: the CLI runs
+    this, and ``apply`` validated every value when it was written)."""
+    from agent.meshview import AppView
+
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in await live_entries(kv, "app.*"):
+        name = entry.key.split(".", 1)[1]
+        view = AppView.decode(name, entry.value or b"")
+        if view is not None:
+            out[name] = view.sites
+    return out
+
+
+async def known_sites(kv: KeyValue) -> set[str]:
+    """Sites with an agent heartbeat or in some application's placement: a drain of
+    anything else is almost certainly a typo, and would silently do nothing."""
+    sites = {e.key.split(".")[1] for e in await live_entries(kv, "agent.*.*")}
+    for placement in (await _placements(kv)).values():
+        sites.update(placement)
+    return sites
+
+
+async def drain_effect(kv: KeyValue, site: str) -> tuple[list[str], list[str]]:
+    """(applications that move to another site, applications that stop) when ``site``
+    is drained: an application moves only if its placement names another site that is
+    not drained itself."""
+    drained = {e.key.split(".", 1)[1] for e in await live_entries(kv, "drain.*")}
+    moves: list[str] = []
+    stops: list[str] = []
+    for name, sites in sorted((await _placements(kv)).items()):
+        if site not in sites:
+            continue
+        elsewhere = [s for s in sites if s != site and s not in drained]
+        (moves if elsewhere else stops).append(name)
+    return moves, stops
+
+
+async def apply_mark(
+    kv: KeyValue,
+    verb: str,
+    target: str,
+    *,
+    by: str | None = None,
+    reason: str | None = None,
+    request_id: str | None = None,
+) -> Reply:
+    """drain/undrain SITE or fence/resume APP: the reply says what changed (or why not).
+    Repeating a verb changes nothing (a drained site stays drained by its first writer)."""
+    match verb:
+        case "drain":
+            known = await known_sites(kv)
+            if target not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                return Reply.failure(f"unknown site {target!r} (known: {listed})")
+            mark, changed = await set_drain(kv, target, by=by, reason=reason, request_id=request_id)
+            moves, stops = await drain_effect(kv, target)
+            return Reply.success(
+                verb="drain",
+                site=target,
+                changed=changed,
+                moves=moves,
+                stops=stops,
+                **mark.as_dict(),
+            )
+        case "undrain":
+            removed = await clear_drain(kv, target)
+            return Reply.success(verb="undrain", site=target, changed=removed is not None)
+        case "fence":
+            if not await app_exists(kv, target):
+                return Reply.failure(f"unknown application {target!r}")
+            mark, changed = await set_fence(kv, target, by=by, reason=reason, request_id=request_id)
+            return Reply.success(verb="fence", app=target, changed=changed, **mark.as_dict())
+        case "resume":
+            removed = await clear_fence(kv, target)
+            if removed is None and not await app_exists(kv, target):
+                return Reply.failure(f"unknown application {target!r}")
+            return Reply.success(verb="resume", app=target, changed=removed is not None)
+    return Reply.failure(f"{verb!r} is not a mark verb")

@@ -25,6 +25,7 @@ MAX_LOG_LINES = 10_000
 AppName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 SiteName = Annotated[str, StringConstraints(pattern=SITE_PATTERN)]
 Note = Annotated[str, StringConstraints(max_length=500)]
+RequestId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class Verb(StrEnum):
@@ -42,12 +43,16 @@ APP_VERBS = frozenset({Verb.FAILOVER, Verb.FENCE, Verb.RESUME, Verb.PING})
 
 
 class Request(BaseModel):
-    """Fields every request may carry. ``by`` names the requester for the audit trail."""
+    """Fields every request may carry. ``by`` names the requester (as it says: the audit
+    trail's identity is the operator's own ``harmony.audit.<user>.<verb>`` subject);
+    ``request_id`` makes a retry idempotent: an agent answers a repeated id with the answer
+    it gave the first time, without acting again."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     verb: ClassVar[Verb]
 
     by: Note | None = None
+    request_id: RequestId | None = None
 
 
 class FailoverRequest(Request):

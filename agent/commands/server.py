@@ -7,9 +7,15 @@ sends can raise out of the subscription callback, and one slow handler cannot st
 rest (each valid request runs as its own task, at most ``max_in_flight`` at a time; beyond
 that the agent answers "busy" at once rather than queueing without bound).
 
-drain/undrain/fence/resume are mesh writes (``agent.commands.marks``) any agent serves.
 failover needs the controller's lease handover: the controller registers a
-``FailoverHandler`` and tells us which applications it holds (``sync_apps``).
+``FailoverHandler`` and tells us which applications it holds (``sync_apps``). A request
+with a ``request_id`` is served once: a retry with the same id (the reply was lost, the
+client timed out) gets the first answer, even while the first is still being worked out.
+
+drain/undrain/fence/resume: the CLI writes these marks itself with the operator's own
+credentials (``agent.commands.marks``, SPEC v2). The agent still serves the verbs for
+meshes with one shared account (and older clients); under per-identity accounts the agent
+may not write marks, and these requests get an error reply.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -26,11 +33,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from agent import app_metrics
-from agent.application import Application
 from agent.commands import marks
 from agent.commands.decoder import DecodeError, decode_request
 from agent.commands.models import (
@@ -47,11 +52,14 @@ from agent.commands.models import (
     Verb,
 )
 from agent.commands.workload_logs import log_path, read_from, read_tail
-from mesh.names import app_key
 
 log = structlog.get_logger("agent.commands")
 
 HANDLER_TIMEOUT = 30.0
+REMEMBER_REQUESTS = 512
+"""Recent request ids kept for idempotent retries (each with its answer)."""
+REMEMBER_FOR = 600.0
+"""Seconds a request id is remembered: far longer than any client retries."""
 
 
 class FailoverHandler(Protocol):
@@ -119,6 +127,9 @@ class CommandServer:
         self._agent_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._limiter = _LogLimiter()
+        self._recent: OrderedDict[str, tuple[float, str, asyncio.Future[Reply]]] = OrderedDict()
+        self.replayed = 0
+        """Retries answered from memory (a request id seen before)."""
 
     @property
     def agent_subject(self) -> str:
@@ -208,7 +219,55 @@ class CommandServer:
                 **fields,
             )
 
+    def _remembered(self, request: AnyRequest) -> asyncio.Future[Reply] | Reply | None:
+        """The first answer to this request's id (a future while it is being worked out),
+        a refusal if the id came with a different request, or None: serve it."""
+        rid = request.request_id
+        if rid is None or request.verb in (Verb.PING, Verb.LOGS):
+            return None
+        now = time.monotonic()
+        while self._recent and (
+            len(self._recent) > REMEMBER_REQUESTS
+            or next(iter(self._recent.values()))[0] < now - REMEMBER_FOR
+        ):
+            self._recent.popitem(last=False)
+        what = f"{request.verb.value} {request.model_dump_json(exclude={'by', 'request_id'})}"
+        seen = self._recent.get(rid)
+        if seen is None:
+            self._recent[rid] = (now, what, asyncio.get_running_loop().create_future())
+            return None
+        if seen[1] != what:
+            return Reply.failure(f"request id {rid} was already used for another request")
+        return seen[2]
+
     async def _serve(self, msg: Msg, request: AnyRequest) -> None:
+        remembered = self._remembered(request)
+        if remembered is not None:
+            if isinstance(remembered, Reply):
+                await self._respond(msg, remembered)
+                return
+            self.replayed += 1
+            reply = await asyncio.shield(remembered)
+            log.info(
+                "command_replayed",
+                message=f"{request.verb.value} retried: the first answer again",
+                verb=request.verb.value,
+                request_id=request.request_id,
+            )
+            await self._respond(msg, reply)
+            return
+        seen = self._recent.get(request.request_id or "")
+        mine = seen is not None and request.verb not in (Verb.PING, Verb.LOGS)
+        first = seen[2] if mine and seen is not None and not seen[2].done() else None
+        reply = Reply.failure(f"{request.verb.value} interrupted (the agent is stopping)")
+        try:
+            reply = await self._answer(msg, request)
+        finally:
+            if first is not None and not first.done():
+                first.set_result(reply)  # retries waiting on it get this answer too
+        await self._respond(msg, reply)
+
+    async def _answer(self, msg: Msg, request: AnyRequest) -> Reply:
         try:
             reply = await asyncio.wait_for(self.handle(request), self.handler_timeout)
         except TimeoutError:
@@ -220,7 +279,9 @@ class CommandServer:
             reply = Reply.failure(f"internal error: {type(exc).__name__}: {exc}")
         fields = {
             k: v
-            for k, v in request.model_dump(exclude={"by", "offset", "inode", "max_bytes"}).items()
+            for k, v in request.model_dump(
+                exclude={"by", "offset", "inode", "max_bytes", "request_id"}
+            ).items()
             if v is not None
         }
         if not reply.ok:
@@ -237,7 +298,7 @@ class CommandServer:
                 by=request.by,
                 **fields,
             )
-        await self._respond(msg, reply)
+        return reply
 
     async def _respond(self, msg: Msg, reply: Reply) -> None:
         app_metrics.command(msg.subject, reply.ok)
@@ -255,76 +316,23 @@ class CommandServer:
         match request:
             case PingRequest():
                 return Reply.success(verb="ping", held=sorted(self.held))
-            case DrainRequest(site=site, by=by, reason=reason):
-                known = await self._known_sites()
-                if site not in known:
-                    listed = ", ".join(sorted(known)) or "none"
-                    return Reply.failure(f"unknown site {site!r} (known: {listed})")
-                mark, changed = await marks.set_drain(self.state, site, by=by, reason=reason)
-                moves, stops = await self._drain_effect(site)
-                return Reply.success(
-                    verb="drain",
-                    site=site,
-                    changed=changed,
-                    moves=moves,
-                    stops=stops,
-                    **mark.as_dict(),
+            case DrainRequest(site=site, by=by, reason=reason, request_id=rid):
+                return await marks.apply_mark(
+                    self.state, "drain", site, by=by, reason=reason, request_id=rid
                 )
             case UndrainRequest(site=site):
-                removed = await marks.clear_drain(self.state, site)
-                return Reply.success(verb="undrain", site=site, changed=removed is not None)
-            case FenceRequest(app=app, by=by, reason=reason):
-                if not await self._app_exists(app):
-                    return Reply.failure(f"unknown application {app!r}")
-                mark, changed = await marks.set_fence(self.state, app, by=by, reason=reason)
-                return Reply.success(verb="fence", app=app, changed=changed, **mark.as_dict())
+                return await marks.apply_mark(self.state, "undrain", site)
+            case FenceRequest(app=app, by=by, reason=reason, request_id=rid):
+                return await marks.apply_mark(
+                    self.state, "fence", app, by=by, reason=reason, request_id=rid
+                )
             case ResumeRequest(app=app):
-                removed = await marks.clear_fence(self.state, app)
-                if removed is None and not await self._app_exists(app):
-                    return Reply.failure(f"unknown application {app!r}")
-                return Reply.success(verb="resume", app=app, changed=removed is not None)
+                return await marks.apply_mark(self.state, "resume", app)
             case FailoverRequest(app=app, to=to):
                 return await self._failover(app, to)
             case LogsRequest():
                 return await self._logs(request)
         return Reply.failure(f"verb {request.verb.value!r} is not implemented")
-
-    async def _app_exists(self, app: str) -> bool:
-        try:
-            await self.state.get(app_key(app))
-        except KeyNotFoundError:
-            return False
-        return True
-
-    async def _known_sites(self) -> set[str]:
-        """Sites with an agent heartbeat or in some application's placement: a drain of
-        anything else is almost certainly a typo, and would silently do nothing."""
-        sites: set[str] = set()
-        for entry in await marks.live_entries(self.state, "agent.*.*"):
-            sites.add(entry.key.split(".")[1])
-        for entry in await marks.live_entries(self.state, "app.*"):
-            with contextlib.suppress(ValueError):
-                sites.update(Application.from_json(entry.value or b"").spec.placement.sites)
-        return sites
-
-    async def _drain_effect(self, site: str) -> tuple[list[str], list[str]]:
-        """(applications that move to another site, applications that stop) when ``site``
-        is drained: an application moves only if its placement names another site that is
-        not drained itself."""
-        drained = {e.key.split(".", 1)[1] for e in await marks.live_entries(self.state, "drain.*")}
-        moves: list[str] = []
-        stops: list[str] = []
-        for entry in await marks.live_entries(self.state, "app.*"):
-            try:
-                app = Application.from_json(entry.value or b"")
-            except ValueError:
-                continue
-            sites = app.spec.placement.sites
-            if site not in sites:
-                continue
-            elsewhere = [s for s in sites if s != site and s not in drained]
-            (moves if elsewhere else stops).append(app.name)
-        return sorted(moves), sorted(stops)
 
     async def _logs(self, request: LogsRequest) -> Reply:
         state_dir = self.state_dir
@@ -348,7 +356,7 @@ class CommandServer:
         return Reply.success(verb="logs", app=request.app, **chunk.fields())
 
     async def _failover(self, app: str, to: str | None) -> Reply:
-        if not await self._app_exists(app):
+        if not await marks.app_exists(self.state, app):
             return Reply.failure(f"unknown application {app!r}")
         if app not in self.held:
             return Reply.failure(

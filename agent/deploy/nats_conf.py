@@ -1,12 +1,14 @@
-"""A site's nats-server configuration as typed values, and the roles' permissions (SPEC v2).
+"""A site's nats-server configuration as typed values (SPEC v2), for `harmony-agent manifests`.
 
 Rendered to nats-server's config syntax (JSON-like; ``$NAME`` is an environment reference,
 kept unquoted). ``nats-server -t`` checks the result in the tests.
 
-Permissions follow the v2 names: every key an agent writes contains its own
-``<site>.<node>``, so one agent's user may write its own keys and nothing else. NATS
-wildcards match whole tokens only, so the per-store lease buckets
-(``harmony-leases-<store>``) are listed one by one: ``stores`` is the mesh's store list.
+Permissions are not written here: ``mesh.authz`` is the one place that knows what each role
+may publish and subscribe (the embedded server, ``ca accounts`` and these manifests all
+render its users). Every key an agent writes contains its own ``<site>.<node>``, so one
+agent's user may write its own keys and nothing else; NATS wildcards match whole tokens
+only, so the per-store lease buckets (``harmony-leases-<store>``) are listed one by one:
+``stores`` is the mesh's store list.
 """
 
 from __future__ import annotations
@@ -14,51 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-STATE = "harmony-state"
-TRUST = "harmony-trust"
-EVENTS_STREAM = "harmony-events"
-
-
-def lease_bucket(store: str) -> str:
-    return f"harmony-leases-{store}"
-
-
-def buckets(stores: Iterable[str]) -> list[str]:
-    return [STATE, TRUST, *(lease_bucket(s) for s in stores)]
-
-
-@dataclass(frozen=True)
-class Permissions:
-    publish: tuple[str, ...]
-    subscribe: tuple[str, ...]
-    allow_responses: bool = False
-
-
-def read_api(stores: Iterable[str]) -> list[str]:
-    """The JetStream API calls of a reader: ordered-consumer watches, direct gets, stream
-    info on the KV streams and the events stream. No create/update/delete/purge/stepdown
-    of streams; consumers only on these streams (a watch creates and deletes its own)."""
-    subjects = ["$JS.API.INFO"]
-    for bucket in buckets(stores):
-        stream = f"KV_{bucket}"
-        subjects += [
-            f"$JS.API.STREAM.INFO.{stream}",
-            f"$JS.API.CONSUMER.CREATE.{stream}",
-            f"$JS.API.CONSUMER.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.INFO.{stream}.*",
-            f"$JS.API.CONSUMER.DELETE.{stream}.*",
-            f"$JS.API.DIRECT.GET.{stream}",
-            f"$JS.API.DIRECT.GET.{stream}.>",
-            f"$JS.API.STREAM.MSG.GET.{stream}",
-        ]
-    subjects += [
-        f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.>",
-        f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.*",
-        "$JS.FC.>",
-    ]
-    return subjects
+from mesh import authz
+from mesh.authz import Permissions as Permissions  # noqa: PLC0414 (re-exported)
+from mesh.authz import User as User  # noqa: PLC0414 (re-exported)
 
 
 def inbox_prefix(site: str, node: str) -> str:
@@ -66,66 +26,26 @@ def inbox_prefix(site: str, node: str) -> str:
 
 
 def agent_permissions(site: str, node: str, stores: Sequence[str]) -> Permissions:
-    """SPEC v2, role agent <site>/<node>."""
-    me = f"{site}.{node}"
-    publish: list[str] = []
-    for store in stores:
-        kv = f"$KV.{lease_bucket(store)}"
-        publish += [
-            f"{kv}.sess.{me}.live",
-            f"{kv}.sess.*.*.expired.{me}",
-            f"{kv}.lease.*.{me}",
-            f"{kv}.slot.*.{me}",
-        ]
-    publish += [
-        f"$KV.{STATE}.agent.{me}",
-        f"$KV.{STATE}.inst.*.{me}",
-        f"harmony.events.{me}.>",
-        f"harmony.instances.{me}",
-        *read_api(stores),
-    ]
-    subscribe = (
-        f"harmony.cmd.{me}.*",
-        "harmony.cmd.app.*.*",
-        f"harmony.status.{me}",
-        "harmony.instances.>",
-        f"{inbox_prefix(site, node)}.>",
-    )
-    return Permissions(tuple(publish), subscribe, allow_responses=True)
+    """SPEC v2, role agent <site>/<node> (``mesh.authz.agent_permissions``)."""
+    return authz.agent_permissions(authz.MeshNames(tuple(stores)), site, node)
 
 
 def operator_permissions(user: str, stores: Sequence[str]) -> Permissions:
-    publish = (
-        f"$KV.{STATE}.app.*",
-        f"$KV.{STATE}.drain.*",
-        f"$KV.{STATE}.fence.*",
-        "harmony.cmd.>",
-        "harmony.status.>",
-        f"harmony.audit.{user}.>",
-        *read_api(stores),
-    )
-    return Permissions(publish, ("_INBOX.>", "harmony.instances.>"))
+    return authz.operator_permissions(authz.MeshNames(tuple(stores)), user)
 
 
-def viewer_permissions(stores: Sequence[str]) -> Permissions:
-    return Permissions(("harmony.status.>", *read_api(stores)), ("_INBOX.>",))
+def viewer_permissions(stores: Sequence[str], user: str = "viewer") -> Permissions:
+    return authz.viewer_permissions(authz.MeshNames(tuple(stores)), user)
 
 
-def trust_admin_permissions(stores: Sequence[str]) -> Permissions:
-    return Permissions((f"$KV.{TRUST}.ca.*", *read_api(stores)), ("_INBOX.>",))
+def trust_admin_permissions(stores: Sequence[str], user: str = "trust-admin") -> Permissions:
+    del stores  # a trust-admin reads and writes harmony-trust only
+    return authz.trust_admin_permissions(user)
 
 
-def admin_permissions() -> Permissions:
-    """Creates buckets and streams (`harmony-agent mesh init`): the only JetStream admin."""
-    return Permissions(("$JS.API.>", "$KV.>", "$JS.FC.>", "$JS.ACK.>"), ("_INBOX.>",))
-
-
-@dataclass(frozen=True)
-class User:
-    """A client mapped from its certificate (``verify_and_map``: the e-mail SAN first)."""
-
-    name: str
-    permissions: Permissions
+def admin_permissions(user: str = "admin") -> Permissions:
+    """Creates buckets and streams: the only JetStream admin."""
+    return authz.admin_permissions(user)
 
 
 @dataclass(frozen=True)
@@ -203,17 +123,7 @@ def _tls(tls: TlsBlock, indent: str) -> list[str]:
 
 
 def _user(user: User) -> list[str]:
-    p = user.permissions
-    lines = [
-        "    {",
-        f"      user: {_q(user.name)}",
-        "      permissions: {",
-        f"        publish: {{ allow: {_list(p.publish, '        ')} }}",
-        f"        subscribe: {{ allow: {_list(p.subscribe, '        ')} }}",
-    ]
-    if p.allow_responses:
-        lines.append("        allow_responses: true")
-    return [*lines, "      }", "    }"]
+    return authz.render_user(user, "    ").split("\n")
 
 
 def render(conf: NatsServerConf) -> str:

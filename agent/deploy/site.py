@@ -104,6 +104,9 @@ class SiteSpec:
     lease_ttl: str = "10s"
     max_stop_timeout: float = DEFAULT_MAX_STOP_TIMEOUT
     operators: tuple[str, ...] = ()
+    trust_admin_public_key: str | None = None
+    """With it, every agent keeps the bundle ConfigMap equal to the signed trust entries
+    (issue 12); without it the ConfigMap is the operator's to fill."""
     cluster_domain: str = "cluster.local"
     extra_stores: tuple[str, ...] = field(default=())
 
@@ -149,6 +152,13 @@ class SiteSpec:
         for user in self.operators:
             if not re.fullmatch(r"[a-z0-9_-]{1,63}", user):
                 raise SpecError(f"--operators: {user!r} must match [a-z0-9_-]{{1,63}}")
+        if self.trust_admin_public_key is not None:
+            from mesh.trust import TrustError, parse_admin_public_key
+
+            try:
+                parse_admin_public_key(self.trust_admin_public_key)
+            except TrustError as exc:
+                raise SpecError(f"--trust-admin-public-key: {exc}") from None
 
     # --- names ----------------------------------------------------------------------------
 
@@ -328,8 +338,8 @@ def agent_rbac(spec: SiteSpec) -> list[k8s.Resource]:
             subjects=[sa],
             role_ref=k8s.RoleRef(name="harmony-agent"),
         ),
-        # The trust bundle: the agent (later, issue 12) writes every trusted site's CA into
-        # this one ConfigMap of the system namespace, and nothing else there.
+        # The trust bundle: the agent writes every trusted site's CA into this one ConfigMap
+        # of the system namespace (a merge patch of ca-bundle.pem), and nothing else there.
         k8s.Role(
             metadata=_meta("harmony-agent-trust-bundle", spec.system_namespace),
             rules=[
@@ -365,6 +375,12 @@ def agent_config(spec: SiteSpec) -> str:
         "health": {"listen": f"0.0.0.0:{HEALTH_PORT}"},
         "topology": {"kind": "kubernetes", "in_cluster": True, "namespace": spec.namespace},
     }
+    if spec.trust_admin_public_key:
+        config["trust"] = {
+            "bundle_file": "/var/lib/harmony-agent/trust/ca-bundle.pem",
+            "admin_public_key": spec.trust_admin_public_key,
+            "bundle_configmap": f"{spec.system_namespace}/{BUNDLE_CONFIGMAP}",
+        }
     return (
         "# node: derived from $HARMONY_NODE_HOSTNAME (spec.nodeName), see docs/configuration.md\n"
         "# nats.tls: from HARMONY_AGENT_NATS__TLS__* (this node's own certificate)\n"

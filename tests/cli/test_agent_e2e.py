@@ -109,7 +109,10 @@ async def test_logs_events_drain_and_forget(
         await follow.wait()
 
     events = await invoke("events", "--app", "ticker", "-o", "json", "-s", url)
-    started = [json.loads(line) for line in events.stdout.splitlines()]
+    records = [json.loads(line) for line in events.stdout.splitlines()]
+    audited = [r for r in records if r["subject"].startswith("harmony.audit.")]
+    assert [(r["verb"], r["outcome"]) for r in audited] == [("apply", "created")]
+    started = [r for r in records if r["subject"].startswith("harmony.events.")]
     assert started and started[0]["event"] == "started" and started[0]["agent"] == "site-a/n1"
 
     drained = await invoke("cmd", "drain", "site-a", "-s", url)

@@ -1,4 +1,5 @@
-"""``cmd``: the CLI as a thin client of the command plane, against an in-process server."""
+"""``cmd``: marks written by the CLI itself, failover and ping through the command plane of
+an in-process server, and every verb audited on ``harmony.audit.<user>.<verb>``."""
 
 from __future__ import annotations
 
@@ -28,15 +29,37 @@ async def served(mesh: Mesh) -> AsyncIterator[tuple[Mesh, FakeController]]:
         await server.stop()
 
 
-async def test_drain_and_undrain(served: tuple[Mesh, FakeController], invoke: Invoke) -> None:
+async def audit_events(mesh: Mesh) -> list[tuple[str, dict[str, object]]]:
+    """(subject, body) of every audit event in the stream, oldest first."""
+    js = mesh.nc.jetstream()
+    sub = await js.subscribe("harmony.audit.>", ordered_consumer=True)
+    out: list[tuple[str, dict[str, object]]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                return out
+            out.append((msg.subject, json.loads(msg.data)))
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_drain_and_undrain(
+    served: tuple[Mesh, FakeController], invoke: Invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mesh, _ = served
+    monkeypatch.setenv("HARMONY_AUDIT_USER", "Jane.Doe")  # no identity: the configured name
     result = await invoke("cmd", "-s", mesh.url, "drain", "site-b", "--reason", "kernel update")
     assert result.exit_code == 0, result.output
     assert result.stdout == (
         "site site-b drained: ledger, web move to other sites; `cmd undrain site-b` lifts it\n"
     )
     drains, _ = await read_marks(mesh.buckets.state)
-    assert drains["site-b"].reason == "kernel update" and "@" in (drains["site-b"].by or "")
+    assert drains["site-b"].reason == "kernel update" and drains["site-b"].by == "jane-doe"
+    [(subject, event)] = await audit_events(mesh)
+    assert subject == "harmony.audit.jane-doe.drain"
+    assert event["site"] == "site-b" and event["outcome"] == "ok" and event["changed"] is True
     again = await invoke("cmd", "-s", mesh.url, "drain", "site-b")
     assert "already drained (by " in again.stdout
 
@@ -55,7 +78,9 @@ async def test_fence_resume_and_json_output(
     assert fenced.exit_code == 0 and fenced.stdout.startswith("web fenced: stopped everywhere")
     reply = await invoke("cmd", "-s", mesh.url, "-o", "json", "resume", "web")
     body = json.loads(reply.stdout)
-    assert body["ok"] and body["changed"] is True and body["agent"] == "site-a/node-1"
+    assert body["ok"] and body["changed"] is True and body["verb"] == "resume"
+    verbs = [(s.split(".")[-1], e["app"], e["outcome"]) for s, e in await audit_events(mesh)]
+    assert verbs == [("fence", "web", "ok"), ("resume", "web", "ok")]
 
 
 async def test_failover_goes_to_the_holder(
@@ -102,5 +127,10 @@ async def test_refusals_and_bad_input(served: tuple[Mesh, FakeController], invok
 
 
 async def test_no_live_agent(mesh: Mesh, invoke: Invoke) -> None:
-    result = await invoke("cmd", "-s", mesh.url, "drain", "site-a")
+    result = await invoke("cmd", "-s", mesh.url, "ping")
     assert result.exit_code == 1 and "no healthy agent" in result.stderr
+    # Marks need no agent: the CLI writes them (an unknown site is still refused).
+    unknown = await invoke("cmd", "-s", mesh.url, "drain", "site-a")
+    assert unknown.exit_code == 1 and "unknown site 'site-a' (known: none)" in unknown.stderr
+    [(_, event)] = await audit_events(mesh)
+    assert event["outcome"] == "refused" and "unknown site" in str(event["error"])

@@ -134,9 +134,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: s
     assert_one_line(run_cli(*args, cwd=tmp_path), 2, needle)
 
 
+def trust_admin(tmp_path: Path) -> dict[str, list[str]]:
+    """Signing and verifying options for the trust verbs (signed entries, issue 12)."""
+    from mesh.trust import create_admin_key
+
+    public = create_admin_key(tmp_path / "trust-admin")
+    return {
+        "list": [],
+        "bundle": ["--admin-public-key", public],
+        "revoke": ["--admin-key", str(tmp_path / "trust-admin" / "trust-admin.key")],
+    }
+
+
 def test_unreachable_mesh_is_one_line_exit_1(tmp_path: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     (tmp_path / "app.yaml").write_text(GOOD_APP)
+    keys = trust_admin(tmp_path)
     for args in (
         ["status"],
         ["cmd", "ping"],
@@ -148,8 +161,8 @@ def test_unreachable_mesh_is_one_line_exit_1(tmp_path: Path) -> None:
         ["logs", "hello"],
         ["agent", "forget", "site-a/n1"],
         ["trust", "list"],
-        ["trust", "bundle"],
-        ["trust", "revoke", "site-a"],
+        ["trust", "bundle", *keys["bundle"]],
+        ["trust", "revoke", "site-a", *keys["revoke"]],
     ):
         result = run_cli(*args, "-s", url, "--timeout", "1s", cwd=tmp_path)
         assert_one_line(result, 1, f"mesh unreachable at {url}")
@@ -160,7 +173,10 @@ def test_trust_against_a_silent_server_honours_timeout(
     tmp_path: Path, silent_server: str, verb: str
 ) -> None:
     """The case that used to hang for ever: a server that accepts and never answers."""
-    result = run_cli("trust", *verb.split(), "-s", silent_server, "--timeout", "1s", cwd=tmp_path)
+    keys = trust_admin(tmp_path)[verb.split(maxsplit=1)[0]]
+    result = run_cli(
+        "trust", *verb.split(), *keys, "-s", silent_server, "--timeout", "1s", cwd=tmp_path
+    )
     assert_one_line(result, 1, "mesh unreachable", "(timeout 1s)")
 
 

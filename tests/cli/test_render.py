@@ -41,7 +41,16 @@ def test_garbage_values_become_problems_not_exceptions() -> None:
     snap = state.snapshot()
     doc = status_document(snap, T0)
     assert len(doc["problems"]) == 3  # heartbeat, application, lease of an unknown app
-    assert doc["trust"] == [{"site": "a", "fingerprint": None, "not_after": None, "revision": 1}]
+    assert doc["trust"] == [
+        {
+            "site": "a",
+            "fingerprint": None,
+            "not_after": None,
+            "revision": 1,
+            "state": "rejected:malformed",
+            "detail": "not a JSON object",
+        }
+    ]
     state.apply(STATE_BUCKET, entry(STATE_BUCKET, "app.x", b"", 2, op="DEL"))
     assert len(status_document(state.snapshot(), T0)["problems"]) == 2
 

@@ -14,7 +14,7 @@ from typing import Any
 from mesh.names import lease_family
 from mesh.records import ClaimState
 from tests.cli.conftest import Invoke, Mesh
-from tests.commands.helpers import heartbeat, seed_world, write_claim
+from tests.commands.helpers import ca_fingerprint, heartbeat, seed_world, write_claim
 from tests.harness.ports import free_port
 from tests.harness.wait import eventually
 
@@ -120,7 +120,7 @@ async def test_tables(mesh: Mesh, invoke: Invoke) -> None:
     assert all(line == line.rstrip() for line in out.splitlines())
     wide = (await invoke("status", "-s", mesh.url, "-o", "wide")).stdout
     assert "EPOCH" in wide and "site-a,site-b,site-c" in wide
-    assert "sha256:" + "ab" * 32 in wide
+    assert ca_fingerprint("site-a") in wide and "unverified" in wide
 
 
 async def test_empty_mesh_and_problems(mesh: Mesh, invoke: Invoke) -> None:

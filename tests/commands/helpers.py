@@ -82,15 +82,31 @@ def report(app: str, state: str, token: int | None, detail: str = "") -> bytes:
     return json.dumps(body).encode()
 
 
+_CA_ENTRIES: dict[str, tuple[bytes, str]] = {}
+
+
 def ca_entry(site: str) -> bytes:
-    return json.dumps(
-        {
-            "site": site,
-            "fingerprint": "sha256:" + "ab" * 32,
-            "not_after": "2036-01-01T00:00:00Z",
-            "certificate": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
-        }
-    ).encode()
+    """A real ``ca.<site>`` entry: the site's CA certificate signed by a trust-admin key
+    (readers recompute its fingerprint; see ``ca_fingerprint``)."""
+    if site not in _CA_ENTRIES:
+        import tempfile
+        from pathlib import Path
+
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from mesh.trust import SiteCA, fingerprint, sign_entry
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ca = SiteCA.create(site, Path(tmp) / "ca")
+        admin = ed25519.Ed25519PrivateKey.generate()
+        _CA_ENTRIES[site] = (sign_entry(site, ca.cert, admin, 1), fingerprint(ca.cert))
+    return _CA_ENTRIES[site][0]
+
+
+def ca_fingerprint(site: str) -> str:
+    """The fingerprint of ``ca_entry(site)``'s certificate."""
+    ca_entry(site)
+    return _CA_ENTRIES[site][1]
 
 
 STORE = "solo"

@@ -93,6 +93,38 @@ async def test_failover_reaches_the_controller_on_the_app_subject(plane: Plane) 
     assert (await plane.request(f"{AGENT}.ping", b"")).ok
 
 
+async def test_a_retried_request_id_gets_the_first_answer_without_acting_again(
+    plane: Plane,
+) -> None:
+    """A client whose reply was lost retries with the same request id: the agent answers
+    with its first reply (even while the first is still in progress) and acts once."""
+    gate = asyncio.Event()
+
+    async def slow(app: str, to_site: str | None) -> object:
+        await gate.wait()
+        return await plane.controller.failover(app, to_site)
+
+    plane.server.failover = slow  # type: ignore[assignment]
+    body = json.dumps({"to": "site-b", "request_id": "r-1"}).encode()
+    first = asyncio.create_task(plane.request("harmony.cmd.app.ledger.failover", body, 10))
+    await eventually(lambda: plane.server._recent, what="the first request received")
+    retry = asyncio.create_task(plane.request("harmony.cmd.app.ledger.failover", body, 10))
+    await eventually(lambda: plane.server.replayed == 1, what="the retry waiting on the first")
+    gate.set()
+    a, b = await first, await retry
+    assert a.ok and a == b
+    later = await plane.request("harmony.cmd.app.ledger.failover", body)
+    assert later == a
+    assert plane.controller.calls == [("ledger", "site-b")]  # acted on once
+    other = json.dumps({"to": "site-c", "request_id": "r-1"}).encode()
+    reused = await plane.request("harmony.cmd.app.ledger.failover", other)
+    assert not reused.ok and "already used for another request" in (reused.error or "")
+    assert plane.controller.calls == [("ledger", "site-b")]
+    fresh = json.dumps({"to": "site-b", "request_id": "r-2"}).encode()
+    assert (await plane.request("harmony.cmd.app.ledger.failover", fresh)).ok
+    assert len(plane.controller.calls) == 2
+
+
 async def test_failover_for_an_application_not_held_here(plane: Plane) -> None:
     reply = await plane.request(f"{AGENT}.failover", json.dumps({"app": "web"}).encode())
     assert not reply.ok and "does not hold 'web'" in (reply.error or "")

@@ -27,6 +27,7 @@ from nats.js.api import KeyValueConfig
 
 from agent.deploy.nats_conf import render
 from agent.deploy.site import SiteSpec, agent_email, nats_config, role_email
+from mesh.authz import inbox_prefix_for
 from mesh.embedded import find_nats_server
 from mesh.trust import SiteCA, cert_pem
 from tests.harness.ports import free_port
@@ -115,6 +116,8 @@ class Mesh:
         async def on_error(exc: Exception) -> None:
             self.errors.append(str(exc))
 
+        # Each identity may read replies on its own inbox only (mesh.authz).
+        kwargs.setdefault("inbox_prefix", inbox_prefix_for(str(crt)) or "_INBOX")
         return await nats.connect(
             f"tls://127.0.0.1:{self.port}",
             tls=ctx,

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import nats
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.bootstrap import ensure_mesh
-from mesh.trust import SiteCA, TrustError, bundle, load_ca_certificate, trust_entry
+from mesh.trust import (
+    SiteCA,
+    TrustError,
+    TrustState,
+    fingerprint,
+    load_ca_certificate,
+)
 from tests.harness.nats import NatsNode
 from tests.harness.ports import free_port
 from tests.harness.wait import eventually
@@ -27,6 +34,10 @@ def openssl_verify(ca_file: Path, cert_file: Path) -> bool:
         check=False,
     )
     return result.returncode == 0
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(Encoding.PEM).decode()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,10 +67,10 @@ def test_site_ca_and_leaf_verify_with_openssl(tmp_path: Path) -> None:
     assert not openssl_verify(tmp_path / "b" / "ca.crt", leaf)
     # The bundle of both verifies; without a, it does not.
     both = tmp_path / "both.pem"
-    both.write_bytes(bundle([trust_entry(a.cert), trust_entry(b.cert)]))
+    both.write_bytes(TrustState(certs={"a": pem(a.cert), "b": pem(b.cert)}).bundle())
     assert openssl_verify(both, leaf)
     only_b = tmp_path / "b.pem"
-    only_b.write_bytes(bundle([trust_entry(b.cert)]))
+    only_b.write_bytes(TrustState(certs={"b": pem(b.cert)}).bundle())
     assert not openssl_verify(only_b, leaf)
     assert b"PRIVATE KEY" not in both.read_bytes()
     assert key.startswith(b"-----BEGIN PRIVATE KEY-----")
@@ -75,12 +86,17 @@ def test_bad_certificates_are_refused_with_one_line(tmp_path: Path) -> None:
         load_ca_certificate(b"garbage", "x.pem")
     with pytest.raises(TrustError, match="created once"):
         SiteCA.create("site-a", tmp_path / "a")
-    result = cli("trust", "add", str(tmp_path / "nope.pem"))
+    assert cli("ca", "trust-admin-init", "--out", str(tmp_path / "admin")).returncode == 0
+    admin_key = str(tmp_path / "admin" / "trust-admin.key")
+    result = cli("trust", "add", str(tmp_path / "nope.pem"), "--admin-key", admin_key)
     assert result.returncode == 2
     (tmp_path / "leaf.pem").write_bytes(cert.public_bytes(Encoding.PEM))
-    result = cli("trust", "add", str(tmp_path / "leaf.pem"))
+    result = cli("trust", "add", str(tmp_path / "leaf.pem"), "--admin-key", admin_key)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not a CA certificate" in result.stderr
+    # No trust entry is written without the trust-admin key.
+    result = cli("trust", "add", str(tmp_path / "a" / "ca.crt"))
+    assert result.returncode == 2 and "--admin-key" in result.stderr
 
 
 def _tls_block(dir_: Path, bundle_file: Path) -> str:
@@ -117,7 +133,12 @@ def _client_ctx(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
 
 async def test_revoked_site_can_no_longer_connect(tmp_path: Path, nats_server: NatsNode) -> None:
     """trust add / revoke through the CLI; a synced bundle; SIGHUP; the mTLS handshake fails."""
-    # Site CAs and leaves, created with the CLI like an operator would.
+    # Site CAs and leaves, created with the CLI like an operator would; the trust-admin key
+    # is created offline and signs every entry.
+    admin = cli("ca", "trust-admin-init", "--out", str(tmp_path / "admin"))
+    assert admin.returncode == 0, admin.stderr
+    public_key = admin.stdout.split("public key ", 1)[1].split()[0]
+    admin_key = str(tmp_path / "admin" / "trust-admin.key")
     for site in ("site-a", "site-b"):
         assert cli("ca", "init", "--site", site, "--dir", str(tmp_path / site)).returncode == 0
     out = cli(
@@ -147,12 +168,23 @@ async def test_revoked_site_can_no_longer_connect(tmp_path: Path, nats_server: N
 
     # The mesh holds the trust entries; the sync task writes the bundle a TLS server uses.
     nc = await nats.connect(servers=[nats_server.url])
-    buckets = await ensure_mesh(nc.jetstream(), 1)
+    buckets = await ensure_mesh(nc.jetstream(), 1, stores=["site-a"])
     for site in ("site-a", "site-b"):
-        added = cli("trust", "add", str(tmp_path / site / "ca.crt"), "-s", nats_server.url)
+        added = cli(
+            "trust",
+            "add",
+            str(tmp_path / site / "ca.crt"),
+            "--admin-key",
+            admin_key,
+            "-s",
+            nats_server.url,
+        )
         assert added.returncode == 0, added.stderr
-    listed = cli("trust", "list", "-s", nats_server.url).stdout
-    assert "site-a" in listed and "site-b" in listed
+    listed = cli(
+        "trust", "list", "--admin-public-key", public_key, "-s", nats_server.url
+    ).stdout.splitlines()
+    fp_b = fingerprint(load_ca_certificate((tmp_path / "site-b" / "ca.crt").read_bytes(), "b"))
+    assert [ln.split()[:3] for ln in listed][1] == ["site-b", "trusted", fp_b], listed
 
     bundle_file = tmp_path / "bundle" / "ca-bundle.pem"
     from agent.trust_sync import sync_bundle
@@ -168,6 +200,7 @@ async def test_revoked_site_can_no_longer_connect(tmp_path: Path, nats_server: N
             buckets.trust,
             bundle_file,
             server_pid=lambda: tls_node.proc.pid if tls_node.proc else None,
+            admin_public_key=public_key,
         )
     )
     try:
@@ -188,7 +221,7 @@ async def test_revoked_site_can_no_longer_connect(tmp_path: Path, nats_server: N
         url = f"tls://127.0.0.1:{tls_node.port}"
         assert await _can_connect(url, ctx), tls_node.log()
 
-        revoked = cli("trust", "revoke", "site-b", "-s", nats_server.url)
+        revoked = cli("trust", "revoke", "site-b", "--admin-key", admin_key, "-s", nats_server.url)
         assert revoked.returncode == 0, revoked.stderr
         await eventually(
             lambda: bundle_file.read_bytes().count(b"BEGIN CERTIFICATE") == 1,
@@ -201,7 +234,10 @@ async def test_revoked_site_can_no_longer_connect(tmp_path: Path, nats_server: N
             return not await _can_connect(url, ctx)
 
         await eventually(refused, timeout=10, what="site-b refused after revoke and reload")
-        assert cli("trust", "revoke", "site-b", "-s", nats_server.url).returncode == 2
+        again = cli("trust", "revoke", "site-b", "--admin-key", admin_key, "-s", nats_server.url)
+        assert again.returncode == 2 and "already revoked" in again.stderr
+        listed = cli("trust", "list", "--admin-public-key", public_key, "-s", nats_server.url)
+        assert "site-b               revoked" in listed.stdout, listed.stdout
     finally:
         sync.cancel()
         tls_node.stop()
