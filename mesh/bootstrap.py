@@ -188,16 +188,19 @@ async def ensure_descriptor(
                     "(every agent must decide over the same stores)"
                 )
             return found
-        stores = stores or default
-        if not stores:
+        # (A default is ours to write, not a configuration to hold others to: two agents
+        # bootstrapping at once each default to their own site, and the loser must take
+        # the winner's descriptor.)
+        wanted = stores or default
+        if not wanted:
             raise MeshMismatch(
                 "mesh.stores: the mesh has no descriptor yet; run `harmony-agent mesh init` "
                 "or configure mesh.stores on the bootstrapping agent"
             )
-        desc = Descriptor(tuple(stores), replicas, now_rfc3339())
+        desc = Descriptor(tuple(wanted), replicas, now_rfc3339())
         try:
             await state.create(MESH_KEY, desc.encode())
-            log.info("mesh descriptor written", stores=stores)
+            log.info("mesh_descriptor_written", msg=f"mesh descriptor written: stores {wanted}")
             return desc
         except KeyWrongLastSequenceError:
             continue  # someone else wrote it first: read theirs

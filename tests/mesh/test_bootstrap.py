@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 
-from mesh.bootstrap import MeshMismatch, ensure_mesh
+from mesh.bootstrap import MeshMismatch, ensure_descriptor, ensure_mesh
+from mesh.clock import now_rfc3339
+from mesh.descriptor import Descriptor
 from mesh.names import EVENTS_STREAM, STATE_BUCKET, TRUST_BUCKET, store_stream
 from tests.harness.nats import NatsCluster, NatsNode
 
@@ -74,5 +78,42 @@ async def test_replicas_capped_on_single_node_and_restart_keeps_data(nats_server
         again = await ensure_mesh(nc.jetstream(), 3)
         assert (await again.state.get("app.ledger")).value == b"spec"
         assert again.stores == ["solo"]
+    finally:
+        await nc.close()
+
+
+class _RacedState:
+    """The state bucket as an agent sees it when another agent writes the descriptor
+    between our read (none yet) and our create: the real bucket, with the other agent's
+    write replayed just before our first create."""
+
+    def __init__(self, kv: Any, theirs: Descriptor) -> None:
+        self.kv, self.theirs, self.raced = kv, theirs, False
+
+    async def get(self, key: str) -> Any:
+        return await self.kv.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        if not self.raced:
+            self.raced = True
+            await self.kv.create(key, self.theirs.encode())
+        return int(await self.kv.create(key, value))
+
+
+async def test_an_agent_losing_the_descriptor_race_takes_the_winners(
+    nats_server: NatsNode,
+) -> None:
+    """Two unconfigured agents bootstrapping at once each default to their own site; the
+    one whose create loses must adopt the winner's descriptor, not refuse to start over a
+    store list nobody configured (seen: an agent exiting with "configured ['site-a'] but
+    the mesh uses ['site-c']")."""
+    nc = await nats.connect(servers=[nats_server.url])
+    try:
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket="raced"))
+        theirs = Descriptor(("site-c",), 1, now_rfc3339())
+        state = _RacedState(kv, theirs)
+        found = await ensure_descriptor(state, None, 1, default=["site-a"])  # type: ignore[arg-type]
+        assert state.raced, "the race was not replayed, so this proves nothing"
+        assert found.stores == ("site-c",)
     finally:
         await nc.close()
