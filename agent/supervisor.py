@@ -86,4 +86,8 @@ async def _cancel(task: asyncio.Task[Any], grace: float) -> None:
         with contextlib.suppress(BaseException):
             task.exception()
     elif not task.done():
-        log.error("task ignored cancellation; abandoning it", task=task.get_name())
+        log.error(
+            "task_abandoned",
+            msg=f"task {task.get_name()} ignored cancellation; abandoning it",
+            task=task.get_name(),
+        )

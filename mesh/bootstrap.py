@@ -108,7 +108,11 @@ async def _kv(
             return await js.create_key_value(cfg), r
         except APIError as exc:
             if _exists(exc):
-                log.info("bucket exists with another configuration; using it", bucket=bucket)
+                log.info(
+                    "bucket_config_differs",
+                    msg=f"bucket {bucket} exists with another configuration; using it",
+                    bucket=bucket,
+                )
                 return await js.key_value(bucket), r
             if r > 1 and _non_clustered(exc):
                 r = 1
@@ -229,7 +233,12 @@ async def ensure_mesh(
     desc = await ensure_descriptor(state, stores, r, default_stores)
     for store in desc.stores:
         await ensure_store(js, store)
-    log.info("mesh ready", replicas=r, stores=list(desc.stores))
+    log.info(
+        "mesh_ready",
+        msg=f"mesh ready: replicas {r}, lease stores {', '.join(desc.stores)}",
+        replicas=r,
+        stores=list(desc.stores),
+    )
     return Mesh(state=state, trust=trust, descriptor=desc, replicas=r, lease_view=view)
 
 

@@ -155,17 +155,31 @@ class MeshConnection:
         if self.closing:
             return
         self.disconnects += 1
-        log.warning("mesh disconnected", server=self.server_url_redacted)
+        log.warning(
+            "mesh_disconnected",
+            msg=f"disconnected from {self.server_url_redacted}",
+            server=self.server_url_redacted,
+        )
         self.refresh_tls()  # the reconnect then presents renewed certificates
         self._changed(False)
 
     async def _reconnected(self) -> None:
         self.reconnects += 1
-        log.info("mesh reconnected", server=self.server_url_redacted)
+        log.info(
+            "mesh_reconnected",
+            msg=f"reconnected to {self.server_url_redacted}",
+            server=self.server_url_redacted,
+        )
         self._changed(True)
 
     async def _error(self, exc: Exception) -> None:
-        log.debug("mesh client error", error=redact(repr(exc)))
+        # Warning, not debug: this is also where an exception escaping a subscription
+        # callback ends up (nats-py catches it), and that is a bug to see.
+        log.warning(
+            "mesh_client_error",
+            msg=f"NATS client error: {redact(repr(exc))}",
+            error=redact(repr(exc)),
+        )
 
     async def connect(self, *, max_backoff: float = 5.0) -> None:
         """Connect, retrying for ever with backoff; cancel to give up."""
@@ -205,7 +219,11 @@ class MeshConnection:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
-            log.info("mesh connected", server=self.server_url_redacted)
+            log.info(
+                "mesh_connected",
+                msg=f"connected to {self.server_url_redacted}",
+                server=self.server_url_redacted,
+            )
             self._changed(True)
             return
 

@@ -355,13 +355,23 @@ class EmbeddedServer:
                 if busy:
                     raise PortInUse(busy[0])
                 self.process = await self._spawn()
-                log.info("nats-server started", pid=self.process.pid, config=str(self.config_path))
+                log.info(
+                    "nats_server_started",
+                    msg=f"nats-server started (pid {self.process.pid})",
+                    pid=self.process.pid,
+                    config=str(self.config_path),
+                )
                 if self._on_start:
                     self._on_start(self.process.pid)
                 self._started.set()
                 code = await self.process.wait()
                 self.restarts += 1
-                log.warning("nats-server exited; restarting", code=code, backoff=backoff)
+                log.warning(
+                    "nats_server_exited",
+                    msg=f"nats-server exited ({code}); restarting in {backoff:g}s",
+                    code=code,
+                    backoff=backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         finally:

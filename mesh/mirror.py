@@ -95,7 +95,12 @@ class LeaseMirror:
                 try:
                     await self._write(value)
                 except (NatsError, JsError, TimeoutError, OSError) as exc:
-                    log.debug("lease view not written; retrying", key=key, error=repr(exc))
+                    log.debug(
+                        "lease_view_retry",
+                        msg=f"lease view {key} not written; retrying: {exc!r}",
+                        key=key,
+                        error=repr(exc),
+                    )
                     failed = True
                     continue
                 if self._pending.get(key) == value:

@@ -92,13 +92,21 @@ class KvWatch:
             try:
                 info = await self._js.stream_info(self._stream)
             except NotFoundError:
-                log.warning("watched stream is gone", stream=self._stream)
+                log.warning(
+                    "watched_stream_gone",
+                    msg=f"watched stream {self._stream} is gone",
+                    stream=self._stream,
+                )
                 self.closed.set()
                 return
             except (TimeoutError, NatsError, OSError):
                 continue  # unreachable for now: the consumer resumes by itself
             if self.created is not None and info.created != self.created:
-                log.warning("watched stream was recreated", stream=self._stream)
+                log.warning(
+                    "watched_stream_recreated",
+                    msg=f"watched stream {self._stream} was recreated",
+                    stream=self._stream,
+                )
                 self.closed.set()
                 return
 
@@ -116,7 +124,12 @@ class KvWatch:
                 )
             )
         except Exception as exc:  # a bug in a consumer must not kill the subscription
-            log.error("watch callback failed", stream=self._stream, error=repr(exc))
+            log.error(
+                "watch_callback_failed",
+                msg=f"watch callback on {self._stream} failed: {exc!r}",
+                stream=self._stream,
+                error=repr(exc),
+            )
         if meta.num_pending == 0:
             self.ready.set()
 

@@ -121,7 +121,13 @@ class Writer:
                 if entry is None or entry.key != key:
                     return "moved"
             if self.clock() >= until:
-                log.warning("giving up a release", store=store, key=key, error=result.error)
+                log.warning(
+                    "release_abandoned",
+                    msg=f"giving up the release of {key} in {store}: {result.error}",
+                    store=store,
+                    key=key,
+                    error=result.error,
+                )
                 return "gave up"
             await asyncio.sleep(min(backoff, max(0.0, until - self.clock())))
             backoff = min(backoff * 2, 5.0)

@@ -109,7 +109,7 @@ class FenceSupervisor:
         await asyncio.wait_for(asyncio.shield(self._ready), 10.0)
         self.session_deadline(self._last_session)
         self.started.set()
-        log.info("fence started", pid=self.proc.pid)
+        log.info("fence_started", msg=f"fence started (pid {self.proc.pid})", pid=self.proc.pid)
 
     async def run(self) -> None:
         """Supervise the fence for ever (a named task of the agent): restart it if it dies."""
@@ -122,7 +122,11 @@ class FenceSupervisor:
             if self._closing:
                 return
             self.restarts += 1
-            log.error("fence exited; its workloads died with it; restarting it", code=code)
+            log.error(
+                "fence_exited",
+                msg=f"fence exited ({code}); its workloads died with it; restarting it",
+                code=code,
+            )
             self.started.clear()
             self._fail_all("fence-died")
             self.proc = None
@@ -222,7 +226,9 @@ class FenceSupervisor:
                 event = json.loads(line)
                 self._on_event(event)
             except (ValueError, KeyError, TypeError) as exc:
-                log.error("bad line from the fence", error=repr(exc))
+                log.error(
+                    "fence_bad_line", msg=f"bad line from the fence: {exc!r}", error=repr(exc)
+                )
 
     def _on_event(self, event: dict[str, Any]) -> None:
         ev, wid = event["ev"], str(event["id"])

@@ -247,7 +247,9 @@ class PostgresInterpret(ReplicatedInterpret):
             except FileNotFoundError:
                 pass  # nothing created yet: the first start writes it
             except OSError as exc:
-                log.warning("cannot write the deadline", error=str(exc))
+                log.warning(
+                    "pg_deadline_write_failed", msg="cannot write the deadline", error=str(exc)
+                )
             return
         self._deadline_pending = True
         if self._deadline_task is None or self._deadline_task.done():
@@ -262,7 +264,9 @@ class PostgresInterpret(ReplicatedInterpret):
             try:
                 await self._host.write_deadline(self._layout.deadline_file, self._deadline)
             except (PgError, OSError) as exc:
-                log.warning("cannot write the deadline", error=str(exc))
+                log.warning(
+                    "pg_deadline_write_failed", msg="cannot write the deadline", error=str(exc)
+                )
 
     async def _set_deadline_file(self, deadline: float | None) -> None:
         await self._host.write_deadline(self.layout.deadline_file, deadline)
@@ -331,7 +335,7 @@ class PostgresInterpret(ReplicatedInterpret):
             role = self._role or Role.REPLICA
             return ReplicationStatus(role, None, None, None, _msg(exc), False, False)
         except Exception as exc:  # never raise out of the Interpret
-            log.exception("status failed")
+            log.exception("pg_status_failed", msg="PostgreSQL status failed")
             role = self._role or Role.REPLICA
             return ReplicationStatus(role, None, None, None, repr(exc), False, False)
 
@@ -796,7 +800,11 @@ class PostgresInterpret(ReplicatedInterpret):
             timeout=self.spec.stop_timeout + 10,
         )
         if not res.ok:
-            log.warning("fast shutdown failed; immediate", error=res.summary())
+            log.warning(
+                "pg_fast_shutdown_failed",
+                msg="fast shutdown failed; immediate",
+                error=res.summary(),
+            )
             res = await self._host.run(
                 [pg_ctl, "stop", "-D", data, "-m", "immediate", "-w", "-t", "15"], timeout=25
             )
@@ -1037,7 +1045,9 @@ SELECT pg_promote(true, {wait});
             try:
                 await self._sql("CHECKPOINT")
             except PgError as exc:
-                log.warning("checkpoint after promotion failed", error=str(exc))
+                log.warning(
+                    "pg_checkpoint_failed", msg="checkpoint after promotion failed", error=str(exc)
+                )
 
         if self._checkpoint_task is None or self._checkpoint_task.done():
             self._checkpoint_task = asyncio.get_running_loop().create_task(checkpoint())
@@ -1160,7 +1170,11 @@ SELECT pg_promote(true, {wait});
             )
             entries = cfg.parse_history(history[0][0].replace("|", "\n"))
         except (PgError, ValueError, IndexError) as exc:
-            log.info("cannot tell whether the replica can follow; will rewind", error=str(exc))
+            log.info(
+                "pg_rewind_assumed",
+                msg="cannot tell whether the replica can follow; will rewind",
+                error=str(exc),
+            )
             return False
         for parent, switch in entries:
             if parent == my_tli:
@@ -1198,10 +1212,17 @@ SELECT pg_promote(true, {wait});
         )
         try:
             if (await self._sql(check, conninfo=source))[0][0] != "t":
-                log.info("asking the new primary for a checkpoint before pg_rewind")
+                log.info(
+                    "pg_checkpoint_requested",
+                    msg="asking the new primary for a checkpoint before pg_rewind",
+                )
                 await self._sql("CHECKPOINT", conninfo=source)
         except (PgError, IndexError) as exc:
-            log.warning("cannot check the source's checkpoint timeline", error=str(exc))
+            log.warning(
+                "pg_source_timeline_unknown",
+                msg="cannot check the source's checkpoint timeline",
+                error=str(exc),
+            )
 
     async def _move_aside(self) -> str:
         data = self.layout.data_dir

@@ -152,8 +152,8 @@ async def test_hostile_values_everywhere_crash_nothing_and_stop_nothing(
     assert "Traceback" not in logs
     # A decoder that raises is caught by the watch (or by nats-py for a subscription) and
     # the agent lives on: only these lines show that the decoder itself let it escape.
-    assert "watch callback failed" not in logs, "a decoder raised into a KV watch"
-    assert "mesh client error" not in logs, "a decoder raised into a subscription callback"
+    assert "watch_callback_failed" not in logs, "a decoder raised into a KV watch"
+    assert "mesh_client_error" not in logs, "a decoder raised into a subscription callback"
 
 
 async def test_a_fenced_application_never_starts_at_boot(
