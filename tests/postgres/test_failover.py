@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(900)]
 TTL = float(os.environ.get("HARMONY_PG_TTL", "3"))
 SOAK = int(os.environ.get("HARMONY_SOAK_RUNS", "1"))
 RUNS = max(1, SOAK // 5)
-"""``make test`` sets HARMONY_SOAK_RUNS=5: once; ``make soak`` (25): five times."""
+"""``make test`` (HARMONY_SOAK_RUNS=3): once; ``make soak`` (25): five times."""
 
 
 @pytest.fixture
