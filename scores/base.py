@@ -114,6 +114,11 @@ class Interpret(ABC):
     reports_changes: ClassVar[bool] = False
     """``watch`` reports every change of ``observe()`` (Process: exits come as events), so
     the agent need not poll it; the others are observed every control interval."""
+    follows_session_itself: ClassVar[bool] = False
+    """A ``Deadline`` with ``follows_session`` is kept current without the agent (Process:
+    the fence reads every session renewal), so the agent may skip ``set_deadline`` on
+    renewals. False (the default): ``set_deadline`` is called on every renewal, as the
+    PostgreSQL watchdog and the systemd timer need to be pushed forward."""
 
     @abstractmethod
     async def apply(self, ctx: RunContext) -> Outcome:

@@ -74,6 +74,7 @@ def _how(code: int | None) -> str:
 class ProcessInterpret(Interpret):
     enforces_deadline: ClassVar[bool] = True
     reports_changes: ClassVar[bool] = True
+    follows_session_itself: ClassVar[bool] = True
 
     def __init__(self, spec: ProcessSpec, runtime: ProcessRuntime) -> None:
         self.spec = spec

@@ -706,7 +706,7 @@ class AppRunner:
         self.start_failed = None
         self.backoff = 0.5
         self.run_token = token
-        if deadline is not None and deadline.follows_session:
+        if deadline is not None and deadline.follows_session and interpret.follows_session_itself:
             self._told = interpret
         if self.health is not None:
             self.health.started(ctx)
@@ -859,7 +859,8 @@ class AppRunner:
         if self._told is interpret and name is not None and self.p.leases.follows_session(name):
             return
         deadline = self.deadline()
-        self._told = interpret if deadline is not None and deadline.follows_session else None
+        follows = deadline is not None and deadline.follows_session
+        self._told = interpret if follows and interpret.follows_session_itself else None
         interpret.set_deadline(deadline)
 
     async def _stop_workload(self) -> bool:

@@ -211,6 +211,33 @@ async def test_consistent_start_uses_token_and_the_lease_deadline(world: Any) ->
     assert ("lease-lost", 42) in ports.events and ports.remembered == {}
 
 
+async def test_every_renewal_reaches_an_interpret_that_does_not_follow_the_session(
+    world: Any,
+) -> None:
+    """A Process fence reads the session's renewals itself, so the runner skips telling it
+    of each one; the PostgreSQL watchdog and the systemd timer do not, and must be pushed
+    forward on every renewal. Skipped renewals let the watchdog stop a healthy primary at
+    its first deadline (seen: every PostgreSQL failover test lost its primary's
+    connections a few seconds after promotion)."""
+    ports, runner, interpret, log = world
+    ports.leases.grant("ledger", 7)
+    await runner.step()
+    assert log == ["apply 7"]
+    for _ in range(3):
+        ports.leases.valid_until += 0.7  # a renewal; the lease still follows the session
+        runner.apply_deadline()
+    told = [d.at for d in interpret.deadlines if d is not None]
+    assert told[-1] == ports.leases.valid_until, "renewals did not reach the Interpret"
+    assert len(told) >= 3
+    # A Process-like Interpret needs none of them after the first.
+    interpret.follows_session_itself = True
+    runner.apply_deadline()
+    before = len(interpret.deadlines)
+    ports.leases.valid_until += 0.7
+    runner.apply_deadline()
+    assert len(interpret.deadlines) == before
+
+
 async def test_split_brain_keeps_serving_then_loses_reconcile(world: Any) -> None:
     ports, runner, interpret, log = world
     ports.apps["ledger"] = application("SplitBrainAllowed")
