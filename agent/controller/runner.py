@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import structlog
 
@@ -32,147 +30,42 @@ from agent.controller.model import (
     ROLE_ACTIONS,
     InstanceState,
     LeaseView,
-    PeerInstance,
     Plan,
     Policy,
     Release,
-    Replica,
-    Roles,
     Run,
     Snapshot,
     WorkloadView,
 )
-from agent.timing import Timing
+from agent.controller.ports import (
+    URGENT_REPLICATION,
+    InstanceReport,
+    LeasePort,
+    Ports,
+    StillRunning,
+)
+from agent.controller.replicated import ReplicaRoles
 from mesh.clock import wall_iso
 from scores.base import (
-    REPLICATION_EXTRA,
     Deadline,
     Interpret,
     Observation,
     Outcome,
-    PrimaryInfo,
     ReplicatedInterpret,
     ReplicationStatus,
-    Role,
     RunContext,
     WorkloadState,
 )
 from scores.check import CapabilityError, interpret_for
 from scores.health import health_rules
 from scores.probes import HealthMonitor, health_monitor
-from topologies.base import Topology
 
 log = structlog.get_logger("agent.controller")
+__all__ = ["AppRunner", "InstanceReport", "LeasePort", "Ports", "StillRunning"]
 T = TypeVar("T")
 
 
-class LeasePort(Protocol):
-    """The lease manager, as a runner sees it (``mesh.leases.LeaseManager``)."""
-
-    def want_lease(self, name: str, *, rank: int = 0) -> None: ...
-    def want_slot(self, name: str) -> None: ...
-    def wanted(self, name: str) -> bool: ...
-    def held(self) -> dict[str, int]: ...
-    def deadline(self, name: str) -> float: ...
-    def follows_session(self, name: str) -> bool: ...
-    async def release(
-        self, name: str, *, to: str | None = None, stop: Callable[[], Awaitable[None]] | None = None
-    ) -> bool: ...
-
-
-class Ports(Protocol):
-    """Everything a runner may read or do besides its own workload."""
-
-    agent_id: str
-    site: str
-    node: str
-    stopping: bool
-    state_dir: Path
-    timing: Timing
-    max_failures: int
-    topology: Topology
-    leases: LeasePort
-
-    def clock(self) -> float: ...
-    def app(self, name: str) -> Application | None: ...
-    def fenced(self, name: str) -> bool: ...
-    def drained(self) -> bool: ...
-    def peers(self, name: str, site: str | None) -> tuple[PeerInstance, ...]: ...
-    def holder(self, name: str) -> str | None: ...
-    def replicas(self, name: str, sites: list[str]) -> tuple[Replica, ...]: ...
-    async def poll(self, name: str, term: int) -> None: ...
-    async def publish(self, event: str, app: str, token: int | None, **fields: Any) -> None: ...
-    def report(self, report: InstanceReport, *, urgent: bool = False) -> None: ...
-    def remember(self, app: str, token: int, pid: int | None, stop_timeout: float) -> None: ...
-    def forget(self, app: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class InstanceReport:
-    """What this agent says about one application (``inst.<app>.<site>.<node>``)."""
-
-    app: str
-    state: InstanceState
-    token: int | None
-    detail: str
-    lease_token: int | None
-    partitioned: bool
-    pid: int | None
-    enforced: bool = True
-    """The deadline is enforced outside the agent (or no deadline applies)."""
-    replication: dict[str, Any] | None = None
-    """Replicated Scores: role, running, position, timeline, lag_bytes, detail, host, port,
-    name (what a synchronous primary lists), answered (the last poll answered)."""
-    error: str | None = None
-    """The last start or role change failed with this (cleared by the next success)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "app": self.app,
-            "state": self.state.value,
-            "token": self.token,
-            "detail": self.detail,
-            "lease_token": self.lease_token,
-            "partitioned": self.partitioned,
-            "pid": self.pid,
-            "deadline_enforced": self.enforced,
-        }
-        if self.replication is not None:
-            body["replication"] = self.replication
-        if self.error is not None:
-            body["error"] = self.error
-        return body
-
-
-URGENT_REPLICATION = ("role", "running", "timeline", "host", "port", "name", "answered")
-"""Replication fields whose change is written at once; the others (position, lag, detail)
-at most every ttl/3, so a busy database does not write the state bucket every second."""
-
-
-def replication_report(
-    status: ReplicationStatus | None, endpoint: dict[str, Any], answered: int | None
-) -> dict[str, Any] | None:
-    if status is None:
-        return None
-    return {
-        "role": str(status.role) if status.has_data else None,
-        "running": status.running,
-        "position": status.position,
-        "timeline": status.timeline,
-        "lag_bytes": status.lag_bytes,
-        "detail": status.detail,
-        "host": endpoint.get("host"),
-        "port": endpoint.get("port"),
-        "name": endpoint.get("application_name"),
-        "answered": answered,
-    }
-
-
-class StillRunning(RuntimeError):
-    """A stop did not finish: the lease is kept (renewed) rather than released over it."""
-
-
-class AppRunner:
+class AppRunner(ReplicaRoles):
     def __init__(self, name: str, ports: Ports) -> None:
         self.name = name
         self.p = ports
@@ -389,56 +282,6 @@ class AppRunner:
             roles=self._roles(app, lease, now) if self.replicated and app is not None else None,
         )
 
-    def _roles(self, app: Application, lease: LeaseView, now: float) -> Roles:
-        """The replicated part of the snapshot: our instance, every peer's report."""
-        if lease.valid(now) and lease.token is not None:
-            if self.held is None or self.held[0] != lease.token:
-                self.held = (lease.token, now)
-        else:
-            self.held = None
-        local = self.local_replica()
-        timing = self.p.timing
-        return Roles(
-            local=local,
-            peers=tuple(
-                r
-                for r in self.p.replicas(self.name, list(app.spec.placement.sites))
-                if r.agent != self.p.agent_id
-            ),
-            following=self.following,
-            pointed=self.pointed,
-            max_lag=app.spec.failover.max_lag,
-            held_since=self.held[1] if self.held else float("-inf"),
-            poll_wait=min(2.0, timing.ttl / 2),
-        )
-
-    def local_replica(self) -> Replica:
-        st = self.local
-        end = self._endpoint()
-        if st is None:
-            return Replica(self.p.agent_id, None, False, None, None)
-        return Replica(
-            agent=self.p.agent_id,
-            role=str(st.role) if st.has_data else None,
-            running=st.running,
-            position=st.position,
-            timeline=st.timeline,
-            lag=st.lag_bytes,
-            token=self.run_token,
-            host=end.get("host"),
-            port=end.get("port"),
-            name=end.get("application_name"),
-        )
-
-    def _endpoint(self) -> dict[str, Any]:
-        interpret = self.interpret
-        if not isinstance(interpret, ReplicatedInterpret):
-            return {}
-        try:
-            return interpret.endpoint()
-        except Exception:  # an Interpret must not break the loop
-            return {}
-
     def _unhealthy(self, obs: Observation | None) -> str | None:
         """Feed the monitor this observation; why the threshold is crossed, or None."""
         if self.health is None:
@@ -486,23 +329,6 @@ class AppRunner:
         elif obs.state is not WorkloadState.RUNNING:
             self.pid = None
         return obs
-
-    async def _replication(self, obs: Observation | None) -> ReplicationStatus | None:
-        """Our instance's replication state: from the observation when it carries it,
-        else asked (a stopped instance: what its files say)."""
-        interpret = self.interpret
-        if not isinstance(interpret, ReplicatedInterpret):
-            return None
-        if obs is not None and obs.state is WorkloadState.RUNNING:
-            found = obs.extra.get(REPLICATION_EXTRA)
-            if isinstance(found, ReplicationStatus):
-                return found
-        status = await self._bounded(interpret.status(), "status")
-        if isinstance(status, Outcome):
-            return ReplicationStatus(
-                Role.REPLICA, None, None, None, status.message, running=False, has_data=False
-            )
-        return status
 
     def _count_failures(self, obs: Observation | None, now: float) -> None:
         """Consecutive crashes of the current run, reset after a healthy stretch."""
@@ -606,9 +432,6 @@ class AppRunner:
             error=self.start_failed,
         )
         self._set_report(report)
-
-    def _replication_report(self) -> dict[str, Any] | None:
-        return replication_report(self.local, self._endpoint(), self.answered)
 
     def _set_report(self, report: InstanceReport, *, urgent: bool = False) -> None:
         """Keep ``report`` (gossip reads it) and write it to the mesh when something a
@@ -714,140 +537,6 @@ class AppRunner:
         self.pid = pid = obs.pids[0] if obs.pids else None
         p.remember(self.name, token, pid, self._stop_timeout())
         return True
-
-    # --- replicated Scores: carrying a role plan out -------------------------------------
-
-    async def _carry_roles(self, plan: Plan, s: Snapshot) -> bool:
-        """Sync standbys, then the role action, then a release without a stop (the local
-        instance is a replica or nothing: a holder that hands over keeps its replica)."""
-        interpret = self.interpret
-        if not isinstance(interpret, ReplicatedInterpret):
-            return False
-        wanted_sync = plan.sync_standbys
-        if wanted_sync is not None and wanted_sync != self.sync_applied:
-            done = await self._role_call(interpret.set_sync_standbys(wanted_sync), "sync")
-            if done.ok:
-                self.sync_applied = wanted_sync
-        changed = False
-        token = s.lease.token
-        if plan.run in (Run.START_PRIMARY, Run.PROMOTE) and token is not None:
-            changed = await self._become_primary(interpret, plan.run, token)
-        elif plan.run in (Run.START_REPLICA, Run.DEMOTE):
-            changed = await self._become_replica(interpret, plan)
-        elif plan.run is Run.POLL and token is not None:
-            await self.p.poll(self.name, token)
-        if plan.release is not Release.NONE and self.lease_name is not None:
-            # Only a local instance known to be a replica keeps running; anything else (a
-            # primary, or a state we could not read) is stopped before the lease goes.
-            local = self.local
-            replica = local is not None and local.has_data and local.role is Role.REPLICA
-            keep = replica and self.run_token is None
-            stop = None if keep else self._halt
-            await self.p.leases.release(self.lease_name, to=plan.handover_to, stop=stop)
-            changed = True
-        return changed
-
-    async def _become_primary(self, interpret: ReplicatedInterpret, run: Run, token: int) -> bool:
-        ctx = self._ctx(token, self.deadline())
-        # Counted as ours from here on, so that renewals move the deadline during the call
-        # (a promotion may take longer than one renewal interval).
-        self.run_token = token
-        call = interpret.start_primary(ctx) if run is Run.START_PRIMARY else interpret.promote(ctx)
-        outcome = await self._role_call(call, run.value)
-        if not outcome.ok:
-            self.run_token = None
-            self._role_failed(outcome.message)
-            return False
-        self.crash_base, self.failures, self.healthy_since = 0, 0, None
-        self._role_done()
-        self.following = None
-        if self.health is not None:
-            self.health.started(ctx)
-        await self._refresh_local()
-        return True
-
-    async def _become_replica(self, interpret: ReplicatedInterpret, plan: Plan) -> bool:
-        target = plan.primary
-        info = self._primary_info(target)
-        ctx = self._ctx(target.token if target and target.token else 0, None)
-        interpret.attach(ctx)
-        if plan.run is Run.DEMOTE:
-            call = interpret.demote(info)
-        else:
-            call = interpret.start_replica(ctx, info)
-        outcome = await self._role_call(call, plan.run.value)
-        if not outcome.ok:
-            self._role_failed(outcome.message)
-            return False
-        self._role_done()
-        if self.run_token is not None:
-            self.run_token = None
-            self.p.forget(self.name)
-            if self.health is not None:
-                self.health.stopped()
-        if target is not None and target.serving_primary and target.token is not None:
-            self.following, self.pointed = (target.agent, target.token), None
-        elif target is not None:
-            self.following, self.pointed = None, target.agent
-        await self._refresh_local()
-        return outcome.changed
-
-    async def _refresh_local(self) -> None:
-        """After a role change, report the new role at once (a promoted primary is what
-        the replicas wait for), not one cycle later."""
-        interpret = self.interpret
-        if isinstance(interpret, ReplicatedInterpret):
-            status = await self._bounded(interpret.status(), "status")
-            if isinstance(status, ReplicationStatus):
-                self.local = status
-
-    def _primary_info(self, target: Replica | None) -> PrimaryInfo | None:
-        """What the Interpret follows; ``extra["pending"]``: not writable yet (the lease
-        holder about to be promoted): point to it, check nothing against it yet."""
-        if target is None or target.host is None or target.port is None:
-            return None
-        site, _, node = target.agent.partition("/")
-        extra = {} if target.serving_primary else {"pending": True}
-        return PrimaryInfo(site, node, target.host, target.port, target.token or 0, extra)
-
-    async def _role_call(self, call: Awaitable[Outcome], what: str) -> Outcome:
-        """A role change, bounded by the Interpret's own ``role_timeout`` (copies take what
-        they take; the primary's deadline is enforced by the Interpret itself)."""
-        interpret = self.interpret
-        bound = interpret.role_timeout if isinstance(interpret, ReplicatedInterpret) else 60.0
-        try:
-            return await asyncio.wait_for(call, bound)
-        except TimeoutError:
-            return Outcome.failed(f"{what} did not finish within {bound:g}s")
-
-    def _role_failed(self, message: str) -> None:
-        """Counted like crashes: ``max_failures`` in a row give the application up here,
-        so that another site gets to try."""
-        self.failures += 1
-        self.start_failed = message
-        self.backoff_until = self.p.clock() + self.backoff
-        self.backoff = min(self.backoff * 2, 30.0)
-
-    def _role_done(self) -> None:
-        self.start_failed = None
-        self.backoff = 0.5
-
-    async def answer(self, term: int) -> None:
-        """A new holder asked how far we reached (its poll for ``term``): observe now, after
-        the question arrived, and say so at once (the report is gossiped immediately)."""
-        interpret = self.interpret
-        if self.answering or not isinstance(interpret, ReplicatedInterpret) or self.done:
-            return
-        self.answering = True
-        try:
-            status = await self._bounded(interpret.status(), "status")
-            if isinstance(status, ReplicationStatus):
-                self.local = status
-            self.answered = term
-            report = dataclasses.replace(self.report, replication=self._replication_report())
-            self._set_report(report, urgent=True)
-        finally:
-            self.answering = False
 
     def apply_deadline(self) -> None:
         """The lease's validity moved: tell the Interpret. Called for every running
