@@ -29,8 +29,8 @@ from agent.commands.models import Reply
 from agent.controller.events import EventPublisher
 from agent.controller.model import PeerInstance, Replica
 from agent.controller.peers import PeerTable
-from agent.controller.roles import switchover_target
 from agent.controller.ports import InstanceReport, LeasePort
+from agent.controller.roles import switchover_target
 from agent.controller.runner import AppRunner
 from agent.controller.statefile import StateFile
 from agent.timing import Timing
