@@ -9,9 +9,9 @@ events of the proc connector, ``tests/harness/procevents.py``), so overlaps are 
 over the whole history, not sampled. Measured per ttl:
 
 * ``start``: from the moment ``apply`` is run to every application running exactly once;
-* ``session losses``: "session validity ran out" / "session lost in one store" lines in
-  the agents' logs from the apply to the end of the idle window (must be 0), and ``lease
-  losses``: "lease lost" lines (a lease dropped by its holder; must be 0 too);
+* ``session losses``: ``session_lapsed`` / ``session_store_lost`` events in the agents'
+  JSON logs from the apply to the end of the idle window (must be 0), and ``lease
+  losses``: ``lease_lost`` events (a lease dropped by its holder; must be 0 too);
 * ``idle``: CPU (% of one core) and RSS of each agent plus its fence over ``--idle``
   seconds, from /proc (the workloads excluded; the nats-servers shown apart);
 * ``status``: wall time of ``harmony-agent status -o json`` (a new CLI process) with N
@@ -63,9 +63,9 @@ SITES = ("site-a", "site-b", "site-c")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 WORKLOAD = rb"sleep\x00100000\.(\d+)\x00"
-SESSION_LOSSES = ("session validity ran out", "session lost in one store")
+SESSION_LOSSES = ('"event": "session_lapsed"', '"event": "session_store_lost"')
 """The session thread's own lines: the session (not one lease) lapsed or lost a store."""
-LEASE_LOSSES = ("lease lost",)
+LEASE_LOSSES = ('"event": "lease_lost"',)
 """Any held lease lost (its deadline ran out, or its claim was overwritten)."""
 RENEWALS = "$KV.*.sess.*.*.live"
 """Renewals in every lease store (filtered to ``$KV.harmony-leases-...``)."""
