@@ -56,7 +56,7 @@ from mesh.connection import MeshConnection
 from mesh.embedded import EmbeddedServer, InsecureListener, PortInUse
 from mesh.leases import LeaseManager
 from mesh.mirror import LeaseMirror
-from mesh.names import agent_key, status_subject
+from mesh.names import SUMMARY_REFRESH_S, agent_key, status_subject
 from mesh.redact import redact_value
 from mesh.session import SessionThread, SessionView
 from topologies.base import Topology
@@ -406,7 +406,7 @@ class Agent:
         written = 0.0
         while True:
             body = self.summary()
-            due = body != last or time.monotonic() - written > 60
+            due = body != last or time.monotonic() - written > SUMMARY_REFRESH_S
             if due and await self._write_summary():
                 last, written = body, time.monotonic()
             await asyncio.sleep(1.0)

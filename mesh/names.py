@@ -13,6 +13,9 @@ TRUST_BUCKET = "harmony-trust"
 EVENTS_STREAM = "harmony-events"
 EVENTS_SUBJECTS = ("harmony.events.>", "harmony.audit.>")
 STORE_PREFIX = "harmony-leases-"
+SUMMARY_REFRESH_S = 60.0
+"""An agent rewrites its ``agent.<site>.<node>`` record on change and at least this often
+(its liveness is its session in the lease stores, renewed every ttl/3)."""
 """Lease stores: one single-replica KV bucket per store site (docs/leases.md)."""
 LEASE_VIEW_BUCKET = "harmony-leases"
 """CONTRACT section 7: who holds each lease, published by holders (mesh/mirror.py). A view

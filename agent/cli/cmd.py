@@ -34,7 +34,11 @@ MARK_VERBS = ("drain", "undrain", "fence", "resume")
 
 async def live_agents(mesh: MeshClient) -> list[str]:
     """Whom to ask, most recently heard from first: agents whose record in
-    ``harmony-state`` says alive and healthy and was written within 2 x their ttl.
+    ``harmony-state`` says alive and healthy and was written within 2 x their ttl plus the
+    record's refresh period (it is rewritten on change and every ``SUMMARY_REFRESH_S``;
+    the agent's liveness proper is its session in the lease stores, which ``status`` reads).
+    A dead agent that still looks alive here answers nothing: its request fails at once
+    (no responders) and the next agent is asked.
 
     This is ``status``'s health rule applied to routing only (a wrong guess costs one
     refused request and the next agent is asked); it reads the records directly so that
@@ -44,7 +48,7 @@ async def live_agents(mesh: MeshClient) -> list[str]:
     from datetime import UTC, datetime
 
     from agent.commands.marks import live_entries
-    from mesh.names import STATE_BUCKET
+    from mesh.names import STATE_BUCKET, SUMMARY_REFRESH_S
 
     kv = await mesh.bucket(STATE_BUCKET)
     now = datetime.now(UTC)
@@ -61,7 +65,7 @@ async def live_agents(mesh: MeshClient) -> list[str]:
             continue
         age = (now - written).total_seconds()
         alive = record.get("state", "alive") == "alive" and health.get("healthy") is True
-        if alive and age <= 2 * ttl:
+        if alive and age <= 2 * ttl + SUMMARY_REFRESH_S:
             ranked.append((age, "/".join(entry.key.split(".")[1:3])))
     return [agent for _, agent in sorted(ranked)]
 

@@ -4,6 +4,7 @@ an in-process server, and every verb audited on ``harmony.audit.<user>.<verb>``.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from agent.commands import CommandServer, read_marks
 from tests.cli.conftest import Invoke, Mesh
 from tests.commands.conftest import FakeController
-from tests.commands.helpers import seed_world
+from tests.commands.helpers import heartbeat, seed_world
+from tests.harness.wait import eventually
 
 
 @pytest.fixture
@@ -134,3 +136,23 @@ async def test_no_live_agent(mesh: Mesh, invoke: Invoke) -> None:
     assert unknown.exit_code == 1 and "unknown site 'site-a' (known: none)" in unknown.stderr
     [(_, event)] = await audit_events(mesh)
     assert event["outcome"] == "refused" and "unknown site" in str(event["error"])
+
+
+async def test_an_idle_agent_still_serves_commands(mesh: Mesh, invoke: Invoke) -> None:
+    """An agent rewrites its record on change and once a minute (its liveness is its
+    session in the lease stores): ``cmd`` must still route to an idle agent whose record
+    is older than 2 x ttl (seen: every ``cmd ping`` against a quiet mesh said "no healthy
+    agent" once the agents had been idle for 2 x ttl)."""
+    await seed_world(mesh.buckets, mesh.nc)
+    await mesh.buckets.state.put("agent.site-a.node-1", heartbeat("site-a", "node-1", ttl=0.1))
+    server = CommandServer(mesh.nc, mesh.buckets.state, site="site-a", node="node-1")
+    await server.start()
+    try:
+        written = time.monotonic()
+        await eventually(
+            lambda: time.monotonic() - written > 0.5, timeout=5, what="the record 5 ttls old"
+        )
+        ok = await invoke("cmd", "-s", mesh.url, "ping")
+        assert ok.exit_code == 0, ok.output
+    finally:
+        await server.stop()
