@@ -79,6 +79,7 @@ async def hold(args: argparse.Namespace, names: list[str]) -> None:
             event(ev="renewed", sent=sent)
 
     c.session.subscribe(renewed)
+    renewed(c.session.view())  # the opening writes count: a holder may die before renewing
     event(ev="ready", t=boottime())
     c.want(names, rank=0)
     await asyncio.Event().wait()
