@@ -353,7 +353,7 @@ def decide(
     )
 
 
-def _same_epoch(f: FamilyObs | None, me: Me) -> bool:
+def _same_epoch(f: FamilyObs | None, me: Me, term: int) -> bool:
     """Our own claim in this family still names our live epoch in its store."""
     if f is None:
         return True
@@ -361,6 +361,13 @@ def _same_epoch(f: FamilyObs | None, me: Me) -> bool:
     if ours is None:
         return True  # our watch has not seen our claim yet
     rec = ours.record
+    if rec is not None and rec.term < term:
+        # Our watch still shows the claim of an earlier tenure (we held this lease before
+        # and released or handed it over): our newest claim landed, by compare-and-set,
+        # after it, and a watch delivers a key's writes in order, so nothing written after
+        # ours has been seen either. Not seen yet is not overwritten (seen: a lease handed
+        # back to its previous holder was dropped a millisecond after it was taken).
+        return True
     return rec is not None and rec.state is ClaimState.HELD and rec.epoch == me.epochs.get(f.store)
 
 
@@ -382,7 +389,7 @@ def _holding(
         if b in held.claims
         and v.kind is not Kind.UNKNOWN
         and v.kind is not Kind.MINE
-        and not _same_epoch(families.get(b), me)
+        and not _same_epoch(families.get(b), me, held.term)
     }
     landed_late = {b for b, v in verdicts.items() if v.kind is Kind.MINE and v.term == held.term}
     support = (set(held.claims) - overwritten) | landed_late

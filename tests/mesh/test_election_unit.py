@@ -177,6 +177,29 @@ def test_holding_survives_a_lagging_watch_and_repairs_a_store() -> None:
     assert d.action is Action.HOLD and d.support == {"a", "b"} and d.writes == {"c": 10}
 
 
+def test_a_lease_handed_back_is_held_while_a_watch_still_shows_our_earlier_tenure() -> None:
+    """We held term 7 and handed it to site-a, which handed it back: we claimed term 9 in
+    every store. Store c's watch still shows our term-7 handover and site-a's handover to
+    us (our term-9 claim landed after both, by compare-and-set): not seen yet is not
+    overwritten (seen: the lease dropped one millisecond after it was taken back)."""
+    fams = {}
+    for s in STORES:
+        if s == "c":
+            ours = ClaimObs(
+                ME.agent, 5, NOW - 1, ClaimRecord(ME.epochs[s], 7, ClaimState.HANDOVER, "site-a")
+            )
+            theirs = ClaimObs(
+                "site-a/n1", 8, NOW, ClaimRecord("ea-c", 8, ClaimState.HANDOVER, ME.agent)
+            )
+            fams[s] = FamilyObs(s, True, 8, NOW, (ours, theirs))
+        else:
+            mine = ClaimObs(ME.agent, 12, NOW, ClaimRecord(ME.epochs[s], 9))
+            fams[s] = FamilyObs(s, True, 12, NOW, (mine,))
+    d = run(fams, held=Held(9, {"a": 12, "b": 12, "c": 12}))
+    assert d.action is Action.HOLD, d.why
+    assert d.support == frozenset(STORES)
+
+
 def test_holding_is_lost_when_our_epochs_end_below_a_quorum() -> None:
     old = {
         s: FamilyObs(s, True, 10, NOW, (ClaimObs(ME.agent, 10, NOW, ClaimRecord("gone", 7)),))
