@@ -13,7 +13,8 @@ over the whole history, not sampled. Measured per ttl:
   JSON logs from the apply to the end of the idle window (must be 0), and ``lease
   losses``: ``lease_lost`` events (a lease dropped by its holder; must be 0 too);
 * ``idle``: CPU (% of one core) and RSS of each agent plus its fence over ``--idle``
-  seconds, from /proc (the workloads excluded; the nats-servers shown apart);
+  seconds, from /proc, starting ``max(SETTLE_S, 2 ttl)`` after every application runs
+  (the workloads excluded; the nats-servers shown apart);
 * ``status``: wall time of ``harmony-agent status -o json`` (a new CLI process) with N
   applications;
 * ``renewal``: the session renewal messages (payload and headers, captured on their
@@ -67,6 +68,8 @@ SESSION_LOSSES = ('"event": "session_lapsed"', '"event": "session_store_lost"')
 """The session thread's own lines: the session (not one lease) lapsed or lost a store."""
 LEASE_LOSSES = ('"event": "lease_lost"',)
 """Any held lease lost (its deadline ran out, or its claim was overwritten)."""
+SETTLE_S = 15.0
+"""Seconds between every application running and the start of the idle window."""
 RENEWALS = "$KV.*.sess.*.*.live"
 """Renewals in every lease store (filtered to ``$KV.harmony-leases-...``)."""
 
@@ -311,8 +314,14 @@ async def one_ttl(n: int, ttl: float, idle: float) -> dict[str, Any]:
                 "t_all_running": time.monotonic() - t0,
             }
             print(f"  ttl {ttl:g}: start {json.dumps(start)}", flush=True)
+            # Settle first: right after the last start the agents still write what a start
+            # storm leaves behind (instance reports, the lease view, events) for a few
+            # seconds; the idle cost is the steady state after it.
+            settle = max(SETTLE_S, 2 * ttl)
+            await asyncio.sleep(settle)
             since = time.monotonic()
             idle_res = await idle_cost(world, idle)
+            idle_res["settled_s"] = settle
             renewal = world.renewal_sample(since)
             start["session_losses"] = world.count(SESSION_LOSSES) - losses_before[0]
             start["lease_losses"] = world.count(LEASE_LOSSES) - losses_before[1]

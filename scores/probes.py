@@ -422,6 +422,8 @@ class HealthMonitor:
         self._obs: Observation | None = None
         self._task: asyncio.Task[None] | None = None
         self._watchers: list[Callable[[], None]] = []
+        self._noted = asyncio.Event()
+        """Set by ``note``: a check without a probe can only change after an observation."""
         self.checks = 0
 
     # what the controller calls
@@ -438,6 +440,7 @@ class HealthMonitor:
     def note(self, obs: Observation | None) -> None:
         """The latest ``observe()``: its built-in health counts at the next check."""
         self._obs = obs
+        self._noted.set()
 
     def verdict(self) -> Verdict:
         return self.tracker.verdict()
@@ -516,11 +519,25 @@ class HealthMonitor:
                 self._loop(), name=f"health:{self.app}"
             )
 
+    def _quiet(self, verdict: Verdict) -> bool:
+        """Nothing to probe, nothing failing, no cooldown to end: the next check can only
+        differ after a new observation. Waiting for one instead of checking every period
+        is what lets a thousand healthy applications cost nothing (issue 17)."""
+        return (
+            self.probe is None
+            and verdict.phase is not Phase.COOLING
+            and verdict.failures == 0
+            and builtin_failure(self._obs) is None
+        )
+
     async def _loop(self) -> None:
         period = self.health.period
         while self.tracker.phase is not Phase.IDLE:
             began = time.monotonic()
-            await self.check_once()
+            verdict = await self.check_once()
+            if self._quiet(verdict):
+                self._noted.clear()
+                await self._noted.wait()
             await asyncio.sleep(max(0.0, began + period - time.monotonic()))
 
 
