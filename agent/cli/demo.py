@@ -360,8 +360,10 @@ def demo(keep: bool) -> None:
             fg="green",
         )
         click.echo(
-            "    (ttl plus, when the dead site's nats-server led the KV stream, JetStream's\n"
-            "    4-9 s leader re-election: see docs/failover.md)"
+            "    (as `status` saw it: the lease moves about a ttl after the kill, in the lease\n"
+            "    stores of the live sites; the new instance's report lands in the replicated\n"
+            "    state bucket, which waits for JetStream to re-elect its leader when the killed\n"
+            "    server led it. LEASE AGE below is the lease's own age: docs/failover.md)"
         )
         _cli(["status"], server)
 
