@@ -134,7 +134,10 @@ async def test_a_dead_runner_ends_the_agent_with_exit_1(agent: Agent, client: Cl
             raise Injected("a bug in the runner loop")
 
     assert runner is not None
-    runner.wake = BrokenEvent()
+    # The runner may already be waiting on its old event, for up to its idle backstop
+    # (30 s): swap in the broken one, then wake the old one so that the loop comes round.
+    old, runner.wake = runner.wake, BrokenEvent()
+    old.set()
     assert await _exit_code(agent, task, "the runner") == 1
     assert agent.supervisor.failure is not None and "controller" in agent.supervisor.failure
     assert "Injected" in agent.supervisor.failure
