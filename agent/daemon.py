@@ -216,6 +216,12 @@ class Agent:
     async def _default_stores(self) -> list[str] | None:
         """Alone on a non-clustered server, one store named after our site; else nothing
         (the descriptor must exist or ``mesh.stores`` be configured)."""
+        # The server's own INFO names its cluster from the first moment; JetStream's INFO
+        # may not while its meta group is still forming, and a clustered mesh defaulted
+        # to one store would leave a cut-off site in quorum with itself.
+        server = getattr(self.connection.nc, "_server_info", None) or {}
+        if server.get("cluster") or server.get("connect_urls"):
+            return None
         try:
             info = await self.connection.nc.request("$JS.API.INFO", b"", timeout=2.0)
             data = json.loads(info.data)

@@ -27,7 +27,13 @@ async def test_cut_site_agent_not_ready_then_ready_after_heal(
             ttl=f"{TTL}s",
             health_host=site.mgmt_ip,
             health_port=9808,
-            extra={"health": {"listen": "0.0.0.0:9808"}},
+            # One lease store per site, as a real three-site mesh has (left to the
+            # default, the first agent to bootstrap could make its own site the only
+            # store, and a cut-off agent then stays in quorum with itself).
+            extra={
+                "health": {"listen": "0.0.0.0:9808"},
+                "mesh": {"stores": list(netns_sites.names)},
+            },
             wrap=netns_sites.wrap(name),
         )
         agent.start()

@@ -134,7 +134,13 @@ async def test_operator_writes_apps_viewer_only_reads(secured: tuple[NatsNode, P
 
         await agent.subscribe("harmony.status.paris.n1", cb=status)
         await agent.flush()
-        reply = await viewer.request("harmony.status.paris.n1", b"{}", timeout=5)
+
+        async def answered() -> Msg:
+            # The agent's interest reaches the viewer's account a moment after its flush
+            # (seen under load: "no responders"); asking again is what a CLI user does.
+            return await viewer.request("harmony.status.paris.n1", b"{}", timeout=5)
+
+        reply = await eventually(answered, timeout=15, what="the agent's status reply")
         assert json.loads(reply.data)["ok"]
 
         await (await operator.jetstream().key_value("harmony-state")).put("app.ledger", b"{}")

@@ -7,12 +7,16 @@ machine share (even across network namespaces), so intervals can be compared.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
 from mesh.bootstrap import Mesh, ensure_mesh, ensure_store
@@ -55,11 +59,19 @@ def check_history(intervals: Iterable[Interval]) -> int:
 
 
 async def make_mesh(urls: list[str], stores: list[str], replicas: int = 3) -> Mesh:
-    nc = await nats.connect(servers=urls)
-    try:
-        return await ensure_mesh(nc.jetstream(timeout=10), replicas, stores=stores)
-    finally:
-        await nc.close()
+    """Create the mesh; a cluster that has just started may still be electing its
+    JetStream meta leader (requests time out meanwhile), so keep asking for a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        nc = await nats.connect(servers=urls)
+        try:
+            return await ensure_mesh(nc.jetstream(timeout=10), replicas, stores=stores)
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.APIError):
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            await nc.close()
+        await asyncio.sleep(0.5)
 
 
 @dataclass
