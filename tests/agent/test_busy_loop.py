@@ -18,19 +18,15 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
-import yaml
 from nats.aio.client import Client
 
-from agent.config import load_config
 from agent.daemon import Agent
 from mesh.clock import boottime
 from mesh.names import STATE_BUCKET
-from tests.harness.agents import AgentProcess
+from tests.agent.conftest import in_process_agent
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
-from tests.mesh.lease_world import make_mesh
 
 TTL = 2.0
 BUSY = 1.5 * TTL
@@ -67,30 +63,13 @@ def pids(marker: Path) -> list[int]:
 
 
 @pytest.fixture
-async def client(nats_cluster: NatsCluster) -> AsyncIterator[Client]:
-    async def created() -> bool:  # JetStream may still be electing its meta leader
-        await make_mesh(nats_cluster.urls, nats_cluster.stores)
-        return True
-
-    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
-    nc = await nats.connect(servers=nats_cluster.urls)
-    yield nc
-    await nc.close()
+async def client(mesh_client: Client) -> Client:
+    return mesh_client
 
 
 @pytest.fixture
 async def agent(tmp_path: Path, nats_cluster: NatsCluster) -> AsyncIterator[Agent]:
-    spec = AgentProcess(
-        site="site-a",
-        node="n1",
-        workdir=tmp_path / "agent",
-        servers=nats_cluster.urls,
-        ttl=f"{TTL}s",
-        extra={"mesh": {"stores": nats_cluster.stores}},
-    )
-    spec.workdir.mkdir(parents=True)
-    spec.config_path.write_text(yaml.safe_dump(spec.config()))
-    agent = Agent(load_config(spec.config_path))
+    agent = in_process_agent(tmp_path / "agent", nats_cluster, TTL)
     task = asyncio.create_task(agent.run(), name="agent-under-test")
     try:
         await eventually(lambda: agent.started or task.done(), timeout=30, what="agent started")

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -24,7 +23,6 @@ from tests.harness import history
 from tests.harness.agents import AgentProcess
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
-from tests.mesh.lease_world import make_mesh
 
 TTL = 2.0
 PERIOD, THRESHOLD = 0.2, 2
@@ -61,15 +59,8 @@ def application(history_file: Path, sick_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def client(nats_cluster: NatsCluster) -> AsyncIterator[Client]:
-    async def created() -> bool:  # JetStream may still be electing its meta leader
-        await make_mesh(nats_cluster.urls, nats_cluster.stores)
-        return True
-
-    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
-    nc = await nats.connect(servers=nats_cluster.urls)
-    yield nc
-    await nc.close()
+async def client(mesh_client: Client) -> Client:
+    return mesh_client
 
 
 @pytest.fixture

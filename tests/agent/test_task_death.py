@@ -17,18 +17,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-import nats
 import pytest
-import yaml
 from nats.aio.client import Client
 
-from agent.config import load_config
 from agent.daemon import Agent
 from mesh.names import STATE_BUCKET
-from tests.harness.agents import AgentProcess
+from tests.agent.conftest import in_process_agent
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
-from tests.mesh.lease_world import make_mesh
 
 TTL = 2.0
 
@@ -57,31 +53,13 @@ def app_doc(name: str) -> bytes:
 
 
 @pytest.fixture
-async def client(nats_cluster: NatsCluster) -> AsyncIterator[Client]:
-    async def created() -> bool:  # JetStream may still be electing its meta leader
-        await make_mesh(nats_cluster.urls, nats_cluster.stores)
-        return True
-
-    await eventually(created, timeout=60, interval=0.5, what="the mesh created")
-    nc = await nats.connect(servers=nats_cluster.urls)
-    yield nc
-    await nc.close()
+async def client(mesh_client: Client) -> Client:
+    return mesh_client
 
 
 @pytest.fixture
 async def agent(tmp_path: Path, nats_cluster: NatsCluster) -> AsyncIterator[Agent]:
-    """The same configuration ``tests.harness.agents`` gives a subprocess agent."""
-    spec = AgentProcess(
-        site="site-a",
-        node="n1",
-        workdir=tmp_path / "agent",
-        servers=nats_cluster.urls,
-        ttl=f"{TTL}s",
-        extra={"mesh": {"stores": nats_cluster.stores}},
-    )
-    spec.workdir.mkdir(parents=True)
-    spec.config_path.write_text(yaml.safe_dump(spec.config()))
-    yield Agent(load_config(spec.config_path))
+    yield in_process_agent(tmp_path / "agent", nats_cluster, TTL)
 
 
 async def _started(agent: Agent) -> asyncio.Task[int]:
