@@ -147,10 +147,13 @@ async def _events(js: JetStreamContext, replicas: int) -> None:
             raise
 
 
-async def ensure_store(js: JetStreamContext, store: str) -> None:
+async def ensure_store(js: JetStreamContext, store: str, grace: float = PEER_GRACE) -> None:
     """Create one lease store (idempotent): a single-replica KV bucket on its site.
 
     Created as a plain stream because nats-py's ``create_key_value`` drops ``placement``.
+    "No suitable peer" is retried for ``grace`` seconds: a tagged server that has just
+    joined is unknown to the meta leader until its first statsz, so an agent starting
+    with its cluster would otherwise refuse a correct configuration.
     """
     cfg = StreamConfig(
         name=store_stream(store),
@@ -165,17 +168,32 @@ async def ensure_store(js: JetStreamContext, store: str) -> None:
         max_msg_size=MAX_VALUE_BYTES,
         placement=Placement(tags=[f"site:{store}"]),
     )
-    try:
-        await js.add_stream(cfg)
-    except APIError as exc:
-        if _exists(exc):
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + grace
+    backoff = 0.2
+    while True:
+        try:
+            await js.add_stream(cfg)
             return
-        if _too_few_peers(exc):
-            raise MeshMismatch(
-                f"lease store {store!r}: no JetStream server tagged site:{store} "
-                "(server_tags in its nats-server configuration)"
-            ) from None
-        raise
+        except APIError as exc:
+            if _exists(exc):
+                return
+            if not _too_few_peers(exc):
+                raise
+            if loop.time() >= give_up_at:
+                raise MeshMismatch(
+                    f"lease store {store!r}: no JetStream server tagged site:{store} "
+                    "(server_tags in its nats-server configuration)"
+                ) from None
+            if backoff == 0.2:
+                log.warning(
+                    "store_peer_missing",
+                    msg=f"lease store {store}: no server tagged site:{store} known yet; "
+                    f"asking again for up to {grace:.0f} s",
+                    store=store,
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
 
 
 async def ensure_descriptor(
@@ -232,7 +250,7 @@ async def ensure_mesh(
     await _events(js, r)
     desc = await ensure_descriptor(state, stores, r, default_stores)
     for store in desc.stores:
-        await ensure_store(js, store)
+        await ensure_store(js, store, peer_grace)
     log.info(
         "mesh_ready",
         msg=f"mesh ready: replicas {r}, lease stores {', '.join(desc.stores)}",

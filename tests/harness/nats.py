@@ -159,7 +159,9 @@ class NatsCluster:
         await self.wait_meta_leader()
 
     async def wait_meta_leader(self, timeout: float = 30.0) -> None:
-        """A JetStream cluster accepts stream creation only once it has a meta leader."""
+        """A JetStream cluster accepts stream creation only once it has a meta leader, and
+        places replicas and tagged stores only on peers that leader already sees: wait
+        until the leader reports every other node as a current peer."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for node in self.nodes:
@@ -168,10 +170,14 @@ class NatsCluster:
                 with contextlib.suppress(OSError, ValueError):
                     jsz = await asyncio.to_thread(node.varz, "jsz")
                     meta = jsz.get("meta_cluster")
-                    if isinstance(meta, dict) and meta.get("leader"):
+                    if not isinstance(meta, dict) or meta.get("leader") != node.name:
+                        continue
+                    peers = meta.get("replicas") or []
+                    alive = sum(1 for n in self.nodes if n.running())
+                    if len(peers) >= alive - 1 and all(p.get("current") for p in peers):
                         return
             await asyncio.sleep(0.1)
-        raise TimeoutError("no JetStream meta leader elected")
+        raise TimeoutError("no JetStream meta leader that sees every peer")
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
-from nats.js.api import KeyValueConfig
+from nats.js.api import KeyValueConfig, StreamConfig, StreamInfo
+from nats.js.errors import APIError
 
-from mesh.bootstrap import MeshMismatch, ensure_descriptor, ensure_mesh
+from mesh.bootstrap import MeshMismatch, ensure_descriptor, ensure_mesh, ensure_store
 from mesh.clock import now_rfc3339
 from mesh.descriptor import Descriptor
 from mesh.names import EVENTS_STREAM, STATE_BUCKET, TRUST_BUCKET, store_stream
 from tests.harness.nats import NatsCluster, NatsNode
+from tests.harness.wait import eventually
 
 
 async def test_two_agents_bootstrap_at_once_on_cluster(nats_cluster: NatsCluster) -> None:
@@ -54,11 +57,52 @@ async def test_a_different_store_list_is_refused(nats_cluster: NatsCluster) -> N
         await nc.close()
 
 
+async def test_a_store_whose_server_joins_late_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The meta leader learns a server's tags only once it has joined; an agent starting
+    with its cluster must wait for the tagged server, not refuse a correct store list."""
+    cluster = NatsCluster(tmp_path / "c")
+    first, second, late = cluster.nodes
+    first.start()
+    second.start()
+    nc = await nats.connect(servers=[first.url, second.url])
+    try:
+
+        def meta_leader() -> bool:
+            meta = first.varz("jsz").get("meta_cluster")
+            return isinstance(meta, dict) and bool(meta.get("leader"))
+
+        await eventually(meta_leader, timeout=30, what="meta leader of two nodes")
+        js = nc.jetstream(timeout=5)
+        refused = asyncio.Event()
+        real = js.add_stream
+
+        async def add_stream(config: StreamConfig, **params: Any) -> StreamInfo:
+            try:
+                return await real(config, **params)
+            except APIError:
+                refused.set()
+                raise
+
+        monkeypatch.setattr(js, "add_stream", add_stream)
+        task = asyncio.create_task(ensure_store(js, late.name, grace=60))
+        await asyncio.wait_for(refused.wait(), 30)
+        assert not task.done(), "the store request gave up while its server was joining"
+        late.start()
+        await asyncio.wait_for(task, 60)
+        info = await js.stream_info(store_stream(late.name))
+        assert info.cluster is not None and info.cluster.leader == late.name
+    finally:
+        await nc.close()
+        cluster.stop()
+
+
 async def test_a_store_without_its_site_server_is_a_clear_error(nats_cluster: NatsCluster) -> None:
     nc = await nats.connect(servers=nats_cluster.urls)
     try:
         with pytest.raises(MeshMismatch, match="no JetStream server tagged site:nowhere"):
-            await ensure_mesh(nc.jetstream(timeout=15), 3, stores=["nowhere"])
+            await ensure_mesh(nc.jetstream(timeout=15), 3, stores=["nowhere"], peer_grace=1.0)
     finally:
         await nc.close()
 
