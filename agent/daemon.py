@@ -370,8 +370,10 @@ class Agent:
 
     def _feed_fence(self, view: SessionView) -> None:
         """Session thread: hand the fence the deadline it may follow without us."""
-        if self.fence is not None:
-            self.fence.session_deadline(view.anchored_deadline())
+        fence = self.fence
+        if fence is not None:
+            groups = {g: view.deadline(dict(s)) for g, s in fence.groups().items()}
+            fence.session_deadline(view.anchored_deadline(), groups)
 
     async def _watch_session(self, session: SessionThread) -> None:
         """A supervised task that ends (failing the agent) if the session thread dies."""

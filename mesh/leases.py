@@ -490,6 +490,11 @@ class LeaseManager:
             self._follows[key] = follows
         return follows
 
+    def support(self, name: str) -> tuple[tuple[str, str], ...]:
+        """The (store, epoch) pairs our claim of ``name`` names; () when not held."""
+        held = self._held.get(name)
+        return held.key() if held is not None else ()
+
     def agent_alive(self, agent: str) -> bool:
         """``agent``'s session was seen renewing within a ttl in some store we watch."""
         now = self.clock()

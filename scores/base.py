@@ -69,10 +69,16 @@ class Deadline:
 
     ``follows_session``: the agent's session thread moves this deadline on every renewal
     without the main loop (the fence follows it); otherwise it is fixed until changed.
+
+    ``support``: the lease's claims as (store, epoch) pairs. When the lease does not follow
+    the session (claimed in fewer stores than the session is anchored in, until repaired),
+    a fence that reads the renewals itself can still follow *this* support's validity
+    without the main loop; otherwise a busy loop would leave it a stale fixed deadline.
     """
 
     at: float
     follows_session: bool = False
+    support: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

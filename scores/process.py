@@ -93,23 +93,31 @@ class ProcessInterpret(Interpret):
 
     # --- deadline ---------------------------------------------------------------------------
 
-    def _mode(self) -> tuple[str, float | None]:
+    def _mode(self) -> tuple[str, float | None, tuple[tuple[str, str], ...]]:
+        """How the fence bounds the workload: ``follow`` the anchored session, ``follow``
+        the lease's own support (claimed in fewer stores than the session is anchored in),
+        or a ``fixed`` instant (no support known)."""
         d = self._deadline
         if d is None:
-            return "none", None
-        return ("follow", d.at) if d.follows_session else ("fixed", d.at)
+            return "none", None, ()
+        if d.follows_session:
+            return "follow", d.at, ()
+        if d.support:
+            return "follow", d.at, d.support
+        return "fixed", d.at, ()
 
     def set_deadline(self, deadline: Deadline | None) -> None:
         before = self._mode()
         self._deadline = deadline
-        mode, at = self._mode()
-        if (mode, at if mode == "fixed" else None) == (
+        mode, at, support = self._mode()
+        if (mode, support, at if mode == "fixed" else None) == (
             before[0],
+            before[2],
             before[1] if before[0] == "fixed" else None,
         ):
-            return  # following the session: the fence has the moving deadline already
+            return  # following: the fence has the moving deadline already
         if self._pid is not None:
-            self._runtime.set_deadline(self._id, mode, at)
+            self._runtime.set_deadline(self._id, mode, at, support)
 
     # --- apply / stop / observe ---------------------------------------------------------------
 
@@ -156,7 +164,7 @@ class ProcessInterpret(Interpret):
         env.update(spec.env)
         env.update(ctx.harmony_env())
         uid, gid = self._runtime.run_as
-        mode, at = self._mode()
+        mode, at, support = self._mode()
         return Launch(
             id=ctx.app,
             argv=spec.command,
@@ -170,6 +178,7 @@ class ProcessInterpret(Interpret):
             backups=spec.log_backups,
             mode=mode,
             deadline=at,
+            support=support,
         )
 
     async def _supervise(self, ctx: RunContext, first: asyncio.Future[Outcome]) -> None:

@@ -91,8 +91,16 @@ class ProcessRuntime(Protocol):
 
     def kill_workload(self, wid: str) -> None: ...
 
-    def set_deadline(self, wid: str, mode: str, deadline: float | None = None) -> None:
-        """``follow`` the session deadline, a ``fixed`` one (CLOCK_BOOTTIME), or ``none``."""
+    def set_deadline(
+        self,
+        wid: str,
+        mode: str,
+        deadline: float | None = None,
+        support: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """``follow`` the session deadline (or, with ``support``, that claim's validity as
+        the session thread computes it), a ``fixed`` one (CLOCK_BOOTTIME), or ``none``;
+        ``deadline`` is also the bound a follower starts from."""
         ...
 
 

@@ -19,11 +19,14 @@ What it guarantees, whatever the agent does:
 Deadlines: a workload ``follows`` the session deadline (a float per line on the session fd,
 written by the agent's session thread after each renewal, so renewals reach the fence even
 while the agent's main loop is busy), or has a ``fixed`` deadline, or none (SplitBrainAllowed).
+A lease claimed in fewer stores than the session is anchored in (until its claim is
+repaired) follows its own ``group``: the session thread writes ``{"groups": {name:
+deadline}}`` after the float, one deadline per claim support in use.
 
 Protocol (one JSON object per line). stdin, from the agent's main loop:
 ``{"op": "spawn", "id", "argv", "env", "cwd", "uid", "gid", "log", "max_bytes", "backups",
-"stop_timeout", "mode": "follow|fixed|none", "deadline"}``, ``{"op": "deadline", "id",
-"mode", "deadline"}``, ``{"op": "stop", "id"}``, ``{"op": "kill", "id"}``.
+"stop_timeout", "mode": "follow|fixed|none", "deadline", "group"}``, ``{"op": "deadline",
+"id", "mode", "deadline", "group"}``, ``{"op": "stop", "id"}``, ``{"op": "kill", "id"}``.
 stdout: ``{"ev": "started", "id", "pid"}``, ``{"ev": "spawn-failed", "id", "error"}``,
 ``{"ev": "exited", "id", "pid", "code", "reason": "exited|deadline|stopped|agent-gone"}``.
 """
@@ -49,6 +52,7 @@ PR_SET_PDEATHSIG = 1
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 ROTATE_CHECK = 2.0
+NEG_INF = float("-inf")
 TICK = 0.1
 """Longest sleep: re-reading CLOCK_BOOTTIME this often bounds lateness after a resume."""
 BATCH_CHECK = 0.02
@@ -99,6 +103,8 @@ class Workload:
     stop_timeout: float
     mode: str
     deadline: float | None
+    group: str | None = None
+    """With ``follow``: the claim support whose deadline (session fd) bounds it."""
     reason: str = "exited"
     kill_at: float | None = None
 
@@ -114,6 +120,8 @@ class Fence:
         """``setpriv`` when it can set the parent-death signal (see ``find_setpriv``)."""
         self.session_fd = session_fd
         self.session_deadline = float("-inf")
+        self.groups: dict[str, float] = {}
+        """Claim support -> its deadline, from the session fd (see ``_limit``)."""
         self.workloads: dict[str, Workload] = {}
         self.by_pid: dict[int, str] = {}
         self.leaving = False
@@ -147,6 +155,8 @@ class Fence:
             w.mode = str(cmd.get("mode", "fixed"))
             value = cmd.get("deadline")
             w.deadline = float(value) if isinstance(value, int | float) else None
+            group = cmd.get("group")
+            w.group = group if isinstance(group, str) else None
         elif op == "stop":
             self.terminate(w, "stopped")
         elif op == "kill":
@@ -159,9 +169,11 @@ class Fence:
             return
         deadline = cmd.get("deadline")
         mode = str(cmd.get("mode", "none"))
+        group = cmd.get("group") if isinstance(cmd.get("group"), str) else None
+        fixed = float(deadline) if isinstance(deadline, int | float) else None
         self.refresh()
-        limit = self.session_deadline if mode == "follow" else deadline
-        if mode != "none" and (limit is None or now() >= float(limit)):
+        limit = self._limit(mode, fixed, group)
+        if limit is not None and now() >= limit:
             emit({"ev": "spawn-failed", "id": wid, "error": "deadline already passed"})
             return
         log_path = str(cmd["log"])
@@ -213,7 +225,8 @@ class Fence:
             int(cmd.get("backups") or 0),
             float(cmd.get("stop_timeout") or 5.0),
             mode,
-            float(deadline) if isinstance(deadline, int | float) else None,
+            fixed,
+            group,
         )
         self.by_pid[proc.pid] = wid
         emit({"ev": "started", "id": wid, "pid": proc.pid})
@@ -230,10 +243,19 @@ class Fence:
         killpg(w.pgid, signal.SIGTERM)
 
     def limit(self, w: Workload) -> float | None:
-        if w.mode == "follow":
-            return self.session_deadline
-        if w.mode == "fixed":
-            return w.deadline if w.deadline is not None else float("-inf")
+        return self._limit(w.mode, w.deadline, w.group)
+
+    def _limit(self, mode: str, deadline: float | None, group: str | None) -> float | None:
+        """``follow`` without a group: the anchored session deadline. With a group: that
+        claim support's deadline from the session fd, or the one the agent sent with the
+        command until the session thread has written it (both are promises already made,
+        so the later one holds)."""
+        if mode == "follow":
+            if group is None:
+                return self.session_deadline
+            return max(NEG_INF if deadline is None else deadline, self.groups.get(group, NEG_INF))
+        if mode == "fixed":
+            return NEG_INF if deadline is None else deadline
         return None
 
     # --- the loop ---------------------------------------------------------------------------
@@ -319,9 +341,17 @@ class Fence:
                 self.command(line)
                 if now() >= self.checked + BATCH_CHECK:
                     self.enforce()
+            elif line.startswith(b"{"):
+                self.read_groups(line)
             else:
                 with contextlib.suppress(ValueError):
                     self.session_deadline = float(line)
+
+    def read_groups(self, line: bytes) -> None:
+        """``{"groups": {name: deadline}}``: every claim support in use, as of a renewal."""
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            groups = json.loads(line)["groups"]
+            self.groups = {str(g): float(d) for g, d in groups.items()}
 
     def leave(self) -> None:
         """The agent is gone: stop everything gracefully, then exit when all are gone."""

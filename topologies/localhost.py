@@ -64,8 +64,14 @@ class LocalhostTopology(SystemdOverShell):
     def kill_workload(self, wid: str) -> None:
         self.fence.kill(wid)
 
-    def set_deadline(self, wid: str, mode: str, deadline: float | None = None) -> None:
-        self.fence.set_deadline(wid, mode, deadline)
+    def set_deadline(
+        self,
+        wid: str,
+        mode: str,
+        deadline: float | None = None,
+        support: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.fence.set_deadline(wid, mode, deadline, support)
 
     # HostShell
     async def run(

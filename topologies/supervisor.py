@@ -29,6 +29,13 @@ log = structlog.get_logger("topologies.fence")
 
 FENCE = Path(__file__).with_name("fence.py")
 
+Support = tuple[tuple[str, str], ...]
+
+
+def group_name(support: Support) -> str:
+    """The fence's name for the deadline of one claim support (store=epoch pairs)."""
+    return ",".join(f"{store}={epoch}" for store, epoch in support)
+
 
 class LaunchError(RuntimeError):
     """The fence could not start the workload; the message is one line."""
@@ -51,6 +58,8 @@ class Launch:
     mode: str = "none"
     """``follow`` the session deadline, a ``fixed`` one, or ``none`` (SplitBrainAllowed)."""
     deadline: float | None = None
+    support: tuple[tuple[str, str], ...] = ()
+    """With ``follow``: follow this claim's validity instead of the anchored session's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +91,11 @@ class FenceSupervisor:
         os.set_blocking(self._session_w, False)
         self._lock = threading.Lock()
         self._last_session = float("-inf")
+        self._last_groups: Mapping[str, float] = {}
+        self._uses: dict[str, Support] = {}
+        """Workload id -> the claim support its fence deadline follows (main loop only)."""
+        self._groups: Mapping[str, Support] = {}
+        """Every support in use, replaced whole (read by the session thread)."""
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closing = False
@@ -107,7 +121,7 @@ class FenceSupervisor:
         )
         self._reader = asyncio.create_task(self._read(self.proc), name="fence-reader")
         await asyncio.wait_for(asyncio.shield(self._ready), 10.0)
-        self.session_deadline(self._last_session)
+        self.session_deadline(self._last_session, self._last_groups)
         self.started.set()
         log.info("fence_started", msg=f"fence started (pid {self.proc.pid})", pid=self.proc.pid)
 
@@ -153,16 +167,38 @@ class FenceSupervisor:
 
     # --- deadlines -------------------------------------------------------------------------
 
-    def session_deadline(self, deadline: float) -> None:
-        """The anchored session deadline (any thread; never blocks; a dropped update only
-        makes the fence stricter)."""
+    def session_deadline(self, deadline: float, groups: Mapping[str, float] | None = None) -> None:
+        """The anchored session deadline, and the deadline of each claim support in
+        ``groups()`` (any thread; never blocks; a dropped update only makes the fence
+        stricter)."""
         self._last_session = deadline
         line = f"{deadline!r}\n".encode()
+        if groups:
+            self._last_groups = groups
+            line += json.dumps({"groups": dict(groups)}).encode() + b"\n"
         with self._lock, contextlib.suppress(BlockingIOError, OSError):
             os.write(self._session_w, line)
 
-    def set_deadline(self, wid: str, mode: str, deadline: float | None = None) -> None:
-        self._send({"op": "deadline", "id": wid, "mode": mode, "deadline": deadline})
+    def groups(self) -> Mapping[str, Support]:
+        """The claim supports some workload follows, by group name (any thread)."""
+        return self._groups
+
+    def set_deadline(
+        self, wid: str, mode: str, deadline: float | None = None, support: Support = ()
+    ) -> None:
+        group = self._use(wid, mode, support)
+        self._send(
+            {"op": "deadline", "id": wid, "mode": mode, "deadline": deadline, "group": group}
+        )
+
+    def _use(self, wid: str, mode: str, support: Support) -> str | None:
+        """Record which support ``wid`` follows (None: the anchored session, or no follow)."""
+        if mode == "follow" and support:
+            self._uses[wid] = support
+        else:
+            self._uses.pop(wid, None)
+        self._groups = {group_name(s): s for s in set(self._uses.values())}
+        return group_name(support) if mode == "follow" and support else None
 
     # --- workloads -------------------------------------------------------------------------
 
@@ -189,6 +225,7 @@ class FenceSupervisor:
                 "stop_timeout": launch.stop_timeout,
                 "mode": launch.mode,
                 "deadline": launch.deadline,
+                "group": self._use(launch.id, launch.mode, launch.support),
             }
         )
         try:
@@ -243,10 +280,12 @@ class FenceSupervisor:
             if fut is not None and not fut.done():
                 fut.set_result(running)
         elif ev == "spawn-failed":
+            self._use(wid, "none", ())
             fut = self._pending.get(wid)
             if fut is not None and not fut.done():
                 fut.set_exception(LaunchError(str(event.get("error", "cannot start"))))
         elif ev == "exited":
+            self._use(wid, "none", ())
             ended = self._running.pop(wid, None)
             if ended is not None and not ended.exited.done():
                 code = event.get("code")
@@ -261,6 +300,8 @@ class FenceSupervisor:
             if not running.exited.done():
                 running.exited.set_result(Exit(running.pid, None, reason))
         self._running.clear()
+        self._uses.clear()
+        self._groups = {}
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(LaunchError("the fence died"))

@@ -502,8 +502,12 @@ class AppRunner(ReplicaRoles):
         name = self.lease_name
         if not self.consistent or name is None:
             return None
-        at = self.p.leases.deadline(name)
-        return Deadline(at, follows_session=self.p.leases.follows_session(name))
+        leases = self.p.leases
+        return Deadline(
+            leases.deadline(name),
+            follows_session=leases.follows_session(name),
+            support=leases.support(name),
+        )
 
     def _ctx(self, token: int, deadline: Deadline | None) -> RunContext:
         p = self.p

@@ -54,6 +54,9 @@ class FakeLeases:
     def follows_session(self, name: str) -> bool:
         return self.follows
 
+    def support(self, name: str) -> tuple[tuple[str, str], ...]:
+        return ()
+
     async def release(
         self, name: str, *, to: str | None = None, stop: Callable[[], Awaitable[None]] | None = None
     ) -> bool:

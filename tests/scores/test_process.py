@@ -203,6 +203,34 @@ async def test_following_the_session_needs_no_main_loop(
     assert seen.reason == "deadline" and boottime() >= last
 
 
+async def test_a_lease_claimed_in_fewer_stores_follows_its_support_without_the_main_loop(
+    make_process: MakeProcess, ctx: RunContext, localhost: LocalhostTopology
+) -> None:
+    """A lease that does not follow the anchored session (claimed in two stores of three
+    until repaired) used to get a fixed deadline pushed by the main loop on each renewal;
+    a busy loop then let the fence kill it (seen in CI). Now the fence follows the claim
+    support's deadline as the session thread writes it, with no main loop involved."""
+    support = (("n2", "e2"), ("n3", "e3"))
+    fence = localhost.fence
+    fence.session_deadline(float("-inf"))  # the anchored session does not cover it
+    proc = make_process(SLEEPER)
+    start = boottime()
+    assert (await proc.apply(with_deadline(ctx, Deadline(start + 0.5, support=support)))).ok
+    assert list(fence.groups().values()) == [support]
+
+    def renew() -> bool:  # what the session thread does after each renewal (agent/daemon.py)
+        fence.session_deadline(float("-inf"), {g: boottime() + 0.5 for g in fence.groups()})
+        return boottime() > start + 1.5
+
+    await eventually(renew, timeout=10, interval=0.1, what="renewals through the session pipe")
+    assert (await proc.observe()).state is WorkloadState.RUNNING
+    last = boottime() + 0.3
+    fence.session_deadline(float("-inf"), {g: last for g in fence.groups()})
+    seen = await eventually(lambda: _failed(proc), timeout=5, what="killed at the deadline")
+    assert seen.reason == "deadline" and boottime() >= last
+    assert fence.groups() == {}, "the support of an exited workload is still followed"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a workload as another user needs root")
 async def test_workloads_run_as_the_configured_user_and_cannot_read_agent_secrets(
     ctx: RunContext,
