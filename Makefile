@@ -30,7 +30,7 @@ HARMONY_SOAK_RUNS ?= 3
 export HARMONY_SOAK_RUNS
 
 pytest: $(BIN)/activate
-	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
