@@ -172,9 +172,9 @@ class FenceSupervisor:
         ``groups()`` (any thread; never blocks; a dropped update only makes the fence
         stricter)."""
         self._last_session = deadline
+        self._last_groups = groups or {}
         line = f"{deadline!r}\n".encode()
         if groups:
-            self._last_groups = groups
             line += json.dumps({"groups": dict(groups)}).encode() + b"\n"
         with self._lock, contextlib.suppress(BlockingIOError, OSError):
             os.write(self._session_w, line)
