@@ -147,13 +147,6 @@ def _claim_state(c: ClaimObs, f: FamilyObs, ttl: float) -> tuple[str, float, str
         return "live", sess.since, f"held by {who}"
     if sess.expired_epoch == rec.epoch:
         return "pending", max(sess.since, sess.live_since + ttl), f"session of {who} expired"
-    if sess.seq < c.seq and (sess.epoch != rec.epoch or not sess.alive):
-        # The claim is newer than the session record we have: it named the epoch that was
-        # live when it was written, so ours is behind (a watch catching up after a heal,
-        # the claim read directly after a conflict), not proof that the epoch ended. Seen:
-        # taken as "opened a new epoch", a live claim looked free and the lease was taken
-        # from a running holder. Live until the session is seen unchanged for a ttl.
-        return "live", sess.since, f"held by {who}"
     if sess.epoch != rec.epoch:
         return "free", sess.since, f"{who} opened a new epoch"
     if not sess.alive:

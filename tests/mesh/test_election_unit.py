@@ -259,18 +259,3 @@ def test_a_forged_expiry_frees_nothing_before_a_ttl_without_renewals() -> None:
     d = run(fams)
     assert d.action is Action.WAIT and d.retry_at == NOW - 0.3 + TTL
     assert run(fams, now=NOW - 0.3 + TTL).action is Action.ACQUIRE
-
-
-def test_a_claim_newer_than_the_session_we_saw_is_held_not_free() -> None:
-    """Our watch of a store lags (it is catching up after a heal) and the claim was read
-    directly after a conflict: the claim names an epoch our cached session record does
-    not. That record is older than the claim, so it proves nothing: the claim is live.
-    Seen before the rule: "opened a new epoch", free, and the lease was taken from a
-    running holder."""
-    old = SessionObs(5, NOW - 0.5, "ea-old", True, TTL)
-    newer = ClaimObs("site-a/n1", 9, NOW - 0.2, ClaimRecord("ea-new", 7))
-    lagging = FamilyObs("c", True, 9, NOW - 0.2, (newer,), {"site-a/n1": old})
-    assert classify(lagging, ME, window=TTL).kind is Kind.HELD
-    renewed = SessionObs(12, NOW - 0.1, "ea-other", True, TTL)  # a later record: really new
-    moved_on = FamilyObs("c", True, 9, NOW - 0.2, (newer,), {"site-a/n1": renewed})
-    assert classify(moved_on, ME, window=TTL).kind is Kind.FREE
