@@ -35,9 +35,6 @@ log = structlog.get_logger("mesh.leases")
 
 StopHook = Callable[[], Awaitable[None]]
 NEG_INF = float("-inf")
-WRITE_RETRY = 0.25
-"""A decision whose writes no store took or answered (cut off: they fail at once) is made
-again after this, not at once."""
 
 
 class LeaseIO:
@@ -233,7 +230,9 @@ class LeaseIO:
         for store, (seq, epoch) in held.claims.items():
             record = ClaimRecord(epoch, held.term, ClaimState.RELEASED, None, self.ttl)
             task = asyncio.create_task(
-                self.writer.retract(store, want.key, want.family, seq, record, NEG_INF),
+                self.writer.retract(
+                    store, want.key, want.family, seq, record, NEG_INF, same_term=True
+                ),
                 name=f"withdraw:{want.name}:{store}",
             )
             self._tasks.add(task)
@@ -262,8 +261,6 @@ class LeaseIO:
         for b, r in results.items():
             if r.conflict:
                 await self._refresh(b, want.family)
-        if not landed and not any(r.conflict for r in results.values()):
-            self._set_timer(want.name, self.clock() + WRITE_RETRY)
         held = self._held.get(want.name)
         if repair:
             if held is not None and held.term == d.term and landed:
@@ -352,9 +349,6 @@ class LeaseIO:
         for b, r in results.items():
             if r.conflict:
                 await self._refresh(b, f"sess.{target.replace('/', '.')}.>")
-        if results and not any(r.ok or r.conflict for r in results.values()):
-            # No store took it or answered (cut off): ask again later, not at once.
-            self._set_timer(want.name, self.clock() + WRITE_RETRY)
         if waits:
             await asyncio.gather(*(asyncio.shield(w) for w in waits))
 

@@ -536,12 +536,7 @@ class LeaseManager(LeaseIO):
         self._wait_on(want.name, d.holders if d.action is Action.WAIT else frozenset())
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
-        """Carry out one decision's writes; decide ``name`` again when they end, unless
-        they set a timer for it (a lost race backs off, an unreachable store is asked
-        again later): re-deciding at once repeated the same failing write hundreds of
-        times a second."""
         self._in_flight.add(name)
-        timer = self._timers.get(name)
 
         async def guarded() -> None:
             try:
@@ -556,8 +551,7 @@ class LeaseManager(LeaseIO):
                 )
             finally:
                 self._in_flight.discard(name)
-                if self._timers.get(name) == timer:
-                    self._touch(name)
+                self._touch(name)
 
         task = asyncio.create_task(guarded(), name=f"lease:{name}")
         self._tasks.add(task)

@@ -98,21 +98,25 @@ class Writer:
         return claim is not None and claim.state is ClaimState.HELD and claim.term == term
 
     async def retract(
-        self, store: str, key: str, family: str, expect: int, record: ClaimRecord, until: float
+        self,
+        store: str,
+        key: str,
+        family: str,
+        expect: int,
+        record: ClaimRecord,
+        until: float,
+        *,
+        same_term: bool = False,
     ) -> str:
         """Replace our claim at ``expect`` by ``record`` (released or handover) until done.
 
         A store that does not answer is asked again (backing off to 5 s) for as long as it
         takes, or until ``until`` when that is finite: a claim left behind in a store that
         was down would block that store for the next holder. The record is never changed:
-        a handover stays a handover. Returns how it ended: ``done``, ``moved`` (nothing of
-        this tenure is left there to retract) or ``gave up``.
-
-        Only a claim of ``record.term`` is ever written over: a retry that lands after we
-        claimed the lease again (a later tenure) must not release the new claim (seen: a
-        withdrawal of a lost race, still retrying against a store that was cut off,
-        released its agent's next holding there, and another site took the lease while it
-        ran).
+        a handover stays a handover. Returns how it ended: ``done``, ``moved`` (someone else
+        wrote the family after our claim: nothing of ours left there) or ``gave up``.
+        ``same_term``: a newer write of ours is retracted only if it names the record's
+        term (a repair of the same tenure), never a claim of a later tenure.
         """
         until = float("inf") if until == float("-inf") else until
         backoff = 0.1
@@ -126,18 +130,17 @@ class Writer:
                     entry = await self.last(store, family)
                 except StoreError:
                     entry = None
+                if entry is not None and entry.key == key:
+                    landed = parse_claim(entry.value, entry.key, entry.seq)
+                    if landed is not None and landed.state is record.state:
+                        return "done"  # our earlier attempt landed without an answer
+                    later = landed is not None and landed.term != record.term
+                    if landed is not None and entry.seq > expect and not (same_term and later):
+                        expect = entry.seq  # our own newer write (a repair): retract that
+                        continue
                 if entry is None:
                     return "moved"
-                if entry.key == key:
-                    landed = parse_claim(entry.value, entry.key, entry.seq)
-                    if landed is None or landed.term != record.term:
-                        return "moved"  # a later tenure of ours: never retract it
-                    if landed.state is record.state:
-                        return "done"  # our earlier attempt landed without an answer
-                    if entry.seq > expect:
-                        expect = entry.seq  # a repair of this tenure: retract that
-                        continue
-                else:
+                if entry.key != key:
                     # Someone else wrote the family after our claim. That alone frees
                     # nothing: every agent's claim is judged, not only the newest (a
                     # contender that lost a race writes and withdraws its own). If our key
