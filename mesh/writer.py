@@ -21,7 +21,7 @@ from nats.aio.client import Client
 
 from mesh.clock import Clock, boottime
 from mesh.names import expiry_key, session_family
-from mesh.records import ClaimRecord, ClaimState, ExpiryRecord, parse_claim
+from mesh.records import ClaimRecord, ExpiryRecord, parse_claim
 from mesh.stores import Entry, Store, StoreError
 
 log = structlog.get_logger("mesh.writer")
@@ -88,15 +88,6 @@ class Writer:
     async def last(self, store: str, family: str) -> Entry | None:
         return await self.stores[store].last(family, self.cas_timeout)
 
-    async def _still_ours(self, store: str, key: str, term: int) -> bool:
-        """Our key in ``store`` still holds a live-looking claim of ``term``."""
-        try:
-            entry = await self.last(store, key)
-        except StoreError:
-            return False
-        claim = parse_claim(entry.value, entry.key, entry.seq) if entry is not None else None
-        return claim is not None and claim.state is ClaimState.HELD and claim.term == term
-
     async def retract(
         self,
         store: str,
@@ -138,17 +129,8 @@ class Writer:
                     if landed is not None and entry.seq > expect and not (same_term and later):
                         expect = entry.seq  # our own newer write (a repair): retract that
                         continue
-                if entry is None:
+                if entry is None or entry.key != key:
                     return "moved"
-                if entry.key != key:
-                    # Someone else wrote the family after our claim. That alone frees
-                    # nothing: every agent's claim is judged, not only the newest (a
-                    # contender that lost a race writes and withdraws its own). If our key
-                    # still holds this tenure's claim, write over it at the newest sequence.
-                    if not await self._still_ours(store, key, record.term):
-                        return "moved"
-                    expect = entry.seq
-                    continue
             if self.clock() >= until:
                 log.warning(
                     "release_abandoned",
