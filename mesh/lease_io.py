@@ -219,25 +219,6 @@ class LeaseIO:
             return False
         return True
 
-    def _withdraw_dropped(self, want: WantedLease, held: HeldLease) -> None:
-        """Our tenure ended without a release (its validity ran out while we could not
-        renew in a quorum of stores): write ``released`` over its claims. Where our session
-        still renews (our own site's store, through a partition), nobody else may expire
-        it, so the claim would stand as live for the others until we happened to claim
-        again; with the next fault the lease then had no quorum of free stores (seen: a
-        takeover of 2 x ttl when a site was cut just after the previous holder's site
-        healed). Only for a tenure whose deadline has passed: its workload is fenced."""
-        for store, (seq, epoch) in held.claims.items():
-            record = ClaimRecord(epoch, held.term, ClaimState.RELEASED, None, self.ttl)
-            task = asyncio.create_task(
-                self.writer.retract(
-                    store, want.key, want.family, seq, record, NEG_INF, same_term=True
-                ),
-                name=f"withdraw:{want.name}:{store}",
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
     # --- claims and expiries ----------------------------------------------------------------
 
     def _records(self, term: int, stores: list[str]) -> dict[str, ClaimRecord] | None:

@@ -599,8 +599,7 @@ class LeaseManager(LeaseIO):
         if self._held_now is not None:
             self._held_now.pop(name, None)
         self._dropped[name] = max(held.term, self._dropped.get(name, 0))
-        held_until = self._view.deadline(held.support())
-        end = min(self.clock(), held_until)
+        end = min(self.clock(), self._view.deadline(held.support()))
         self.tenures.append(Tenure(name, held.term, held.start, max(held.start, end), why))
         metrics.LEASES_HELD.dec()
         metrics.LOSSES.labels(reason).inc()
@@ -614,8 +613,5 @@ class LeaseManager(LeaseIO):
         )
         for cb in self.on_lost:
             cb(name, held.term, why)
-        want = self._wants.get(name)
-        if want is not None and reason == "session" and self.clock() >= held_until:
-            self._withdraw_dropped(want, held)
         if name in self._wants:
             self._touch(name)

@@ -89,15 +89,7 @@ class Writer:
         return await self.stores[store].last(family, self.cas_timeout)
 
     async def retract(
-        self,
-        store: str,
-        key: str,
-        family: str,
-        expect: int,
-        record: ClaimRecord,
-        until: float,
-        *,
-        same_term: bool = False,
+        self, store: str, key: str, family: str, expect: int, record: ClaimRecord, until: float
     ) -> str:
         """Replace our claim at ``expect`` by ``record`` (released or handover) until done.
 
@@ -106,8 +98,6 @@ class Writer:
         was down would block that store for the next holder. The record is never changed:
         a handover stays a handover. Returns how it ended: ``done``, ``moved`` (someone else
         wrote the family after our claim: nothing of ours left there) or ``gave up``.
-        ``same_term``: a newer write of ours is retracted only if it names the record's
-        term (a repair of the same tenure), never a claim of a later tenure.
         """
         until = float("inf") if until == float("-inf") else until
         backoff = 0.1
@@ -125,8 +115,7 @@ class Writer:
                     landed = parse_claim(entry.value, entry.key, entry.seq)
                     if landed is not None and landed.state is record.state:
                         return "done"  # our earlier attempt landed without an answer
-                    later = landed is not None and landed.term != record.term
-                    if landed is not None and entry.seq > expect and not (same_term and later):
+                    if landed is not None and entry.seq > expect:
                         expect = entry.seq  # our own newer write (a repair): retract that
                         continue
                 if entry is None or entry.key != key:
