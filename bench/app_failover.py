@@ -89,7 +89,7 @@ async def _force(stage: fo.Stage, site: str) -> list[str] | None:
         return None
 
 
-async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
+async def _one(stage: fo.Stage, scenario: str, ttl: float, settle: bool = True) -> dict[str, Any]:
     first = await stage.one_running(APP, timeout=120)
     holder = stage.agent_of(first)
     row: dict[str, Any] = {"from": first.site}
@@ -110,6 +110,10 @@ async def _one(stage: fo.Stage, scenario: str, ttl: float) -> dict[str, Any]:
         row["takeover"] = round((second.first_ns - cut_ns) / 1e9, 3)
         stage.sites.heal(first.site)
         await eventually(holder.ready, timeout=90, what="cut agent ready after heal")
+        if settle:
+            # Let the healed site rejoin (watches caught up, claims repaired) before the
+            # next run cuts the new holder: otherwise that run measures a double fault.
+            await _wait(2 * ttl)
     elif scenario == "bystander":
         bystander = next(s for s in SITES if s != first.site)
         moved = await _force(stage, bystander)
@@ -188,7 +192,7 @@ def _keep(stage: fo.Stage, into: Path) -> None:
 
 
 async def run_scenario(
-    scenario: str, runs: int, ttl: float, keep: Path | None = None
+    scenario: str, runs: int, ttl: float, keep: Path | None = None, settle: bool = True
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{scenario}-") as tmp:
         stage = await _mesh(Path(tmp), ttl)
@@ -196,7 +200,7 @@ async def run_scenario(
             await stage.put(fo.application(APP, stage.history))
             rows: list[dict[str, Any]] = []
             while len([r for r in rows if "skipped" not in r]) < runs and len(rows) < 2 * runs:
-                row = await _one(stage, scenario, ttl)
+                row = await _one(stage, scenario, ttl, settle)
                 rows.append(row)
                 i = len(rows) - 1
                 print(f"  ttl {ttl:g} {scenario} #{i + 1}: {json.dumps(row)}", flush=True)
@@ -312,6 +316,11 @@ async def main() -> int:
     parser.add_argument(
         "--fresh", action="store_true", help="start --out afresh (default: update its runs)"
     )
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="cut the next holder right after the heal (a double fault), not 2 ttl later",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/app_failover.py needs root (network namespaces)", file=sys.stderr)
@@ -335,7 +344,7 @@ async def main() -> int:
         for scenario in [s for s in args.scenario.split(",") if s]:
             print(f"{scenario}: {args.runs} runs, ttl {ttl:g}s", flush=True)
             load_before = os.getloadavg()
-            res = await run_scenario(scenario, args.runs, ttl, args.keep)
+            res = await run_scenario(scenario, args.runs, ttl, args.keep, not args.no_settle)
             res["loadavg"] = {"before": load_before, "after": os.getloadavg()}
             results["runs"][f"{scenario}@{ttl:g}"] = res
             s = res["summary"]
