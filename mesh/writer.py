@@ -98,6 +98,11 @@ class Writer:
         was down would block that store for the next holder. The record is never changed:
         a handover stays a handover. Returns how it ended: ``done``, ``moved`` (someone else
         wrote the family after our claim: nothing of ours left there) or ``gave up``.
+
+        Only a claim of ``record.term`` is written over: a retry that lands after we
+        claimed the lease again must not release the later tenure's claim (our own watch
+        reads an older term as "not seen yet", so we would go on holding while the store
+        shows the lease free to everyone else).
         """
         until = float("inf") if until == float("-inf") else until
         backoff = 0.1
@@ -113,6 +118,8 @@ class Writer:
                     entry = None
                 if entry is not None and entry.key == key:
                     landed = parse_claim(entry.value, entry.key, entry.seq)
+                    if landed is not None and landed.term != record.term:
+                        return "moved"  # a later tenure of ours: never retract it
                     if landed is not None and landed.state is record.state:
                         return "done"  # our earlier attempt landed without an answer
                     if landed is not None and entry.seq > expect:

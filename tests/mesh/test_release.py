@@ -14,7 +14,10 @@ import nats
 import pytest
 
 from mesh.clock import boottime
-from mesh.names import lease_claim_key, store_bucket
+from mesh.names import lease_claim_key, lease_family, store_bucket
+from mesh.records import ClaimRecord, ClaimState
+from mesh.stores import Store
+from mesh.writer import Writer
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
 from tests.mesh.lease_world import Contender, check_history, make_mesh
@@ -98,5 +101,30 @@ async def test_a_handover_with_a_store_down_stays_a_handover(
         # release (a release would have let anyone take it, not just the target).
         assert json.loads(old.value or b"{}").get("state") in ("held", "handover")
         assert "ledger" in standby.held() and "ledger" not in holder.held()
+    finally:
+        await nc.close()
+
+
+async def test_a_late_retraction_never_releases_a_later_tenure(nats_cluster: NatsCluster) -> None:
+    """A release or withdrawal still retrying (its store was unreachable) may land after its
+    agent claimed the lease again. It must leave the new claim alone: our own watch reads an
+    older term as "not seen yet", so we would go on holding while the store showed the
+    lease free to everyone else."""
+    stores = nats_cluster.stores
+    await make_mesh(nats_cluster.urls, stores)
+    nc = await nats.connect(servers=nats_cluster.urls)
+    try:
+        store, family = stores[0], lease_family("ledger")
+        key = lease_claim_key("ledger", "site-a", "n1")
+        raw = Store(nc, store)
+        first = await raw.cas(key, ClaimRecord("e1", 10).encode(), family, 0, 5.0)
+        await raw.cas(key, ClaimRecord("e1", 11).encode(), family, first, 5.0)  # claimed again
+        writer = Writer(nc, stores, "site-a", "n1", cas_timeout=5.0)
+        late = ClaimRecord("e1", 10, ClaimState.RELEASED)
+        assert await writer.retract(store, key, family, first, late, boottime() + 5) == "moved"
+        entry = await raw.last(key, 5.0)
+        assert entry is not None
+        now = json.loads(entry.value or b"{}")
+        assert (now.get("state"), now.get("term")) == ("held", 11), f"later tenure touched: {now}"
     finally:
         await nc.close()
