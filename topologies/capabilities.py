@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from topologies.supervisor import Exit, Launch
+from topologies.supervisor import Exit, Launch, Support
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,7 @@ class ProcessRuntime(Protocol):
         wid: str,
         mode: str,
         deadline: float | None = None,
-        support: tuple[tuple[str, str], ...] = (),
+        support: Support = (),
     ) -> None:
         """``follow`` the session deadline (or, with ``support``, that claim's validity as
         the session thread computes it), a ``fixed`` one (CLOCK_BOOTTIME), or ``none``;

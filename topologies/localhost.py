@@ -16,7 +16,7 @@ from topologies.capabilities import (
     ProcessRuntime,
     SystemdManager,
 )
-from topologies.supervisor import Exit, FenceSupervisor, Launch
+from topologies.supervisor import Exit, FenceSupervisor, Launch, Support
 from topologies.systemd import ShellSystemd, SystemdOverShell
 
 
@@ -69,7 +69,7 @@ class LocalhostTopology(SystemdOverShell):
         wid: str,
         mode: str,
         deadline: float | None = None,
-        support: tuple[tuple[str, str], ...] = (),
+        support: Support = (),
     ) -> None:
         self.fence.set_deadline(wid, mode, deadline, support)
 

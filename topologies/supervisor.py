@@ -58,7 +58,7 @@ class Launch:
     mode: str = "none"
     """``follow`` the session deadline, a ``fixed`` one, or ``none`` (SplitBrainAllowed)."""
     deadline: float | None = None
-    support: tuple[tuple[str, str], ...] = ()
+    support: Support = ()
     """With ``follow``: follow this claim's validity instead of the anchored session's."""
 
 
@@ -192,13 +192,17 @@ class FenceSupervisor:
         )
 
     def _use(self, wid: str, mode: str, support: Support) -> str | None:
-        """Record which support ``wid`` follows (None: the anchored session, or no follow)."""
-        if mode == "follow" and support:
-            self._uses[wid] = support
-        else:
-            self._uses.pop(wid, None)
-        self._groups = {group_name(s): s for s in set(self._uses.values())}
-        return group_name(support) if mode == "follow" and support else None
+        """Record which support ``wid`` follows (None: the anchored session, or no follow).
+        The set the session thread reads is rebuilt only when it changes: most workloads
+        follow the anchored session, and a start storm must not pay O(n) per spawn."""
+        follows = support if mode == "follow" and support else None
+        if self._uses.get(wid) != follows:
+            if follows is None:
+                del self._uses[wid]
+            else:
+                self._uses[wid] = follows
+            self._groups = {group_name(s): s for s in set(self._uses.values())}
+        return group_name(follows) if follows is not None else None
 
     # --- workloads -------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from mesh.names import (
 )
 from tests.harness import history
 from tests.harness.agents import AgentProcess
+from tests.harness.nats import meta_complete
 from tests.harness.netns import Sites
 from tests.harness.wait import eventually
 
@@ -299,20 +300,10 @@ class Stage:
 
 
 def _meta_complete(sites: Sites) -> bool:
-    """Every node sees the JetStream meta leader, and the leader sees both peers current."""
-    leader_ok = False
-    for site in sites.sites.values():
-        assert site.nats is not None
-        try:
-            meta = site.nats.varz("jsz").get("meta_cluster")
-        except (OSError, ValueError):
-            return False
-        if not isinstance(meta, dict) or not meta.get("leader"):
-            return False
-        if meta["leader"] == site.nats.name:
-            peers = meta.get("replicas") or []
-            leader_ok = len(peers) == len(sites.sites) - 1 and all(p.get("current") for p in peers)
-    return leader_ok
+    """Every site's node runs and the meta group is complete (R3 buckets can be placed)."""
+    nodes = [site.nats for site in sites.sites.values() if site.nats is not None]
+    everyone = len(nodes) == len(sites.sites) and all(n.running() for n in nodes)
+    return everyone and meta_complete(nodes)
 
 
 async def mesh_ready(sites: Sites) -> None:

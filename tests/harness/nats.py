@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,24 @@ class NatsNode:
         return path.read_text(errors="replace")[-tail:] if path.exists() else ""
 
 
+def meta_complete(nodes: Sequence[NatsNode]) -> bool:
+    """Every running node sees the JetStream meta leader, and the leader sees every other
+    running node as a current peer (monitor ``/jsz``)."""
+    running = [n for n in nodes if n.running()]
+    leader_ok = False
+    for node in running:
+        try:
+            meta = node.varz("jsz").get("meta_cluster")
+        except (OSError, ValueError):
+            return False
+        if not isinstance(meta, dict) or not meta.get("leader"):
+            return False
+        if meta["leader"] == node.name:
+            peers = meta.get("replicas") or []
+            leader_ok = len(peers) >= len(running) - 1 and all(p.get("current") for p in peers)
+    return leader_ok
+
+
 class NatsCluster:
     """Three (or n) JetStream nodes on loopback joined by routes."""
 
@@ -160,22 +179,11 @@ class NatsCluster:
 
     async def wait_meta_leader(self, timeout: float = 30.0) -> None:
         """A JetStream cluster accepts stream creation only once it has a meta leader, and
-        places replicas and tagged stores only on peers that leader already sees: wait
-        until the leader reports every other node as a current peer."""
+        places replicas and tagged stores only on peers that leader already sees."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for node in self.nodes:
-                if not node.running():
-                    continue
-                with contextlib.suppress(OSError, ValueError):
-                    jsz = await asyncio.to_thread(node.varz, "jsz")
-                    meta = jsz.get("meta_cluster")
-                    if not isinstance(meta, dict) or meta.get("leader") != node.name:
-                        continue
-                    peers = meta.get("replicas") or []
-                    alive = sum(1 for n in self.nodes if n.running())
-                    if len(peers) >= alive - 1 and all(p.get("current") for p in peers):
-                        return
+            if await asyncio.to_thread(meta_complete, self.nodes):
+                return
             await asyncio.sleep(0.1)
         raise TimeoutError("no JetStream meta leader that sees every peer")
 
