@@ -110,8 +110,10 @@ class HolderLog:
     last *other* agent seen holding each lease. ``acquired`` (a lease manager
     ``on_acquired`` callback) then counts a handover when that agent's claim is a handover
     to us, and a failover otherwise (its holder crashed, was cut off, gave up, was drained
-    or shut down). A lease never seen held by another agent (first start, or our own
-    earlier holding) counts as neither.
+    or shut down), and forgets that agent. A lease never seen held by another agent (first
+    start, or our own earlier holding) counts as neither. Seeing *ourselves* as holder
+    forgets nothing: the cache can show our new claim to a runner cycle before the lease
+    manager calls ``acquired``, and forgetting then lost the move.
     """
 
     def __init__(self, leases: LeaseManager) -> None:
@@ -122,11 +124,8 @@ class HolderLog:
 
     def holder_of(self, name: str) -> str | None:
         holder = self.leases.holder_of(name)
-        if holder is not None:
-            if holder == self.me:
-                self.last.pop(name, None)
-            else:
-                self.last[name] = holder
+        if holder is not None and holder != self.me:
+            self.last[name] = holder
         return holder
 
     def acquired(self, name: str, term: int, deadline: float) -> None:

@@ -1,10 +1,13 @@
 """The counting rules of ``agent.app_metrics`` on plain values (the live agents of
 ``test_metrics.py`` cover the wiring): restarts seen through the Interpret's count and
-through a crash followed by a start, verbs from hostile subjects, deleted applications."""
+through a crash followed by a start, verbs from hostile subjects, deleted applications, and
+moves counted by the receiver whatever order its runner and its lease manager see them in."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from prometheus_client import (
@@ -17,7 +20,7 @@ from prometheus_client import (
 )
 
 from agent import app_metrics
-from agent.app_metrics import TALLIES
+from agent.app_metrics import TALLIES, HolderLog
 from agent.metrics import render
 from scores.base import Observation, WorkloadState
 
@@ -103,3 +106,63 @@ def test_render_writes_what_the_client_library_writes() -> None:
     Info("harmony_t", "An info", registry=registry).info({"version": "1.0"})
     Gauge("harmony_t_nan", "Not a number", registry=registry).set(float("nan"))
     assert render(registry) == generate_latest(registry)
+
+
+class Leases:
+    """The read side of a lease manager that ``HolderLog`` uses: the holder of each lease
+    and, per store, the claims of a lease family (agent, state, to)."""
+
+    def __init__(self) -> None:
+        self.agent, self.site = "site-b/n1", "site-b"
+        self.holder: str | None = None
+        self.claims: list[Any] = []
+        self.caches = {
+            "site-a": SimpleNamespace(family=lambda _: SimpleNamespace(claims=self.claims))
+        }
+
+    def holder_of(self, name: str) -> str | None:
+        return self.holder
+
+    def claim(self, agent: str, state: str, to: str | None = None) -> None:
+        record = SimpleNamespace(state=SimpleNamespace(value=state), to=to)
+        self.claims[:] = [SimpleNamespace(agent=agent, record=record)]
+
+
+def moves(leases: Leases) -> tuple[int, int]:
+    counts = TALLIES.app("ledger")
+    return counts.handovers, counts.failovers
+
+
+@pytest.mark.parametrize("runner_first", [True, False], ids=["runner-first", "callback-first"])
+def test_a_handover_is_counted_once_whichever_sees_the_new_holder_first(runner_first: bool) -> None:
+    """CI saw the runner's cycle read our own new claim as the holder before the lease
+    manager's ``on_acquired`` callback ran; the move was then not counted at all."""
+    leases = Leases()
+    log = HolderLog(cast(Any, leases))
+    leases.holder = "site-a/n1"
+    assert log.holder_of("ledger") == "site-a/n1"
+    leases.claim("site-a/n1", "handover", to="site-b")
+    leases.holder = leases.agent
+    if runner_first:
+        log.holder_of("ledger")
+    log.acquired("ledger", 2, 0.0)
+    log.holder_of("ledger")
+    assert moves(leases) == (1, 0)
+    log.acquired("ledger", 2, 0.0)  # our own claim again (a repair): no second count
+    assert moves(leases) == (1, 0)
+
+
+def test_a_takeover_is_a_failover_and_a_first_start_is_neither() -> None:
+    leases = Leases()
+    log = HolderLog(cast(Any, leases))
+    leases.holder = leases.agent
+    log.holder_of("ledger")
+    log.acquired("ledger", 1, 0.0)  # first start
+    assert moves(leases) == (0, 0)
+    leases.holder = "site-a/n1"
+    log.holder_of("ledger")
+    leases.claim("site-a/n1", "held")  # its holder died; the claim stays
+    leases.holder = leases.agent
+    log.holder_of("ledger")
+    log.acquired("ledger", 3, 0.0)
+    assert moves(leases) == (0, 1)
