@@ -13,11 +13,15 @@ Scenarios, each repeated ``--runs`` times on one mesh per ttl:
 * ``bystander``: move every leader onto a site that runs nothing, cut it for 2 x ttl + 5 s,
   heal; an *interruption* is the application moving or pausing > 150 ms anywhere.
 * ``planned``: ``harmony.cmd.app.<name>.failover`` (what ``cmd failover`` sends).
+* ``quorum``: kill the nats-servers of the two sites that do not run the application (the
+  holder keeps its own, so only a quorum is lost), wait until it halted, start them again;
+  *halted* is its last tick after the kill, *recovery* the next instance's first tick
+  after the restart.
 
 Every run also counts overlapping instances (must be 0: AbsoluteConsistency).
 
     .venv/bin/python bench/app_failover.py [--runs 10] [--ttl 2,10]
-        [--scenario crash,cut,led-cut,bystander,planned] [--svg docs/failover-timeline.svg]
+        [--scenario crash,cut,led-cut,bystander,planned,quorum] [--svg docs/failover-timeline.svg]
 
 Needs root (network namespaces). Results: ``bench/results/app_failover.json``.
 """
@@ -134,6 +138,22 @@ async def _one(stage: fo.Stage, scenario: str, ttl: float, settle: bool = True) 
         bystander_agent = next(a for a in stage.agents.values() if a.site == bystander)
         await eventually(bystander_agent.ready, timeout=90, what="bystander ready after heal")
         return row
+    elif scenario == "quorum":
+        down = [stage.sites[s].nats for s in SITES if s != first.site]
+        for node in down:
+            assert node is not None
+            node.kill()
+        lost_ns = time.monotonic_ns()
+        await eventually(lambda: not stage.running_now(APP), timeout=10 * ttl + 30, what="halted")
+        row["halted"] = round((_real(stage, first).last_ns - lost_ns) / 1e9, 3)
+        for node in down:
+            assert node is not None
+            node.start()
+        back_ns = time.monotonic_ns()
+        second = await stage.one_running(APP, timeout=120)
+        row["recovery"] = round((second.first_ns - back_ns) / 1e9, 3)
+        for agent in stage.agents.values():
+            await eventually(agent.ready, timeout=90, what=f"{agent.agent_id} ready again")
     else:
         target = next(s for s in SITES if s != first.site)
         started = time.monotonic_ns()
@@ -162,7 +182,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": len(skipped),
         "overlaps": sum(r.get("overlaps", 0) for r in rows),
     }
-    for field in ("gap", "takeover", "command_to_running", "max_pause"):
+    for field in ("gap", "takeover", "command_to_running", "max_pause", "halted", "recovery"):
         values = [r[field] for r in rows if r.get(field) is not None]
         if values:
             out[f"{field}_p50"] = round(history.percentile(values, 50), 3)
@@ -174,9 +194,9 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _slow(row: dict[str, Any], ttl: float) -> bool:
-    """A run worth keeping the logs of: an interruption, an overlap, a takeover or crash
-    gap beyond ttl + 3 s."""
-    late = row.get("takeover", row.get("gap")) or 0.0
+    """A run worth keeping the logs of: an interruption, an overlap, a takeover, crash gap
+    or recovery after a lost quorum beyond ttl + 3 s."""
+    late = row.get("recovery", row.get("takeover", row.get("gap"))) or 0.0
     return bool(row.get("interruptions") or row.get("overlaps")) or late > ttl + 3
 
 
@@ -307,7 +327,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--ttl", default="2", help="one or more ttls, comma-separated")
-    parser.add_argument("--scenario", default="crash,cut,led-cut,bystander,planned")
+    parser.add_argument("--scenario", default="crash,cut,led-cut,bystander,planned,quorum")
     parser.add_argument("--svg", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -359,6 +379,8 @@ async def main() -> int:
                     s.get("gap_p99", "-"),
                     s.get("takeover_p50", "-"),
                     s.get("takeover_p99", "-"),
+                    s.get("recovery_p50", "-"),
+                    s.get("recovery_max", "-"),
                 ]
             )
     if args.svg is not None:
@@ -366,7 +388,8 @@ async def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     headers = ["scenario", "ttl", "runs", "overlaps", "interruptions", "gap p50", "gap p99"]
-    print("\n" + table([*headers, "takeover p50", "takeover p99"], rows))
+    more = ["takeover p50", "takeover p99", "recovery p50", "recovery max"]
+    print("\n" + table([*headers, *more], rows))
     return 0
 
 

@@ -117,9 +117,9 @@ class LeaseManager(LeaseIO):
         """holder -> leases waiting for its session to go a ttl without renewal."""
         self._waits_on: dict[str, frozenset[str]] = {}
         self._stale_seen: dict[tuple[str, str], int] = {}
+        """(store, holder) -> the session sequence whose staleness we already announced."""
         self._expiring: dict[tuple[str, str, int], asyncio.Future[None]] = {}
         """(holder, store, sequence) -> the expiry write in flight (one for all leases)."""
-        """(store, holder) -> the session sequence whose staleness we already announced."""
         self._backstop = max(30.0, 3 * self.ttl)
         """A waiting lease is decided again at least this often, whatever else happens."""
         self._in_flight: set[str] = set()
@@ -381,7 +381,11 @@ class LeaseManager(LeaseIO):
         for name in list(self._held):
             if self.deadline(name) <= now:
                 self._drop(name, "validity ran out without a quorum of renewals", "session")
-        if epochs_changed or not view.valid(now):
+        # Every lease is decided again when our epochs change, while the session is not
+        # valid, and when it becomes valid again: a lease that waited because "our session
+        # is not valid" has no other event (renewals resumed in the same epochs after a
+        # lost quorum came back) and sat until its backstop, 30 s after the quorum returned.
+        if epochs_changed or not view.valid(now) or not old.valid(now):
             self._dirty.update(self._wants)
             self._wake.set()
         self._update_anchors()

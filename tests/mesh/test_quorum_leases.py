@@ -107,3 +107,27 @@ async def test_release_and_handover_move_without_expiry(trio: list[Contender]) -
     assert await trio[2].manager.release("ledger")
     await eventually(lambda: holders(trio) == ["site-1/n1"], timeout=TTL, what="release")
     check_history(i for t in trio for i in t.intervals())
+
+
+async def test_a_lease_is_taken_again_as_soon_as_the_session_is_valid_again(
+    trio: list[Contender],
+) -> None:
+    """A quorum that comes back (here: renewals that resume in the same epochs after a
+    pause) wakes every lease that waited because "our session is not valid". Nothing else
+    changes then, so without that wake-up the lease waited for its backstop (30 s after
+    the quorum returned, seen in ``test_quorum_lost_everything_stops``); the backstop is
+    moved out of reach so only the wake-up can make this pass."""
+    holder = trio[0]
+    assert holder.manager is not None and holder.session is not None
+    holder.manager._backstop = 3600.0
+    holder.want(["ledger"])
+    await eventually(lambda: holders(trio) == ["site-0/n1"], timeout=10, what="site-0 holds")
+    epochs = {b: s.epoch for b, s in holder.session.view().stores.items()}
+    holder.pause()
+    await eventually(lambda: holders(trio) == [], timeout=TTL + 5, what="validity ran out")
+    holder.resume()
+    await eventually(lambda: holders(trio) == ["site-0/n1"], timeout=30, what="taken again")
+    assert {b: s.epoch for b, s in holder.session.view().stores.items()} == epochs, (
+        "the session opened new epochs: that wakes every lease anyway, and is not this case"
+    )
+    check_history(i for t in trio for i in t.intervals())
