@@ -403,14 +403,27 @@ class PostgresInterpret(ReplicatedInterpret):
             except PgError as exc:
                 self._error = exc
                 self._prepared = self._written_conf = None
-                log.warning(f"postgres {what} failed", reason=exc.reason, error=str(exc))
+                log.warning(
+                    f"postgres_{what}_failed",
+                    msg=f"postgres {what} failed: {_msg(exc)}",
+                    reason=exc.reason,
+                    error=str(exc),
+                )
                 return Outcome.failed(f"{what}: {_msg(exc)}")
             except Exception as exc:
                 self._error = PgError("internal", f"{type(exc).__name__}: {exc}")
-                log.exception(f"postgres {what} failed")
+                log.exception(f"postgres_{what}_failed", msg=f"postgres {what} failed: {exc!r}")
                 return Outcome.failed(f"{what}: unexpected {type(exc).__name__}: {exc}")
             self._error = None
-            log.info(f"postgres {what}", message=outcome.message, changed=outcome.changed)
+            # A call that changed nothing (the controller asks for the same role every
+            # cycle while it waits, e.g. "demote" on a site that gave up) stays at debug:
+            # at info it wrote the same line twice a second.
+            emit = log.info if outcome.changed else log.debug
+            emit(
+                f"postgres_{what}",
+                msg=f"postgres {what}: {outcome.message}",
+                changed=outcome.changed,
+            )
             return outcome
 
     async def _bin_dir(self) -> str:
