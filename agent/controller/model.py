@@ -74,6 +74,12 @@ class Event(enum.StrEnum):
 QUIET_REASONS = frozenset({None, "stopped", "exited", "deadline", "agent-gone"})
 """Workload end reasons that are not failures of the workload."""
 CRASH_REASONS = frozenset({"crashed", "spawn-failed"})
+FIRST_BACKOFF = 0.5
+"""Seconds before a failed start (or role change) is tried again; doubled per failure up to
+``MAX_BACKOFF``, and back to this after a success or a give-up: a round of attempts after
+the cool-down starts afresh, instead of holding the lease through ever longer backoffs
+while another site could run the application."""
+MAX_BACKOFF = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,17 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from agent.application import Application
-from agent.controller.model import LeaseView, Plan, Release, Replica, Roles, Run, Snapshot
+from agent.controller.model import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    LeaseView,
+    Plan,
+    Release,
+    Replica,
+    Roles,
+    Run,
+    Snapshot,
+)
 from agent.controller.ports import InstanceReport, Ports, replication_report
 from scores.base import (
     REPLICATION_EXTRA,
@@ -46,6 +56,7 @@ class ReplicaRoles:
     lease_name: str | None
     run_token: int | None
     failures: int
+    failed_before: int
     crash_base: int
     healthy_since: float | None
     backoff_until: float
@@ -193,7 +204,7 @@ class ReplicaRoles:
             self.run_token = None
             self._role_failed(outcome.message)
             return False
-        self.crash_base, self.failures, self.healthy_since = 0, 0, None
+        self.crash_base, self.failures, self.failed_before, self.healthy_since = 0, 0, 0, None
         self._role_done()
         self.following = None
         if self.health is not None:
@@ -261,11 +272,11 @@ class ReplicaRoles:
         self.failures += 1
         self.start_failed = message
         self.backoff_until = self.p.clock() + self.backoff
-        self.backoff = min(self.backoff * 2, 30.0)
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
 
     def _role_done(self) -> None:
         self.start_failed = None
-        self.backoff = 0.5
+        self.backoff = FIRST_BACKOFF
 
     async def answer(self, term: int) -> None:
         """A new holder asked how far we reached (its poll for ``term``): observe now, after

@@ -27,6 +27,8 @@ from agent.application import Application, Strategy, Trait
 from agent.controller.decide import decide
 from agent.controller.model import (
     CRASH_REASONS,
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
     ROLE_ACTIONS,
     InstanceState,
     LeaseView,
@@ -80,11 +82,14 @@ class AppRunner(ReplicaRoles):
         self._told: Interpret | None = None
         """The Interpret last told to follow the session (its fence needs no updates)."""
         self.failures = 0
+        """Consecutive failures here (failed starts, crashes); ``max_failures`` gives up."""
+        self.failed_before = 0
+        """``failures`` when the current run started: its crashes add to them."""
         self.crash_base = 0
         self.healthy_since: float | None = None
         self.cooldown_until = float("-inf")
         self.backoff_until = float("-inf")
-        self.backoff = 0.5
+        self.backoff = FIRST_BACKOFF
         self.start_failed: str | None = None
         self.report = InstanceReport(
             name, InstanceState.STANDBY, None, "not decided yet", None, False, None
@@ -343,11 +348,11 @@ class AppRunner(ReplicaRoles):
                 self.healthy_since = now
             elif now - self.healthy_since >= self.p.timing.healthy_after:
                 self.crash_base = crashes
-                self.failures = 0
+                self.failures = self.failed_before = 0
                 return
         else:
             self.healthy_since = None
-        self.failures = max(self.failures, crashes - self.crash_base)
+        self.failures = max(self.failures, self.failed_before + crashes - self.crash_base)
 
     # --- carrying a plan out ----------------------------------------------------------------
 
@@ -360,7 +365,8 @@ class AppRunner(ReplicaRoles):
             if self.health is not None:
                 cooldown = self.health.give_up(cooldown)
             self.cooldown_until = s.now + cooldown
-            self.failures = 0
+            self.failures = self.failed_before = 0
+            self.backoff, self.backoff_until = FIRST_BACKOFF, float("-inf")
         if s.roles is not None and (
             plan.run in ROLE_ACTIONS
             or plan.run is Run.POLL
@@ -520,18 +526,27 @@ class AppRunner(ReplicaRoles):
         deadline = self.deadline() if bound else None
         ctx = self._ctx(token, deadline)
         self._told = None
-        self.crash_base, self.failures, self.healthy_since = 0, 0, None
+        self.healthy_since = None
+        before = self.failures
         outcome = await self._bounded(interpret.promote(ctx), "start")
+        # Failures are not reset by a new attempt, only by a healthy stretch or a give-up:
+        # resetting them here made a start that always fails (a missing binary, a port in
+        # use), or a workload that crashes after every start, retry under the lease for
+        # ever instead of letting another site try. A new run counts its crashes from 0 on
+        # top of the failures before it; a start that found the run still going (its
+        # Interpret about to restart it) changes nothing, or that crash would count twice.
+        if isinstance(outcome, Outcome) and outcome.ok and outcome.changed:
+            self.crash_base, self.failed_before = 0, before
         if not isinstance(outcome, Outcome) or not outcome.ok:
             message = outcome.message if isinstance(outcome, Outcome) else "start failed"
             self.failures += 1
             self.start_failed = message
             self.backoff_until = p.clock() + self.backoff
-            self.backoff = min(self.backoff * 2, 30.0)
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
             await self._stop_workload()
             return False
         self.start_failed = None
-        self.backoff = 0.5
+        self.backoff = FIRST_BACKOFF
         self.run_token = token
         if deadline is not None and deadline.follows_session and interpret.follows_session_itself:
             self._told = interpret

@@ -71,9 +71,11 @@ class FakeLeases:
 class FakeInterpret(Interpret):
     enforces_deadline = True
 
-    def __init__(self, log: list[str], *, hang: bool = False) -> None:
+    def __init__(self, log: list[str], *, hang: bool = False, fail: str | None = None) -> None:
         self.log = log
         self.hang = hang
+        self.fail = fail
+        """Every start fails with this message (a port in use, a foreign data directory)."""
         self.state = WorkloadState.STOPPED
         self.reason: str | None = None
         self.restarts = 0
@@ -86,6 +88,9 @@ class FakeInterpret(Interpret):
         if self.hang:
             await self.released.wait()
         self.ctx = ctx
+        if self.fail is not None:
+            self.log.append(f"failed {ctx.fencing_token}")
+            return Outcome.failed(self.fail)
         self.state = WorkloadState.RUNNING
         self.log.append(f"apply {ctx.fencing_token}")
         return Outcome.done("started")
@@ -268,6 +273,50 @@ async def test_crash_loop_gives_up_and_releases(world: Any) -> None:
     assert runner.cooldown_until > ports.now and ports.reports[-1].state.value == "failed"
     await runner.step()
     assert "ledger" not in ports.leases.wants  # still cooling down: not contending
+
+
+async def test_a_round_of_failed_starts_after_the_cooldown_backs_off_afresh(world: Any) -> None:
+    """A site whose starts keep failing gives up after ``max_failures`` and lets another
+    site try (each attempt reset the count, so such a site held the lease for ever); when
+    its cool-down ends and it takes the lease again, its retries start at the first
+    backoff (the doubled backoff carried over held the lease through 4, 8 and 16 s while a
+    healthy site waited: 13 s in the PostgreSQL bad-input test)."""
+    ports, runner, interpret, log = world
+    interpret.fail = "port 5432 is already in use [port-in-use]"
+
+    async def round_of_failures(token: int) -> list[float]:
+        ports.leases.grant("ledger", token, ttl=1000)
+        waits = []
+        for _ in range(ports.max_failures):
+            await runner.step()
+            waits.append(runner.backoff_until - ports.now)
+            ports.now = max(ports.now, runner.backoff_until) + 0.01
+        await runner.step()  # the give-up
+        assert ("release", None) in ports.leases.calls, f"it did not give up: {log} {waits}"
+        return waits
+
+    first = await round_of_failures(7)
+    assert first == [0.5, 1.0, 2.0]
+    assert log == ["failed 7"] * 3
+    ports.now = runner.cooldown_until + 0.01
+    await runner.step()
+    assert "ledger" in ports.leases.wants, "contending again after the cool-down"
+    assert await round_of_failures(8) == first
+
+
+async def test_a_workload_that_crashes_after_every_start_is_given_up(world: Any) -> None:
+    """Without restarts of its own (``restart: never``) each crash is followed by a new
+    start from the controller; the crashes add up across those starts."""
+    ports, runner, interpret, log = world
+    ports.leases.grant("ledger", 7, ttl=1000)
+    for _ in range(ports.max_failures):
+        await runner.step()
+        assert log[-1] == "apply 7"
+        interpret.state, interpret.reason = WorkloadState.FAILED, "crashed"
+        ports.now += 1.0
+    await runner.step()
+    assert ("release", None) in ports.leases.calls, f"not given up after {log}"
+    assert log.count("apply 7") == ports.max_failures
 
 
 async def test_an_interpret_call_is_bounded_by_the_lease_deadline(tmp_path: Path) -> None:
