@@ -23,6 +23,8 @@ from mesh.bootstrap import Mesh, ensure_mesh, ensure_store
 from mesh.clock import boottime
 from mesh.leases import LeaseManager
 from mesh.session import SessionThread
+from mesh.stores import Store, StoreError
+from tests.harness.wait import eventually
 
 
 @dataclass(frozen=True)
@@ -60,18 +62,54 @@ def check_history(intervals: Iterable[Interval]) -> int:
 
 async def make_mesh(urls: list[str], stores: list[str], replicas: int = 3) -> Mesh:
     """Create the mesh; a cluster that has just started may still be electing its
-    JetStream meta leader (requests time out meanwhile), so keep asking for a minute."""
+    JetStream meta leader (requests time out meanwhile), so keep asking for a minute.
+    Then wait until every store takes writes through every server (``stores_answer``)."""
     deadline = time.monotonic() + 60
     while True:
         nc = await nats.connect(servers=urls)
         try:
-            return await ensure_mesh(nc.jetstream(timeout=10), replicas, stores=stores)
+            mesh = await ensure_mesh(nc.jetstream(timeout=10), replicas, stores=stores)
+            break
         except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.APIError):
             if time.monotonic() > deadline:
                 raise
         finally:
             await nc.close()
         await asyncio.sleep(0.5)
+    await stores_answer(urls, stores)
+    return mesh
+
+
+async def stores_answer(urls: list[str], stores: list[str], timeout: float = 30) -> None:
+    """Wait until a write to each store, sent through each server, reaches the store.
+
+    A store created a moment ago is known to the other servers of the cluster only once
+    its subject interest has propagated; until then a write through them gets "no
+    responders" (seen in CI: a test's first write right after ``make_mesh``). The probe is
+    a compare-and-set that cannot match, so the store answers "wrong last sequence" and
+    nothing is written."""
+    for url in urls:
+        nc = await nats.connect(servers=[url])
+        try:
+            for name in stores:
+                store = Store(nc, name)
+
+                async def answers(store: Store = store) -> bool:
+                    try:
+                        await store.cas(PROBE, b"", PROBE, 1 << 62, 2.0)
+                    except StoreError as exc:
+                        if exc.conflict:
+                            return True
+                        raise
+                    raise AssertionError(f"store {store.name}: the probe was written")
+
+                await eventually(answers, timeout=timeout, what=f"store {name} via {url}")
+        finally:
+            await nc.close()
+
+
+PROBE = "probe.ready"
+"""A key no test uses: the readiness probe's compare-and-set names it and never writes it."""
 
 
 @dataclass
