@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from nats.aio.client import Client
 from mesh.bootstrap import Mesh, ensure_mesh, ensure_store
 from mesh.clock import boottime
 from mesh.leases import LeaseManager
+from mesh.names import STATE_BUCKET, store_bucket
 from mesh.session import SessionThread
-from mesh.stores import Store, StoreError
+from mesh.stores import WRONG_LAST_SEQUENCE
 from tests.harness.wait import eventually
 
 
@@ -63,7 +65,7 @@ def check_history(intervals: Iterable[Interval]) -> int:
 async def make_mesh(urls: list[str], stores: list[str], replicas: int = 3) -> Mesh:
     """Create the mesh; a cluster that has just started may still be electing its
     JetStream meta leader (requests time out meanwhile), so keep asking for a minute.
-    Then wait until every store takes writes through every server (``stores_answer``)."""
+    Then wait until its buckets take writes through every server (``writable``)."""
     deadline = time.monotonic() + 60
     while True:
         nc = await nats.connect(servers=urls)
@@ -76,34 +78,35 @@ async def make_mesh(urls: list[str], stores: list[str], replicas: int = 3) -> Me
         finally:
             await nc.close()
         await asyncio.sleep(0.5)
-    await stores_answer(urls, stores)
+    await writable(urls, [STATE_BUCKET, *(store_bucket(name) for name in stores)])
     return mesh
 
 
-async def stores_answer(urls: list[str], stores: list[str], timeout: float = 30) -> None:
-    """Wait until a write to each store, sent through each server, reaches the store.
+async def writable(urls: list[str], buckets: list[str], timeout: float = 30) -> None:
+    """Wait until a write to each KV bucket, sent through each server, reaches its stream.
 
-    A store created a moment ago is known to the other servers of the cluster only once
+    A stream created a moment ago is known to the other servers of the cluster only once
     its subject interest has propagated; until then a write through them gets "no
-    responders" (seen in CI: a test's first write right after ``make_mesh``). The probe is
-    a compare-and-set that cannot match, so the store answers "wrong last sequence" and
-    nothing is written."""
+    responders" (seen in CI: a test's first write right after creating the mesh, to a lease
+    store and to ``harmony-state``). The probe is a compare-and-set that cannot match, so
+    the stream answers "wrong last sequence" and nothing is written."""
     for url in urls:
         nc = await nats.connect(servers=[url])
         try:
-            for name in stores:
-                store = Store(nc, name)
+            for bucket in buckets:
 
-                async def answers(store: Store = store) -> bool:
-                    try:
-                        await store.cas(PROBE, b"", PROBE, 1 << 62, 2.0)
-                    except StoreError as exc:
-                        if exc.conflict:
-                            return True
-                        raise
-                    raise AssertionError(f"store {store.name}: the probe was written")
+                async def answers(nc: Client = nc, bucket: str = bucket) -> bool:
+                    msg = await nc.request(
+                        f"$KV.{bucket}.{PROBE}",
+                        b"",
+                        timeout=2.0,
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(1 << 62)},
+                    )
+                    error = json.loads(msg.data).get("error") or {}
+                    assert error.get("err_code") == WRONG_LAST_SEQUENCE, msg.data
+                    return True
 
-                await eventually(answers, timeout=timeout, what=f"store {name} via {url}")
+                await eventually(answers, timeout=timeout, what=f"bucket {bucket} via {url}")
         finally:
             await nc.close()
 

@@ -17,6 +17,7 @@ from mesh.descriptor import Descriptor
 from mesh.names import EVENTS_STREAM, STATE_BUCKET, TRUST_BUCKET, store_stream
 from tests.harness.nats import NatsCluster, NatsNode
 from tests.harness.wait import eventually
+from tests.mesh.lease_world import writable
 
 
 async def test_two_agents_bootstrap_at_once_on_cluster(nats_cluster: NatsCluster) -> None:
@@ -29,6 +30,7 @@ async def test_two_agents_bootstrap_at_once_on_cluster(nats_cluster: NatsCluster
             ensure_mesh(b.jetstream(timeout=15), 3, stores=stores),
         )
         assert ma.replicas == mb.replicas == 3 and ma.stores == mb.stores == stores
+        await writable(nats_cluster.urls[:2], [STATE_BUCKET])  # interest reached both servers
         await ma.state.put("agent.x.y", b"1")
         assert (await mb.state.get("agent.x.y")).value == b"1"
         js = a.jetstream()
