@@ -202,10 +202,10 @@ class ReplicaRoles:
         outcome = await self._role_call(call, run.value)
         if not outcome.ok:
             self.run_token = None
-            self._role_failed(outcome.message)
+            self._attempt_failed(outcome.message)
             return False
         self.crash_base, self.failures, self.failed_before, self.healthy_since = 0, 0, 0, None
-        self._role_done()
+        self._attempt_done()
         self.following = None
         if self.health is not None:
             self.health.started(ctx)
@@ -223,9 +223,9 @@ class ReplicaRoles:
             call = interpret.start_replica(ctx, info)
         outcome = await self._role_call(call, plan.run.value)
         if not outcome.ok:
-            self._role_failed(outcome.message)
+            self._attempt_failed(outcome.message)
             return False
-        self._role_done()
+        self._attempt_done()
         if self.run_token is not None:
             self.run_token = None
             self.p.forget(self.name)
@@ -266,15 +266,16 @@ class ReplicaRoles:
         except TimeoutError:
             return Outcome.failed(f"{what} did not finish within {bound:g}s")
 
-    def _role_failed(self, message: str) -> None:
-        """Counted like crashes: ``max_failures`` in a row give the application up here,
-        so that another site gets to try."""
+    def _attempt_failed(self, message: str) -> None:
+        """A start or role change failed. Counted like crashes: ``max_failures`` in a row
+        give the application up here, so that another site gets to try; the next attempt
+        waits a backoff that doubles each time."""
         self.failures += 1
         self.start_failed = message
         self.backoff_until = self.p.clock() + self.backoff
         self.backoff = min(self.backoff * 2, MAX_BACKOFF)
 
-    def _role_done(self) -> None:
+    def _attempt_done(self) -> None:
         self.start_failed = None
         self.backoff = FIRST_BACKOFF
 

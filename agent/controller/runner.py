@@ -28,7 +28,6 @@ from agent.controller.decide import decide
 from agent.controller.model import (
     CRASH_REASONS,
     FIRST_BACKOFF,
-    MAX_BACKOFF,
     ROLE_ACTIONS,
     InstanceState,
     LeaseView,
@@ -529,24 +528,20 @@ class AppRunner(ReplicaRoles):
         self.healthy_since = None
         before = self.failures
         outcome = await self._bounded(interpret.promote(ctx), "start")
+        if not isinstance(outcome, Outcome) or not outcome.ok:
+            message = outcome.message if isinstance(outcome, Outcome) else "start failed"
+            self._attempt_failed(message)
+            await self._stop_workload()
+            return False
         # Failures are not reset by a new attempt, only by a healthy stretch or a give-up:
         # resetting them here made a start that always fails (a missing binary, a port in
         # use), or a workload that crashes after every start, retry under the lease for
         # ever instead of letting another site try. A new run counts its crashes from 0 on
         # top of the failures before it; a start that found the run still going (its
         # Interpret about to restart it) changes nothing, or that crash would count twice.
-        if isinstance(outcome, Outcome) and outcome.ok and outcome.changed:
+        if outcome.changed:
             self.crash_base, self.failed_before = 0, before
-        if not isinstance(outcome, Outcome) or not outcome.ok:
-            message = outcome.message if isinstance(outcome, Outcome) else "start failed"
-            self.failures += 1
-            self.start_failed = message
-            self.backoff_until = p.clock() + self.backoff
-            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
-            await self._stop_workload()
-            return False
-        self.start_failed = None
-        self.backoff = FIRST_BACKOFF
+        self._attempt_done()
         self.run_token = token
         if deadline is not None and deadline.follows_session and interpret.follows_session_itself:
             self._told = interpret
