@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 from nats.aio.client import Client
 
+from agent.controller.model import InstanceState
 from agent.daemon import Agent
 from mesh.names import STATE_BUCKET
 from tests.agent.conftest import in_process_agent
@@ -69,17 +70,25 @@ async def _started(agent: Agent) -> asyncio.Task[int]:
     return task
 
 
-async def _exit_code(agent: Agent, task: asyncio.Task[int], what: str) -> Any:
+EXITS_WITHIN = 30.0
+"""How long the agent may take to notice and stop (about 0.1 s here): generous, because a
+runner finishes the step it is in (a start or a stop, up to a few seconds on a loaded
+machine) before it comes round to the broken wait; an agent that carries on never exits."""
+
+
+async def _exit_code(
+    agent: Agent, task: asyncio.Task[int], what: str, state: Callable[[], str] = str
+) -> Any:
     """The agent's exit code once it stopped by itself; if it carries on instead, stop it
     and fail (after checking it still called itself healthy: the silent death)."""
     try:
-        return await asyncio.wait_for(asyncio.shield(task), timeout=5 * TTL)
+        return await asyncio.wait_for(asyncio.shield(task), timeout=EXITS_WITHIN)
     except TimeoutError:
-        healthy = agent.liveness()[0]
+        healthy, seen = agent.liveness()[0], state()
         agent.stop_event.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=30)
-        pytest.fail(f"{what} died and the agent carried on (liveness {healthy})")
+        pytest.fail(f"{what} died and the agent carried on (liveness {healthy}; {seen})")
 
 
 async def test_a_dead_lease_loop_ends_the_agent_with_exit_1(agent: Agent, client: Client) -> None:
@@ -112,10 +121,24 @@ async def test_a_dead_runner_ends_the_agent_with_exit_1(agent: Agent, client: Cl
             raise Injected("a bug in the runner loop")
 
     assert runner is not None
-    # The runner may already be waiting on its old event, for up to its idle backstop
-    # (30 s): swap in the broken one, then wake the old one so that the loop comes round.
+    # Once the workload runs the runner is idle, waiting on its event for up to its idle
+    # backstop (30 s): swap in the broken one, then wake the old one so that the loop
+    # comes round to the broken wait.
+    await eventually(
+        lambda: runner.report.state is InstanceState.RUNNING,
+        timeout=30,
+        what="ledger running",
+    )
     old, runner.wake = runner.wake, BrokenEvent()
     old.set()
-    assert await _exit_code(agent, task, "the runner") == 1
+
+    def state() -> str:
+        return (
+            f"runner in a step: {runner.lock.locked()}, done: {runner.done}, "
+            f"still the runner: {controller.runners.get('ledger') is runner}, "
+            f"last: {runner.last_sentence!r}"
+        )
+
+    assert await _exit_code(agent, task, "the runner", state) == 1
     assert agent.supervisor.failure is not None and "controller" in agent.supervisor.failure
     assert "Injected" in agent.supervisor.failure

@@ -18,8 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats
+from nats.aio.client import Client
+
 from mesh.embedded import ServerSpec, find_nats_server, render_config
+from mesh.stores import WRONG_LAST_SEQUENCE
 from tests.harness.ports import free_port
+from tests.harness.wait import eventually
 
 
 @dataclass
@@ -124,6 +129,39 @@ class NatsNode:
     def log(self, tail: int = 2000) -> str:
         path = self.workdir / "nats.log"
         return path.read_text(errors="replace")[-tail:] if path.exists() else ""
+
+
+async def writable(urls: list[str], buckets: list[str], timeout: float = 30) -> None:
+    """Wait until a write to each KV bucket, sent through each server, reaches its stream.
+
+    A stream created a moment ago is known to the other servers of the cluster only once
+    its subject interest has propagated; until then a write through them gets "no
+    responders" (seen in CI: a test's first write right after creating the mesh, to a lease
+    store and to ``harmony-state``). The probe is a compare-and-set that cannot match, so
+    the stream answers "wrong last sequence" and nothing is written."""
+    for url in urls:
+        nc = await nats.connect(servers=[url])
+        try:
+            for bucket in buckets:
+
+                async def answers(nc: Client = nc, bucket: str = bucket) -> bool:
+                    msg = await nc.request(
+                        f"$KV.{bucket}.{PROBE}",
+                        b"",
+                        timeout=2.0,
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(1 << 62)},
+                    )
+                    error = json.loads(msg.data).get("error") or {}
+                    assert error.get("err_code") == WRONG_LAST_SEQUENCE, msg.data
+                    return True
+
+                await eventually(answers, timeout=timeout, what=f"bucket {bucket} via {url}")
+        finally:
+            await nc.close()
+
+
+PROBE = "probe.ready"
+"""A key no test uses: the readiness probe's compare-and-set names it and never writes it."""
 
 
 def meta_complete(nodes: Sequence[NatsNode]) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,8 +24,7 @@ from mesh.clock import boottime
 from mesh.leases import LeaseManager
 from mesh.names import STATE_BUCKET, store_bucket
 from mesh.session import SessionThread
-from mesh.stores import WRONG_LAST_SEQUENCE
-from tests.harness.wait import eventually
+from tests.harness.nats import writable
 
 
 @dataclass(frozen=True)
@@ -80,39 +78,6 @@ async def make_mesh(urls: list[str], stores: list[str], replicas: int = 3) -> Me
         await asyncio.sleep(0.5)
     await writable(urls, [STATE_BUCKET, *(store_bucket(name) for name in stores)])
     return mesh
-
-
-async def writable(urls: list[str], buckets: list[str], timeout: float = 30) -> None:
-    """Wait until a write to each KV bucket, sent through each server, reaches its stream.
-
-    A stream created a moment ago is known to the other servers of the cluster only once
-    its subject interest has propagated; until then a write through them gets "no
-    responders" (seen in CI: a test's first write right after creating the mesh, to a lease
-    store and to ``harmony-state``). The probe is a compare-and-set that cannot match, so
-    the stream answers "wrong last sequence" and nothing is written."""
-    for url in urls:
-        nc = await nats.connect(servers=[url])
-        try:
-            for bucket in buckets:
-
-                async def answers(nc: Client = nc, bucket: str = bucket) -> bool:
-                    msg = await nc.request(
-                        f"$KV.{bucket}.{PROBE}",
-                        b"",
-                        timeout=2.0,
-                        headers={"Nats-Expected-Last-Subject-Sequence": str(1 << 62)},
-                    )
-                    error = json.loads(msg.data).get("error") or {}
-                    assert error.get("err_code") == WRONG_LAST_SEQUENCE, msg.data
-                    return True
-
-                await eventually(answers, timeout=timeout, what=f"bucket {bucket} via {url}")
-        finally:
-            await nc.close()
-
-
-PROBE = "probe.ready"
-"""A key no test uses: the readiness probe's compare-and-set names it and never writes it."""
 
 
 @dataclass

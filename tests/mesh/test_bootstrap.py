@@ -15,9 +15,8 @@ from mesh.bootstrap import MeshMismatch, ensure_descriptor, ensure_mesh, ensure_
 from mesh.clock import now_rfc3339
 from mesh.descriptor import Descriptor
 from mesh.names import EVENTS_STREAM, STATE_BUCKET, TRUST_BUCKET, store_stream
-from tests.harness.nats import NatsCluster, NatsNode
+from tests.harness.nats import NatsCluster, NatsNode, writable
 from tests.harness.wait import eventually
-from tests.mesh.lease_world import writable
 
 
 async def test_two_agents_bootstrap_at_once_on_cluster(nats_cluster: NatsCluster) -> None:
