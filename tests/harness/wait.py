@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -21,8 +22,13 @@ async def eventually(
 
     Exceptions inside the probe count as "not yet" until the deadline, then are re-raised,
     so a failing test shows the last real error instead of a bare timeout.
+
+    With ``HARMONY_TEST_SLOW_WAITS=<file>``, a wait that succeeds after more than half its
+    timeout is recorded there: the flake hunter's list (a wait that is close to its
+    timeout here fails on a slower CI machine).
     """
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     last_exc: BaseException | None = None
     while True:
         try:
@@ -30,6 +36,7 @@ async def eventually(
             if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
                 result = await result
             if result:
+                _note_slow(what, timeout, time.monotonic() - started)
                 return result  # type: ignore[return-value]
             last_exc = None
         except Exception as exc:
@@ -39,3 +46,11 @@ async def eventually(
                 raise AssertionError(f"timed out waiting for {what}: {last_exc!r}") from last_exc
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def _note_slow(what: str, timeout: float, took: float) -> None:
+    path = os.environ.get("HARMONY_TEST_SLOW_WAITS")
+    if path and took > timeout / 2:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?")
+        with open(path, "a") as out:
+            out.write(f"{took:.2f}/{timeout:g}s\t{what}\t{test}\n")
