@@ -1,4 +1,5 @@
-"""Per-application counters: failovers, handovers, workload restarts, give-ups, commands.
+"""Per-application counters: failovers, handovers, restarts, give-ups, failed control
+cycles, and the commands.
 
 Plain dictionaries, incremented where those things happen (one line each in the runner and
 the command server) and read by the collector in ``agent.metrics`` at scrape time, which
@@ -36,6 +37,7 @@ class AppCounts:
     handovers: int = 0
     restarts: int = 0
     give_ups: int = 0
+    step_failures: int = 0
 
 
 @dataclass
@@ -74,6 +76,11 @@ TALLIES = Tallies()
 def gave_up(app: str) -> None:
     """The holder gave the application up here (failures or health probe): cool-down."""
     TALLIES.app(app).give_ups += 1
+
+
+def step_failed(app: str) -> None:
+    """A controller cycle for the application raised (``AppRunner._step_failed``)."""
+    TALLIES.app(app).step_failures += 1
 
 
 def observed(app: str, obs: Observation | None) -> None:

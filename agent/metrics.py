@@ -194,6 +194,12 @@ class AppCollector(Collector):
                 "Times this agent gave the application up (failures or health probe)",
                 labels,
             ),
+            "step_failures": _counter(
+                "app_step_failures",
+                "Controller cycles for the application that raised (a bug or an unhandled "
+                "fault; status shows the error until a cycle works again)",
+                labels,
+            ),
         }
         ctl, leases = a.controller, a.leases
         if ctl is not None and leases is not None:

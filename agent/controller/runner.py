@@ -64,6 +64,8 @@ from scores.probes import HealthMonitor, health_monitor
 log = structlog.get_logger("agent.controller")
 __all__ = ["AppRunner", "InstanceReport", "LeasePort", "Ports", "StillRunning"]
 T = TypeVar("T")
+STEP_LOG_EVERY = 60.0
+"""A cycle that keeps failing is logged with its traceback at most this often (seconds)."""
 
 
 class AppRunner(ReplicaRoles):
@@ -97,6 +99,9 @@ class AppRunner(ReplicaRoles):
         self.last_event: tuple[str, int | None] | None = None
         self.retry_at: float | None = None
         self.decisions = 0
+        self.step_failures = 0
+        """Cycles in a row that raised (a bug, or a fault nothing handles)."""
+        self.step_logged_at = float("-inf")
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()
         self.done = False
@@ -134,12 +139,41 @@ class AppRunner(ReplicaRoles):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.exception(
-                        "app_step_failed",
-                        msg=f"{self.name}: controller step failed: {exc!r}",
-                        app=self.name,
-                        error=repr(exc),
-                    )
+                    self._step_failed(exc)
+                else:
+                    if self.step_failures:
+                        log.info(
+                            "app_step_recovered",
+                            msg=f"{self.name}: controller step works again after "
+                            f"{self.step_failures} failed",
+                            app=self.name,
+                        )
+                        self.step_failures = 0
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A cycle raised. The runner carries on (the next cycle may work, and a held
+        workload's deadline is the fence's, not this loop's), but must not fail silently:
+        the instance's status carries the error until a cycle works again, a counter
+        moves, the traceback is logged the first time and then once a minute, not every
+        cycle, and the next try comes after a control interval, not the idle backstop."""
+        self.step_failures += 1
+        app_metrics.step_failed(self.name)
+        error = f"controller step failed: {exc!r}"
+        now = self.p.clock()
+        self.retry_at = now + self.p.timing.control_interval
+        first = self.step_failures == 1 or now - self.step_logged_at >= STEP_LOG_EVERY
+        if first:
+            self.step_logged_at = now
+        (log.exception if first else log.debug)(
+            "app_step_failed",
+            msg=f"{self.name}: {error} ({self.step_failures} in a row)",
+            app=self.name,
+            error=repr(exc),
+            failures=self.step_failures,
+        )
+        self._set_report(
+            dataclasses.replace(self.report, detail=f"{self.name}: {error}", error=error)
+        )
 
     def _backstop(self) -> float:
         """How long to sleep when nothing wakes us. Every input of an AbsoluteConsistency

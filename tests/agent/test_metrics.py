@@ -138,6 +138,7 @@ async def test_series_start_at_zero_moves_are_counted_once_and_deletion_removes_
         "harmony_app_handovers_total",
         "harmony_app_restarts_total",
         "harmony_app_give_ups_total",
+        "harmony_app_step_failures_total",
     ):
         assert app_value(b, standby, name, "ledger") == 0, name  # present, at 0
     assert app_value(b, standby, "harmony_app_lease_remaining_seconds", "ledger") is None

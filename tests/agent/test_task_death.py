@@ -1,4 +1,5 @@
-"""Issue 9 item 6: a long-lived task that dies ends the agent with exit 1, never silently.
+"""Issue 9 item 6: a long-lived task that dies ends the agent with exit 1, never silently;
+a control cycle that raises is retried and reported, also never silently.
 
 A real agent (in this process, so a fault can be put into one of its tasks) on a real
 3-node cluster: the lease manager's decision loop, or an application's runner, dies of an
@@ -20,9 +21,10 @@ from typing import Any, Literal
 import pytest
 from nats.aio.client import Client
 
+from agent.app_metrics import TALLIES
 from agent.controller.model import InstanceState
 from agent.daemon import Agent
-from mesh.names import STATE_BUCKET
+from mesh.names import STATE_BUCKET, instance_key
 from tests.agent.conftest import in_process_agent
 from tests.harness.nats import NatsCluster
 from tests.harness.wait import eventually
@@ -60,7 +62,15 @@ async def client(mesh_client: Client) -> Client:
 
 @pytest.fixture
 async def agent(tmp_path: Path, nats_cluster: NatsCluster) -> AsyncIterator[Agent]:
-    yield in_process_agent(tmp_path / "agent", nats_cluster, TTL)
+    agent = in_process_agent(tmp_path / "agent", nats_cluster, TTL)
+    yield agent
+    # A test that failed half-way leaves its agent running: stop it, or the loop's
+    # teardown waits for its session thread for ever.
+    agent.stop_event.set()
+    for task in asyncio.all_tasks():
+        if task.get_name() == "agent-under-test":
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, timeout=60)
 
 
 async def _started(agent: Agent) -> asyncio.Task[int]:
@@ -142,3 +152,62 @@ async def test_a_dead_runner_ends_the_agent_with_exit_1(agent: Agent, client: Cl
     assert await _exit_code(agent, task, "the runner", state) == 1
     assert agent.supervisor.failure is not None and "controller" in agent.supervisor.failure
     assert "Injected" in agent.supervisor.failure
+
+
+async def test_a_failing_cycle_is_reported_retried_and_cleared(
+    agent: Agent, client: Client
+) -> None:
+    """Not a dead task: one application's cycle raises, again and again. The runner carries
+    on (the workload keeps running under its lease), the instance's status says why, the
+    runner tries again at the control interval (not its 30 s idle backstop, with nothing
+    else waking it), the counter moves, and the error clears once a cycle works again."""
+    task = await _started(agent)
+    js = client.jetstream(timeout=5)
+    kv = await js.key_value(STATE_BUCKET)
+    await kv.put("app.ledger", app_doc("ledger"))
+    controller = agent.controller
+    assert controller is not None
+    runner = await eventually(
+        lambda: controller.runners.get("ledger"), timeout=10, what="a runner for ledger"
+    )
+    assert runner is not None
+    await eventually(
+        lambda: runner.report.state is InstanceState.RUNNING, timeout=30, what="ledger running"
+    )
+    pid, token = runner.pid, runner.run_token
+    before = TALLIES.app("ledger").step_failures
+
+    async def reported_error() -> str | None:
+        entry = await kv.get(instance_key("ledger", "site-a", "n1"))
+        error = json.loads(entry.value or b"{}").get("error")
+        return error if isinstance(error, str) else None
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise Injected("a bug in one cycle")
+
+    runner.snapshot = broken  # type: ignore[method-assign]
+    runner.wake.set()
+    try:
+        error = await eventually(reported_error, timeout=30, what="the error in the status")
+        assert "controller step failed" in error and "Injected" in error, error
+        await eventually(
+            lambda: TALLIES.app("ledger").step_failures >= before + 3,
+            timeout=agent.config.timing.idle_backstop / 2,
+            what="the failing cycle tried again (three failures)",
+        )
+    finally:
+        del runner.snapshot  # the class's method again: the next cycle works
+
+    await eventually(
+        lambda: runner.report.error is None, timeout=30, what="the error cleared in the runner"
+    )
+
+    async def cleared() -> bool:
+        return await reported_error() is None
+
+    await eventually(cleared, timeout=30, what="the error cleared in the status")
+    assert (runner.pid, runner.run_token) == (pid, token), "the workload was restarted"
+    assert runner.report.state is InstanceState.RUNNING
+    assert not task.done()
+    agent.stop_event.set()
+    assert await asyncio.wait_for(task, timeout=60) == 0

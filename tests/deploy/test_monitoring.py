@@ -36,6 +36,7 @@ ALERTS = {
     "HarmonyTwoInstancesRunning",
     "HarmonySiteWithoutHealthyAgent",
     "HarmonyCertificateExpiring",
+    "HarmonyControllerStepFailing",
 }
 
 
