@@ -161,10 +161,10 @@ class AppRunner(ReplicaRoles):
         error = f"controller step failed: {exc!r}"
         now = self.p.clock()
         self.retry_at = now + self.p.timing.control_interval
-        first = self.step_failures == 1 or now - self.step_logged_at >= STEP_LOG_EVERY
-        if first:
+        loud = self.step_failures == 1 or now - self.step_logged_at >= STEP_LOG_EVERY
+        if loud:
             self.step_logged_at = now
-        (log.exception if first else log.debug)(
+        (log.exception if loud else log.debug)(
             "app_step_failed",
             msg=f"{self.name}: {error} ({self.step_failures} in a row)",
             app=self.name,
