@@ -184,14 +184,7 @@ async def test_restarts_and_give_ups(client: Client, spawn: Any) -> None:
     crash = ["sh", "-c", "sleep 0.2; exit 3"]
     await put_app(client, "crashy", app_doc("crashy", ["site-a"], crash, backoff_initial="0.1s"))
     await until(a, "harmony_app_give_ups_total", "crashy", 1, "gave up after max failures")
-    state = dict(app="crashy", site="site-a", node="n1", state="failed")
-    # The count moves when the give-up is decided, the state once it is carried out.
-
-    def failed() -> Samples | None:
-        samples = scrape(a)
-        return samples if value(samples, "harmony_app_state", **state) == 1 else None
-
-    samples = await eventually(failed, timeout=30, what="state failed")
+    samples = await _failed(a, "crashy")
     restarts = app_value(a, samples, "harmony_app_restarts_total", "crashy")
     assert restarts is not None and restarts >= 2, restarts  # max_failures 3: 2 restarts at least
 
@@ -203,11 +196,19 @@ async def test_a_start_that_always_fails_is_given_up(client: Client, spawn: Any)
     a = await spawn("site-a")
     await put_app(client, "broken", app_doc("broken", ["site-a"], ["/nonexistent/binary"]))
     await until(a, "harmony_app_give_ups_total", "broken", 1, "gave up on the start")
-    state = dict(app="broken", site="site-a", node="n1", state="failed")
-    # The count moves when the give-up is decided, the state once it is carried out.
-    await eventually(
-        lambda: value(scrape(a), "harmony_app_state", **state) == 1, timeout=30, what="failed"
-    )
+    await _failed(a, "broken")
+
+
+async def _failed(a: Any, app: str) -> Samples:
+    """The scrape in which ``app`` is in state failed on ``a``: the give-up count moves when
+    the give-up is decided, the state once it is carried out."""
+    state = dict(app=app, site="site-a", node="n1", state="failed")
+
+    def failed() -> Samples | None:
+        samples = scrape(a)
+        return samples if value(samples, "harmony_app_state", **state) == 1 else None
+
+    return await eventually(failed, timeout=30, what=f"{app} in state failed")
 
 
 async def test_seconds_left_is_the_fence_deadline(

@@ -20,9 +20,11 @@ from typing import Any, Literal
 
 import pytest
 from nats.aio.client import Client
+from nats.js.kv import KeyValue
 
 from agent.app_metrics import TALLIES
 from agent.controller.model import InstanceState
+from agent.controller.runner import AppRunner
 from agent.daemon import Agent
 from mesh.names import STATE_BUCKET, instance_key
 from tests.agent.conftest import in_process_agent
@@ -80,6 +82,23 @@ async def _started(agent: Agent) -> asyncio.Task[int]:
     return task
 
 
+async def _running_ledger(agent: Agent, client: Client) -> tuple[KeyValue, AppRunner]:
+    """Apply ``ledger`` and wait until it runs: its runner is then idle, waiting on its
+    event (for up to its 30 s idle backstop), which is where the faults below go in."""
+    kv = await client.jetstream(timeout=5).key_value(STATE_BUCKET)
+    await kv.put("app.ledger", app_doc("ledger"))
+    controller = agent.controller
+    assert controller is not None
+    runner = await eventually(
+        lambda: controller.runners.get("ledger"), timeout=10, what="a runner for ledger"
+    )
+    assert runner is not None
+    await eventually(
+        lambda: runner.report.state is InstanceState.RUNNING, timeout=30, what="ledger running"
+    )
+    return kv, runner
+
+
 EXITS_WITHIN = 30.0
 """How long the agent may take to notice and stop (about 0.1 s here): generous, because a
 runner finishes the step it is in (a start or a stop, up to a few seconds on a loaded
@@ -118,27 +137,16 @@ async def test_a_dead_lease_loop_ends_the_agent_with_exit_1(agent: Agent, client
 
 async def test_a_dead_runner_ends_the_agent_with_exit_1(agent: Agent, client: Client) -> None:
     task = await _started(agent)
-    kv = await client.jetstream(timeout=5).key_value(STATE_BUCKET)
-    await kv.put("app.ledger", app_doc("ledger"))
+    _, runner = await _running_ledger(agent, client)
     controller = agent.controller
     assert controller is not None
-    runner = await eventually(
-        lambda: controller.runners.get("ledger"), timeout=10, what="a runner for ledger"
-    )
 
     class BrokenEvent(asyncio.Event):
         async def wait(self) -> Literal[True]:  # outside the runner's per-step error handling
             raise Injected("a bug in the runner loop")
 
-    assert runner is not None
-    # Once the workload runs the runner is idle, waiting on its event for up to its idle
-    # backstop (30 s): swap in the broken one, then wake the old one so that the loop
-    # comes round to the broken wait.
-    await eventually(
-        lambda: runner.report.state is InstanceState.RUNNING,
-        timeout=30,
-        what="ledger running",
-    )
+    # Swap in the broken event, then wake the old one so that the loop comes round to the
+    # broken wait.
     old, runner.wake = runner.wake, BrokenEvent()
     old.set()
 
@@ -162,18 +170,7 @@ async def test_a_failing_cycle_is_reported_retried_and_cleared(
     runner tries again at the control interval (not its 30 s idle backstop, with nothing
     else waking it), the counter moves, and the error clears once a cycle works again."""
     task = await _started(agent)
-    js = client.jetstream(timeout=5)
-    kv = await js.key_value(STATE_BUCKET)
-    await kv.put("app.ledger", app_doc("ledger"))
-    controller = agent.controller
-    assert controller is not None
-    runner = await eventually(
-        lambda: controller.runners.get("ledger"), timeout=10, what="a runner for ledger"
-    )
-    assert runner is not None
-    await eventually(
-        lambda: runner.report.state is InstanceState.RUNNING, timeout=30, what="ledger running"
-    )
+    kv, runner = await _running_ledger(agent, client)
     pid, token = runner.pid, runner.run_token
     before = TALLIES.app("ledger").step_failures
 
